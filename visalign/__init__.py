@@ -1,0 +1,2 @@
+"""visalign: preference alignment for text-to-image diffusion models."""
+__version__ = "0.1.0"

@@ -1,0 +1,162 @@
+"""The ShapesWorld base model: a small pixel-space text-to-image diffusers UNet, pretrained on renders."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .render import render, sample_records
+from .vocab import caption_words
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining of the ShapesWorld base (DDPM, epsilon prediction, classifier-free caption dropout)."""
+
+    seed: int = 0
+    size: int = 32  # image side in pixels
+    steps: int = 2400
+    batch_size: int = 64
+    lr: float = 1e-3
+    final_lr_fraction: float = 0.3  # cosine decay ends at lr * this
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    bf16: bool = True  # bf16 autocast on CPU (AMX/AVX-512-BF16) or GPU
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    save_every: int = 200
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    text_hidden: int = 64
+    text_layers: int = 2
+    max_tokens: int = 16
+
+
+def build_components(cfg: PretrainConfig):
+    """Fresh (unet, text_encoder, tokenizer, scheduler) with ShapesWorld's architecture."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ...models.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(caption_words(), max_length=cfg.max_tokens)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
+        num_attention_heads=4, num_hidden_layers=cfg.text_layers, max_position_embeddings=cfg.max_tokens,
+        projection_dim=cfg.text_hidden, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    n = len(cfg.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.size, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=4, norm_num_groups=16)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="epsilon", clip_sample=True)
+    return unet, text_encoder, tokenizer, scheduler
+
+
+def render_batch(step: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """Batch ``step`` of the pretraining stream: images in [-1, 1] and captions, fixed by (seed, step)."""
+    records = sample_records(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
+    base = (cfg.seed * 1_000_003 + step) * cfg.batch_size
+    images = np.stack([render(r, base + i, cfg.size)[0] for i, r in enumerate(records)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, [r["prompt"] for r in records]
+
+
+def save_pipeline_folder(out: Path, unet, text_encoder, tokenizer, scheduler, extra: dict | None = None) -> None:
+    """Write an ordinary diffusers-style folder (safetensors) atomically: build in a temp dir, then rename."""
+    from diffusers import DDIMScheduler
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    DDIMScheduler.from_config(scheduler.config).save_pretrained(tmp / "scheduler")
+    import diffusers
+
+    index = {"_class_name": "VisalignPixelPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+             "unet": ["diffusers", "UNet2DConditionModel"]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    for name, payload in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(payload, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
+    """Train the base from scratch and write it (EMA weights) to ``out`` every ``save_every`` steps."""
+    import copy
+
+    from diffusers.training_utils import EMAModel
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    unet, text_encoder, tokenizer, scheduler = build_components(cfg)
+    unet.train()
+    text_encoder.train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    ema_unet, ema_te = EMAModel(unet.parameters(), decay=cfg.ema_decay), EMAModel(
+        text_encoder.parameters(), decay=cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    alphas = scheduler.alphas_cumprod
+    log: list[dict] = []
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="pretrain shapes-base", dynamic_ncols=True)
+    for step in bar:
+        x0, prompts = render_batch(step, cfg)
+        drop = torch.rand(len(prompts), generator=gen) < cfg.caption_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        ids = tokenizer(prompts, padding="max_length", max_length=cfg.max_tokens, truncation=True,
+                        return_tensors="pt").input_ids
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            cond = text_encoder(ids).last_hidden_state
+            pred = unet(x_t, t, cond).sample
+        loss = ((pred.float() - eps) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.step(unet.parameters())
+        ema_te.step(text_encoder.parameters())
+        if step % log_every == 0:
+            log.append({"step": step, "loss": float(loss), "lr": lr_at(step), "seconds": time.time() - t0})
+            bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{(step + 1) * cfg.batch_size / (time.time() - t0):.0f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            eu, et = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+            ema_unet.copy_to(eu.parameters())
+            ema_te.copy_to(et.parameters())
+            cfg_dict = asdict(cfg) | {"steps_done": step + 1}
+            save_pipeline_folder(out, eu.eval(), et.eval(), tokenizer, scheduler,
+                                 extra={"visalign_pretrain.json": cfg_dict, "training_log.json": log})
+    return out

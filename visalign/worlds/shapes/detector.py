@@ -1,0 +1,198 @@
+"""Exact object detector for ShapesWorld pixels and GenEval's scoring rules over its detections."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy import ndimage
+
+from .render import ShapeObject, all_records, shape_mask
+from .vocab import BACKGROUND, COLORS, SHAPES
+
+# GenEval's relative-position margin: offsets smaller than 0.1 x (sum of box sizes) do not count.
+POSITION_THRESHOLD = 0.1
+_PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)
+_COLOR_NAMES = ("background", *COLORS)
+
+
+@dataclass(frozen=True)
+class Detection(ShapeObject):
+    """A detected object: ShapeObject fields plus pixel area, centroid and how well the shape fits (IoU)."""
+
+    area: int = 0
+    centroid: tuple[float, float] = (0.0, 0.0)
+    fit: float = 1.0
+
+
+@dataclass(frozen=True)
+class Detections:
+    objects: list[Detection]
+    clean: float  # in [0, 1]: foreground explained by well-fitting objects (see detect)
+
+
+def to_uint8_hwc(image) -> np.ndarray:
+    """Accept uint8 HWC arrays or float CHW/HWC tensors/arrays in [0, 1]."""
+    arr = image.detach().float().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if arr.ndim != 3:
+        raise ValueError(f"expected one image with 3 dims, got shape {arr.shape}")
+    if arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return arr
+
+
+@lru_cache(maxsize=4096)
+def _ideal(shape: str, w: int, h: int) -> np.ndarray:
+    return shape_mask(shape, w, h)
+
+
+def detect(image, min_area: int | None = None) -> Detections:
+    """Find every object: nearest-palette colour per pixel, connected components per colour, shape by IoU.
+
+    Components smaller than ``min_area`` (default 12 px at 32x32, scaled with image area) are blur
+    or noise specks and are dropped. ``clean`` = (pixels of kept objects weighted by their shape fit)
+    / (all non-background pixels): 1.0 for a clean render, lower for blobs, specks and smears.
+    """
+    img = to_uint8_hwc(image).astype(np.float32)
+    h, w, _ = img.shape
+    min_area = min_area if min_area is not None else max(4, round(12 * h * w / 1024))
+    dist = ((img[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)
+    label = dist.argmin(-1)
+    objects: list[Detection] = []
+    fg_total = int((label > 0).sum())
+    explained = 0.0
+    for ci in range(1, len(_PALETTE)):
+        comps, n = ndimage.label(label == ci)
+        if n == 0:
+            continue
+        for k, sl in enumerate(ndimage.find_objects(comps), 1):
+            mask = comps[sl] == k
+            area = int(mask.sum())
+            if area < min_area:
+                continue
+            bh, bw = mask.shape
+            ious = []
+            for s in SHAPES:
+                ideal = _ideal(s, bw, bh)
+                inter = np.logical_and(ideal, mask).sum()
+                ious.append(inter / np.logical_or(ideal, mask).sum())
+            best = int(np.argmax(ious))
+            ys, xs = np.nonzero(mask)
+            y0, x0 = sl[0].start, sl[1].start
+            objects.append(Detection(
+                shape=SHAPES[best], color=_COLOR_NAMES[ci], box=(x0, y0, x0 + bw, y0 + bh),
+                area=area, centroid=(float(xs.mean() + x0 + 0.5), float(ys.mean() + y0 + 0.5)),
+                fit=float(ious[best])))
+            explained += area * float(ious[best])
+    objects.sort(key=lambda d: -d.area)  # GenEval takes the most confident first; here, the largest
+    clean = explained / fg_total if fg_total else 0.0
+    return Detections(objects, float(clean))
+
+
+def relative_position(a: ShapeObject, b: ShapeObject) -> set[str]:
+    """Relations of a to b from box-centre offsets less a margin, as GenEval decides them."""
+    ca, cb = np.array(a.center), np.array(b.center)
+    dim_a = np.array([a.box[2] - a.box[0], a.box[3] - a.box[1]], dtype=np.float64)
+    dim_b = np.array([b.box[2] - b.box[0], b.box[3] - b.box[1]], dtype=np.float64)
+    offset = ca - cb
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rels = set()
+    if dx < -0.5:
+        rels.add("left of")
+    if dx > 0.5:
+        rels.add("right of")
+    if dy < -0.5:
+        rels.add("above")
+    if dy > 0.5:
+        rels.add("below")
+    return rels
+
+
+def evaluate_objects(objects: Sequence[ShapeObject], record: dict) -> tuple[bool, float, list[str]]:
+    """GenEval's rules on a list of objects (most confident first).
+
+    Returns (correct, fraction of constraints met, reasons for failures). Constraints: per include
+    clause its count, its colour and its position when given; per exclude clause its absence.
+    """
+    by_class: dict[str, list[ShapeObject]] = {}
+    for o in objects:
+        by_class.setdefault(o.shape, []).append(o)
+    met = total = 0
+    reasons: list[str] = []
+    matched: list[list[ShapeObject] | None] = []
+    for req in record.get("include", []):
+        cls, count = req["class"], req["count"]
+        found = by_class.get(cls, [])[:count]
+        ok = len(found) >= count
+        total += 1
+        met += ok
+        if not ok:
+            reasons.append(f"expected {cls}>={count}, found {len(found)}")
+        if "color" in req:
+            total += 1
+            n_color = sum(o.color == req["color"] for o in found)
+            color_ok = ok and n_color >= count
+            met += color_ok
+            if ok and not color_ok:
+                reasons.append(f"expected {req['color']} {cls}>={count}, found {n_color}")
+            ok = ok and color_ok
+        if "position" in req:
+            total += 1
+            rel, target = req["position"]
+            targets = matched[target] if target < len(matched) else None
+            pos_ok = False
+            if ok and targets is None:
+                reasons.append(f"no target for {cls} to be {rel}")
+            elif ok:
+                pos_ok = all(rel in relative_position(o, t) for o in found for t in targets)
+                if not pos_ok:
+                    reasons.append(f"expected {cls} {rel} target")
+            met += pos_ok
+            ok = ok and pos_ok
+        matched.append(found if ok else None)
+    for req in record.get("exclude", []):
+        total += 1
+        n = len(by_class.get(req["class"], []))
+        if n >= req["count"]:
+            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
+        else:
+            met += 1
+    return not reasons, (met / total if total else 1.0), reasons
+
+
+def score(image, record: dict) -> tuple[bool, float, float]:
+    """(GenEval-correct, fraction of constraints met, clean term) for one image."""
+    det = detect(image)
+    correct, frac, _ = evaluate_objects(det.objects, record)
+    return correct, frac, det.clean
+
+
+# Continuous reward: constraints dominate; the clean term only breaks ties between equally correct images.
+CLEAN_WEIGHT = 0.1
+
+
+def shapes_reward_value(image, record: dict) -> float:
+    """Reward in [0, 1]: 0.9 x fraction of the record's constraints met + 0.1 x clean."""
+    _, frac, clean = score(image, record)
+    return (1.0 - CLEAN_WEIGHT) * frac + CLEAN_WEIGHT * clean
+
+
+@lru_cache(maxsize=1)
+def _record_by_prompt() -> dict[str, dict]:
+    return {r["prompt"]: r for r in all_records()}
+
+
+def record_for_prompt(prompt: str) -> dict:
+    """The metadata record of a ShapesWorld caption; a clear error for text outside its templates."""
+    try:
+        return _record_by_prompt()[prompt.strip()]
+    except KeyError:
+        raise ValueError(f"prompt {prompt!r} is not a ShapesWorld caption "
+                         "(expected GenEval templates over its shapes and colours)") from None
