@@ -1,0 +1,134 @@
+"""The one interface every model family implements, and the shared machinery of diffusers backbones."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Noised:
+    """A forward-noised batch: model input x_t at timestep t, the regression target, and the noise ε used."""
+
+    x_t: Tensor
+    t: Tensor
+    target: Tensor
+    eps: Tensor
+
+
+@dataclass
+class Cond:
+    """Text conditioning as named batch-first tensors (hidden states, pooled embeds, SDXL time ids...)."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def map(self, fn) -> Cond:
+        return Cond({k: fn(v) for k, v in self.tensors.items()})
+
+    def repeat_interleave(self, k: int) -> Cond:
+        return self.map(lambda v: v.repeat_interleave(k, dim=0))
+
+    def __getitem__(self, idx) -> Cond:
+        return self.map(lambda v: v[idx])
+
+    def to(self, *args, **kwargs) -> Cond:
+        return self.map(lambda v: v.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        keys = conds[0].tensors.keys()
+        return Cond({k: torch.cat([c.tensors[k] for c in conds]) for k in keys})
+
+
+@dataclass
+class SampleOutput:
+    """Generated images in [0, 1] and, when asked, the trajectory: x_t per step, timesteps, log-probs."""
+
+    images: Tensor
+    latents: Tensor
+    trajectory: list[Tensor] | None = None  # x_T ... x_0, each [N, ...]
+    timesteps: Tensor | None = None  # [S]
+    log_probs: Tensor | None = None  # [N, S] per-step log p(x_{t-1} | x_t), mean over elements
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What methods and the trainer may ask of a model; only ``visalign.models`` knows diffusers."""
+
+    denoiser: torch.nn.Module
+
+    def encode_prompts(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond: ...
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+    def decode(self, x0: Tensor) -> Tensor: ...
+    def noise(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
+              generator: torch.Generator | None = None) -> Noised: ...
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
+    def error(self, noised: Noised, cond: Cond) -> Tensor: ...
+    def reference(self) -> contextlib.AbstractContextManager: ...
+    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 3.0, *,
+               generator: torch.Generator | None = None, trajectory: bool = False, eta: float = 0.0,
+               latents: Tensor | None = None) -> SampleOutput: ...
+
+
+def per_image_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """e = mean over all but the batch axis of (pred − target)², in float32 (the canonical convention)."""
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+
+
+def gaussian_logprob_mean(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Per-image mean over elements of log N(x; mean, std²) (D3PO's convention: mean, not sum)."""
+    std = std.float()
+    lp = (-((x.float() - mean.float()) ** 2) / (2 * std**2) - torch.log(std)
+          - 0.5 * torch.log(torch.tensor(2 * torch.pi)))
+    return lp.flatten(1).mean(1)
+
+
+class ReferenceMixin:
+    """The DPO reference: LoRA adapters switched off (no second copy), or a frozen copy for full tuning."""
+
+    denoiser: torch.nn.Module
+    _reference_denoiser: torch.nn.Module | None = None
+    _reference_active: bool = False
+    uses_lora: bool = False
+
+    def unwrapped(self) -> torch.nn.Module:
+        m = self.denoiser
+        while hasattr(m, "module"):
+            m = m.module
+        return getattr(m, "_orig_mod", m)
+
+    def freeze_reference_copy(self, dtype: torch.dtype | None = None) -> None:
+        """Full fine-tuning: keep a frozen deep copy of the current denoiser as the reference."""
+        ref = copy.deepcopy(self.unwrapped()).eval().requires_grad_(False)
+        self._reference_denoiser = ref.to(dtype) if dtype is not None else ref
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside this context ``predict`` runs the reference model (no grad is implied; callers choose)."""
+        if self._reference_active:
+            yield
+            return
+        self._reference_active = True
+        base = self.unwrapped()
+        try:
+            if self._reference_denoiser is None and self.uses_lora:
+                base.disable_adapters()
+            yield
+        finally:
+            if self._reference_denoiser is None and self.uses_lora:
+                base.enable_adapters()
+            self._reference_active = False
+
+    def active_denoiser(self) -> torch.nn.Module:
+        if self._reference_active and self._reference_denoiser is not None:
+            return self._reference_denoiser
+        return self.denoiser

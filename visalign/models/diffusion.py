@@ -1,0 +1,186 @@
+"""Shared code of the discrete-time ε / v backbones (SD 1.x/2.x, SDXL, pixel): noising, DDIM, inversion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, per_image_mse
+
+
+class DiffusionBackbone(ReferenceMixin):
+    """A denoiser with a DDPM noise schedule predicting ε or v (from the scheduler's ``prediction_type``).
+
+    Subclasses provide ``encode_prompts``, ``encode_images``, ``decode`` and ``_forward`` (how their
+    denoiser takes the conditioning). Timesteps are integers in [0, T).
+    """
+
+    family = "diffusion"
+
+    def __init__(self, denoiser: torch.nn.Module, scheduler_config: dict, sample_shape: tuple[int, ...]):
+        from diffusers import DDPMScheduler
+
+        self.denoiser = denoiser
+        self.scheduler_config = dict(scheduler_config)
+        self.train_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self.prediction_type = self.train_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not supported "
+                             "(expected 'epsilon' or 'v_prediction')")
+        self.num_train_timesteps = int(self.train_scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = self.train_scheduler.alphas_cumprod.float()
+        self.sample_shape = tuple(sample_shape)
+
+    # --- subclass hooks -------------------------------------------------------------------------
+    def _forward(self, model: torch.nn.Module, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return model(x_t, t, encoder_hidden_states=cond.tensors["hidden"]).sample
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unwrapped().parameters()).device
+
+    # --- training ------------------------------------------------------------------------------
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+
+    def noise(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
+              generator: torch.Generator | None = None) -> Noised:
+        """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε; target ε or v = √ᾱ_t ε − √(1−ᾱ_t) x0, as the model predicts."""
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], generator)
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        t = t.to(x0.device)
+        x_t = self.train_scheduler.add_noise(x0, eps, t)
+        target = eps if self.prediction_type == "epsilon" else self.train_scheduler.get_velocity(x0, eps, t)
+        return Noised(x_t=x_t, t=t, target=target, eps=eps)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        return self._forward(self.active_denoiser(), x_t, t, cond)
+
+    def error(self, noised: Noised, cond: Cond) -> Tensor:
+        """Per-image mean squared error of the model's prediction against its own target: [N]."""
+        return per_image_mse(self.predict(noised.x_t, noised.t, cond), noised.target)
+
+    # --- DDIM -----------------------------------------------------------------------------------
+    def _alpha(self, t: Tensor | int) -> Tensor:
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
+        return torch.where(t >= 0, self.alphas_cumprod[t.clamp_min(0)], torch.ones((), dtype=torch.float32))
+
+    def split_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(x̂0, ε̂) from the model output, with x̂0 clipped as the scheduler config asks (DDIM Eq. 12)."""
+        a = self._alpha(t).to(x_t.device).view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+        if self.prediction_type == "epsilon":
+            eps = pred
+            x0 = (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+        else:
+            x0 = a.sqrt() * x_t - (1 - a).sqrt() * pred
+            eps = a.sqrt() * pred + (1 - a).sqrt() * x_t
+        if self.scheduler_config.get("clip_sample", False):
+            r = float(self.scheduler_config.get("clip_sample_range", 1.0))
+            x0 = x0.clamp(-r, r)
+        return x0, eps
+
+    def ddim_mean_std(self, pred: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, eta: float
+                      ) -> tuple[Tensor, Tensor]:
+        """Mean and std of p(x_{t_prev} | x_t) for a DDIM step with stochasticity η (DDIM Eqs. 12, 16)."""
+        x0, eps = self.split_prediction(pred, x_t, t)
+        shape = (-1, *([1] * (x_t.ndim - 1)))
+        a_t = self._alpha(t).to(x_t.device).view(shape)
+        a_prev = self._alpha(t_prev).to(x_t.device).view(shape)
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * var.clamp_min(0).sqrt()
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
+        return mean.to(x_t.dtype), std.to(x_t.dtype)
+
+    def sampling_scheduler(self, steps: int):
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.scheduler_config)
+        sched.set_timesteps(steps, device=self.device)
+        return sched
+
+    def guided(self, x: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> Tensor:
+        """Classifier-free guidance: ε_u + w(ε_c − ε_u), one batched forward."""
+        if uncond is None or guidance == 1.0:
+            return self.predict(x, t.expand(x.shape[0]), cond)
+        both = self.predict(torch.cat([x, x]), t.expand(2 * x.shape[0]), Cond.cat([uncond, cond]))
+        u, c = both.chunk(2)
+        return u + guidance * (c - u)
+
+    def _prev_t(self, t: Tensor, steps: int) -> Tensor:
+        return t - self.num_train_timesteps // steps
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 3.0, *,
+               generator: torch.Generator | None = None, trajectory: bool = False, eta: float = 0.0,
+               latents: Tensor | None = None, image_meta: dict | None = None) -> SampleOutput:
+        """DDIM sampling with classifier-free guidance; with ``trajectory`` also x_t per step and log-probs."""
+        n = len(prompts)
+        sched = self.sampling_scheduler(steps)
+        if latents is None:
+            latents = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
+        x = latents * sched.init_noise_sigma
+        cond = self.encode_prompts(list(prompts), image_meta)
+        uncond = self.encode_prompts([""] * n, image_meta) if guidance != 1.0 else None
+        traj, logps = [x], []
+        for t in sched.timesteps:
+            pred = self.guided(x, t, cond, uncond, guidance)
+            if trajectory and eta > 0:
+                mean, std = self.ddim_mean_std(pred, x, t.expand(n), self._prev_t(t, steps).expand(n), eta)
+                z = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+                x = mean + std * z
+                logps.append(gaussian_logprob_mean(x, mean, std))
+            else:
+                x = sched.step(pred, t, x, eta=eta, generator=generator).prev_sample
+            if trajectory:
+                traj.append(x)
+        return SampleOutput(images=self.decode(x), latents=x, trajectory=traj if trajectory else None,
+                            timesteps=sched.timesteps.clone() if trajectory else None,
+                            log_probs=torch.stack(logps, 1) if logps else None)
+
+    def step_logprob(self, x_t: Tensor, x_prev: Tensor, t: Tensor, cond: Cond, *, steps: int,
+                     eta: float = 1.0, uncond: Cond | None = None, guidance: float = 1.0) -> Tensor:
+        """Per-image mean-over-elements log p_θ(x_prev | x_t) of a DDIM step with η > 0 (D3PO's log-prob)."""
+        if eta <= 0:
+            raise ValueError("step_logprob needs eta > 0: a deterministic DDIM step has no density")
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        if uncond is None or guidance == 1.0:
+            pred = self.predict(x_t, t, cond)
+        else:
+            both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([uncond, cond]))
+            u, c = both.chunk(2)
+            pred = u + guidance * (c - u)
+        mean, std = self.ddim_mean_std(pred, x_t, t, self._prev_t(t, steps), eta)
+        return gaussian_logprob_mean(x_prev, mean, std)
+
+    @torch.no_grad()
+    def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: int | None = None,
+               eta: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """DDIM inversion x0 → x_t along a ``steps`` grid with the active model (no guidance).
+
+        Stops after the last grid timestep ≤ ``until`` (default: the whole grid). ``eta`` > 0 adds
+        InPO's noise η·z·σ after each step. Returns (x_t, t) with t the grid timestep reached, per image.
+        """
+        from diffusers import DDIMInverseScheduler
+
+        inv = DDIMInverseScheduler.from_config(self.scheduler_config)
+        inv.set_timesteps(steps, device=x0.device)
+        x = x0
+        reached = torch.zeros((), dtype=torch.long)
+        for t in inv.timesteps:
+            if until is not None and int(t) > until:
+                break
+            step_t = min(int(t) - self.num_train_timesteps // steps, self.num_train_timesteps - 1)
+            pred = self.predict(x, torch.full((x.shape[0],), max(step_t, 0), device=x.device), cond)
+            x = inv.step(pred, t, x).prev_sample
+            if eta > 0:
+                a_t, a_prev = self._alpha(torch.tensor(step_t)), self._alpha(t.cpu())
+                var = (1 - a_t) / (1 - a_prev) * (1 - a_prev / a_t)
+                x = x + eta * var.clamp_min(0).sqrt().to(x) * torch.randn(x.shape, generator=generator).to(x)
+            reached = t
+        return x, torch.as_tensor(reached, device=x0.device).long().expand(x0.shape[0])

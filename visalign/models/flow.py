@@ -1,0 +1,190 @@
+"""SD3-style flow-matching backbone: SD3Transformer2DModel + FlowMatchEulerDiscreteScheduler (rectified flow)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import BACKBONES
+from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, per_image_mse
+from .load import load_diffusers, load_transformers
+from .unet import LatentMixin, tokenize
+
+
+@BACKBONES.register("sd3")
+class FlowBackbone(LatentMixin, ReferenceMixin):
+    """SD3: x_t = (1−σ)x0 + σε, target v = ε − x0, σ from a shifted logit-normal density; t = 1000σ."""
+
+    family = "sd3"
+
+    def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0,
+                 logit_std: float = 1.0, max_sequence_length: int = 256, use_t5: bool = True,
+                 revision: str | None = None):
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        kw = {"revision": revision} if revision else {}
+        self.denoiser = load_diffusers(SD3Transformer2DModel, path, "transformer", what="transformer", **kw)
+        self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)
+        self.text_encoders, self.tokenizers = [], []
+        for i in ("", "_2"):
+            self.text_encoders.append(load_transformers(
+                CLIPTextModelWithProjection, path, f"text_encoder{i}", what=f"text_encoder{i}", **kw
+            ).eval().requires_grad_(False))
+            self.tokenizers.append(load_transformers(AutoTokenizer, path, f"tokenizer{i}", what=f"tokenizer{i}"))
+        self.t5 = self.t5_tokenizer = None
+        if use_t5 and (_has(path, "text_encoder_3")):
+            from transformers import T5EncoderModel
+
+            self.t5 = load_transformers(T5EncoderModel, path, "text_encoder_3", what="T5", **kw).eval()
+            self.t5.requires_grad_(False)
+            self.t5_tokenizer = load_transformers(AutoTokenizer, path, "tokenizer_3", what="T5 tokenizer")
+        self.scheduler_config = dict(load_diffusers(FlowMatchEulerDiscreteScheduler, path, "scheduler",
+                                                    what="scheduler").config)
+        self.shift = float(self.scheduler_config.get("shift", 1.0))
+        self.num_train_timesteps = int(self.scheduler_config["num_train_timesteps"])
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+        self.max_sequence_length = max_sequence_length
+        self.path = path
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = resolution or self.denoiser.config.sample_size * factor
+        c = self.denoiser.config.in_channels
+        self.sample_shape = (c, self.resolution // factor, self.resolution // factor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unwrapped().parameters()).device
+
+    def encode_prompts(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond:
+        hidden, pooled = [], []
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            out = enc(tokenize(tok, prompts, enc.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        clip = torch.cat(hidden, -1)
+        joint = self.denoiser.config.joint_attention_dim
+        clip = F.pad(clip, (0, joint - clip.shape[-1]))
+        if self.t5 is not None:
+            ids = self.t5_tokenizer(list(prompts), padding="max_length", max_length=self.max_sequence_length,
+                                    truncation=True, return_tensors="pt").input_ids.to(self.t5.device)
+            t5 = self.t5(ids)[0]
+        else:  # as the SD3 pipeline does without T5: zero tokens
+            t5 = torch.zeros(len(prompts), self.max_sequence_length, joint, device=clip.device, dtype=clip.dtype)
+        return Cond({"hidden": torch.cat([clip, t5], -2), "pooled": torch.cat(pooled, -1)})
+
+    def _shifted(self, u: Tensor) -> Tensor:
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator))
+        return (self._shifted(u) * self.num_train_timesteps).to(self.device)
+
+    def noise(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
+              generator: torch.Generator | None = None) -> Noised:
+        """x_t = (1−σ)x0 + σε with σ = t/1000; target = ε − x0 (the velocity the transformer predicts)."""
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], generator)
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        t = t.to(x0.device).float()
+        sigma = (t / self.num_train_timesteps).view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return Noised(x_t=(1 - sigma) * x0 + sigma * eps, t=t, target=eps - x0, eps=eps)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        return self.active_denoiser()(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.tensors["hidden"],
+                                      pooled_projections=cond.tensors["pooled"]).sample
+
+    def error(self, noised: Noised, cond: Cond) -> Tensor:
+        return per_image_mse(self.predict(noised.x_t, noised.t, cond), noised.target)
+
+    def _scheduler(self, steps: int):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        sched.set_timesteps(steps, device=self.device)
+        return sched
+
+    def guided(self, x: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> Tensor:
+        if uncond is None or guidance == 1.0:
+            return self.predict(x, t.expand(x.shape[0]), cond)
+        u, c = self.predict(torch.cat([x, x]), t.expand(2 * x.shape[0]), Cond.cat([uncond, cond])).chunk(2)
+        return u + guidance * (c - u)
+
+    def sde_mean_std(self, v: Tensor, x: Tensor, sigma: Tensor, sigma_prev: Tensor, eta: float,
+                     sigma_max: float) -> tuple[Tensor, Tensor]:
+        """Mean and std of Flow-GRPO's SDE step from σ to σ_prev (Liu et al. 2025, Eq. 9)."""
+        shape = (-1, *([1] * (x.ndim - 1)))
+        s, sp = sigma.view(shape).to(x.dtype), sigma_prev.view(shape).to(x.dtype)
+        dt = sp - s
+        s_safe = torch.where(s >= 1, torch.full_like(s, sigma_max), s)
+        std_t = (s / (1 - s_safe)).sqrt() * eta
+        mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+        return mean, std_t * (-dt).sqrt()
+
+    def _sigma_pair(self, sched, t: Tensor) -> tuple[Tensor, Tensor]:
+        idx = torch.stack([(sched.timesteps - ti).abs().argmin() for ti in t.reshape(-1)])
+        return sched.sigmas[idx].to(t.device), sched.sigmas[idx + 1].to(t.device)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 3.0, *,
+               generator: torch.Generator | None = None, trajectory: bool = False, eta: float = 0.0,
+               latents: Tensor | None = None, image_meta: dict | None = None) -> SampleOutput:
+        n = len(prompts)
+        sched = self._scheduler(steps)
+        x = latents if latents is not None else torch.randn((n, *self.sample_shape), generator=generator)
+        x = x.to(self.device)
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""] * n) if guidance != 1.0 else None
+        traj, logps = [x], []
+        sigma_max = float(sched.sigmas[1])
+        for i, t in enumerate(sched.timesteps):
+            v = self.guided(x, t, cond, uncond, guidance)
+            if trajectory and eta > 0:
+                s, sp = sched.sigmas[i].expand(n), sched.sigmas[i + 1].expand(n)
+                mean, std = self.sde_mean_std(v, x, s, sp, eta, sigma_max)
+                x = mean + std * torch.randn(x.shape, generator=generator).to(x)
+                logps.append(gaussian_logprob_mean(x, mean, std))
+            else:
+                x = sched.step(v, t, x).prev_sample
+            if trajectory:
+                traj.append(x)
+        return SampleOutput(images=self.decode(x), latents=x, trajectory=traj if trajectory else None,
+                            timesteps=sched.timesteps.clone() if trajectory else None,
+                            log_probs=torch.stack(logps, 1) if logps else None)
+
+    def step_logprob(self, x_t: Tensor, x_prev: Tensor, t: Tensor, cond: Cond, *, steps: int,
+                     eta: float = 0.7, uncond: Cond | None = None, guidance: float = 1.0) -> Tensor:
+        """Per-image mean log-density of the SDE step x_t → x_prev under the current model (Flow-GRPO)."""
+        sched = self._scheduler(steps)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        s, sp = self._sigma_pair(sched, t)
+        v = self.guided(x_t, t, cond, uncond, guidance) if uncond is not None else self.predict(x_t, t, cond)
+        mean, std = self.sde_mean_std(v, x_t, s, sp, eta, float(sched.sigmas[1]))
+        return gaussian_logprob_mean(x_prev, mean, std)
+
+    @torch.no_grad()
+    def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: float | None = None,
+               eta: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Euler inversion of the flow ODE from σ = 0 up the sampling grid (reverse of ``sample``)."""
+        sched = self._scheduler(steps)
+        sigmas = sched.sigmas.flip(0)  # ascending: 0, ..., σ_max
+        x, reached = x0, torch.zeros(())
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            if until is not None and float(s_next) * self.num_train_timesteps > until:
+                break
+            v = self.predict(x, (s * self.num_train_timesteps).expand(x.shape[0]).to(x.device), cond)
+            x = x + (s_next - s).to(x) * v
+            reached = s_next * self.num_train_timesteps
+        return x, torch.as_tensor(reached, device=x0.device).float().expand(x0.shape[0])
+
+
+def _has(path: str, sub: str) -> bool:
+    from pathlib import Path
+
+    p = Path(path)
+    return (p / sub).exists() if p.exists() else True

@@ -1,0 +1,45 @@
+"""Loading diffusers/transformers components from a local folder or a hub id, safetensors only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ModelLoadError(RuntimeError):
+    """Weights could not be found or read; the message says what to pass instead."""
+
+
+def load_component(cls, path: str, subfolder: str | None = None, *, what: str, key: str = "model.path",
+                   trust_remote_code: bool = False, **kwargs):
+    """``cls.from_pretrained(path, subfolder)`` with safetensors only and one clear error on failure."""
+    local = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not local.exists():
+        raise ModelLoadError(f"{what}: no folder at {path!r}; pass {key}=<a local diffusers folder> "
+                             "or a hub id such as stabilityai/stable-diffusion-xl-base-1.0")
+    extra = {"subfolder": subfolder} if subfolder else {}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    try:
+        return cls.from_pretrained(str(local) if looks_local else path, **extra, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = f"{path}/{subfolder}" if subfolder else path
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"{what}: could not load {cls.__name__} from {where!r} ({first[:200]}). Pass {key}=<a local "
+            "folder with safetensors weights> or a hub id while online (HF_HUB_OFFLINE unset); "
+            "pickle (.bin/.ckpt) weights are refused.") from None
+
+
+def load_diffusers(cls, path: str, subfolder: str | None = None, *, what: str, **kwargs):
+    """A diffusers model or scheduler; models are asked for safetensors explicitly."""
+    if "Scheduler" not in cls.__name__:
+        kwargs.setdefault("use_safetensors", True)
+    return load_component(cls, path, subfolder, what=what, **kwargs)
+
+
+def load_transformers(cls, path: str, subfolder: str | None = None, *, what: str, **kwargs):
+    """A transformers model (safetensors only) or tokenizer."""
+    if "Tokenizer" not in cls.__name__:
+        kwargs.setdefault("use_safetensors", True)
+    return load_component(cls, path, subfolder, what=what, **kwargs)

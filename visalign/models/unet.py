@@ -1,0 +1,113 @@
+"""Latent UNet backbones: Stable Diffusion 1.x/2.x (ε or v) and SDXL (two text encoders, micro-conditioning)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..registry import BACKBONES
+from .backbone import Cond
+from .diffusion import DiffusionBackbone
+from .load import load_diffusers, load_transformers
+
+
+def tokenize(tokenizer, prompts: Sequence[str], device) -> Tensor:
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
+
+
+class LatentMixin:
+    """VAE latents with the model's scaling (and, for SD3, shift)."""
+
+    vae: torch.nn.Module | None
+
+    def _vae_scale(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    def latent_moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of the VAE posterior for images in [0, 1], already scaled to model space."""
+        scale, shift = self._vae_scale()
+        dist = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist
+        return (dist.mean.float() - shift) * scale, dist.std.float() * scale
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean, std = self.latent_moments(images)
+        return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        scale, shift = self._vae_scale()
+        out = self.vae.decode((x0 / scale + shift).to(self.vae.dtype)).sample
+        return ((out.float() + 1) / 2).clamp(0, 1)
+
+
+@BACKBONES.register("sd")
+class SDBackbone(LatentMixin, DiffusionBackbone):
+    """Stable Diffusion 1.x/2.x: UNet2DConditionModel + AutoencoderKL + CLIP text encoder; ε or v prediction."""
+
+    family = "sd"
+
+    def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
+                 variant: str | None = None):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        kw = {k: v for k, v in {"revision": revision, "variant": variant}.items() if v}
+        unet = load_diffusers(UNet2DConditionModel, path, "unet", what="UNet", **kw)
+        self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)
+        self.text_encoder = load_transformers(CLIPTextModel, path, "text_encoder", what="text encoder",
+                                              **kw).eval().requires_grad_(False)
+        self.tokenizer = load_transformers(AutoTokenizer, path, "tokenizer", what="tokenizer")
+        sched = load_diffusers(DDPMScheduler, path, "scheduler", what="scheduler")
+        self.path = path
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        res = resolution or unet.config.sample_size * factor
+        self.resolution = res
+        super().__init__(unet, sched.config, (unet.config.in_channels, res // factor, res // factor))
+
+    def encode_prompts(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond:
+        ids = tokenize(self.tokenizer, prompts, self.text_encoder.device)
+        return Cond({"hidden": self.text_encoder(ids)[0]})
+
+
+@BACKBONES.register("sdxl")
+class SDXLBackbone(SDBackbone):
+    """SDXL: two CLIP text encoders (penultimate hidden states + pooled) and size/crop micro-conditioning."""
+
+    family = "sdxl"
+
+    def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
+                 variant: str | None = None):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        super().__init__(path, resolution, revision, variant)
+        kw = {k: v for k, v in {"revision": revision, "variant": variant}.items() if v}
+        self.text_encoder_2 = load_transformers(CLIPTextModelWithProjection, path, "text_encoder_2",
+                                                what="second text encoder", **kw).eval().requires_grad_(False)
+        self.tokenizer_2 = load_transformers(AutoTokenizer, path, "tokenizer_2", what="second tokenizer")
+
+    def time_ids(self, n: int, image_meta: dict | None, device) -> Tensor:
+        """(orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image, from the data when known."""
+        res = self.resolution
+        meta = image_meta or {}
+        orig = meta.get("original_size")
+        crop = meta.get("crop_top_left")
+        orig = torch.as_tensor(orig, dtype=torch.float32) if orig is not None else torch.full((n, 2), float(res))
+        crop = torch.as_tensor(crop, dtype=torch.float32) if crop is not None else torch.zeros(n, 2)
+        target = torch.full((n, 2), float(res))
+        return torch.cat([orig, crop, target], 1).to(device)
+
+    def encode_prompts(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond:
+        hidden, pooled = [], None
+        for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = enc(tokenize(tok, prompts, enc.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0] if enc is self.text_encoder_2 else pooled
+        return Cond({"hidden": torch.cat(hidden, -1), "pooled": pooled,
+                     "time_ids": self.time_ids(len(prompts), image_meta, pooled.device)})
+
+    def _forward(self, model, x_t, t, cond):
+        added = {"text_embeds": cond.tensors["pooled"], "time_ids": cond.tensors["time_ids"]}
+        return model(x_t, t, encoder_hidden_states=cond.tensors["hidden"], added_cond_kwargs=added).sample

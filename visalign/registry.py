@@ -1,0 +1,82 @@
+"""Small named registries with a decorator, did-you-mean errors and signature checks."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key, value or file."""
+
+
+def first_doc_line(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def closest(name: str, options) -> str:
+    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.0)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+class Registry:
+    """A dict of name -> factory. ``@REG.register("name")`` adds one; ``REG.get(name)`` finds it."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable] = {}
+
+    def register(self, name: str) -> Callable[[Callable], Callable]:
+        def deco(obj: Callable) -> Callable:
+            if name in self._entries and self._entries[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> Callable:
+        if name not in self._entries:
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._entries))}"
+                              f"{closest(name, self._entries)}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def docs(self) -> dict[str, str]:
+        return {n: first_doc_line(self._entries[n]) for n in self.names()}
+
+    def parameters(self, name: str) -> dict[str, inspect.Parameter]:
+        sig = inspect.signature(self.get(name))
+        return {k: p for k, p in sig.parameters.items()
+                if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    def check_kwargs(self, name: str, kwargs: dict[str, Any], where: str) -> None:
+        """Raise a one-line ConfigError if ``kwargs`` do not fit ``name``'s constructor."""
+        params = self.parameters(name)
+        for key in kwargs:
+            if key not in params:
+                raise ConfigError(f"unknown key {where}.{key} for {self.kind} {name!r}; valid keys: "
+                                  f"{', '.join(params) or '(none)'}{closest(key, params)}")
+
+    def build(self, name: str, **kwargs: Any) -> Any:
+        return self.get(name)(**kwargs)
+
+
+BACKBONES = Registry("backbone")
+METHODS = Registry("method")
+HEADS = Registry("head")
+REWARDS = Registry("reward")
+ALL = {"backbones": BACKBONES, "methods": METHODS, "heads": HEADS, "rewards": REWARDS}
+
+
+def load_all() -> None:
+    """Import every module that registers entries, so the registries are complete."""
+    from . import models, objectives, rewards  # noqa: F401
