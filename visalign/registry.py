@@ -18,7 +18,7 @@ def first_doc_line(obj: Any) -> str:
 
 
 def closest(name: str, options) -> str:
-    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.0)
+    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else ""
 
 

@@ -128,6 +128,39 @@ class ReferenceMixin:
                 base.enable_adapters()
             self._reference_active = False
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every torch module the backbone holds (denoiser, encoders, VAE, reference copy)."""
+        out = {}
+        for k, v in vars(self).items():
+            if isinstance(v, torch.nn.Module):
+                out[k] = v
+            elif isinstance(v, list) and v and all(isinstance(m, torch.nn.Module) for m in v):
+                out |= {f"{k}.{i}": m for i, m in enumerate(v)}
+        return out
+
+    def to_device(self, device) -> None:
+        for name, m in self.modules().items():
+            if name != "denoiser":
+                m.to(device)
+
+    denoiser_subfolder = "unet"
+
+    def save_full(self, out) -> str:
+        """A full fine-tune as a pipeline folder: the base folder's other parts plus the trained denoiser."""
+        import shutil
+        from pathlib import Path
+
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        src = Path(getattr(self, "path", ""))
+        if src.is_dir():
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(self.denoiser_subfolder))
+        self.unwrapped().save_pretrained(tmp / self.denoiser_subfolder, safe_serialization=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        return str(out)
+
     def active_denoiser(self) -> torch.nn.Module:
         if self._reference_active and self._reference_denoiser is not None:
             return self._reference_denoiser

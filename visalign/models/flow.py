@@ -19,6 +19,7 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
     """SD3: x_t = (1−σ)x0 + σε, target v = ε − x0, σ from a shifted logit-normal density; t = 1000σ."""
 
     family = "sd3"
+    denoiser_subfolder = "transformer"
 
     def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0,
                  logit_std: float = 1.0, max_sequence_length: int = 256, use_t5: bool = True,

@@ -22,7 +22,7 @@ def load_component(cls, path: str, subfolder: str | None = None, *, what: str, k
         kwargs["trust_remote_code"] = True
     try:
         return cls.from_pretrained(str(local) if looks_local else path, **extra, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         where = f"{path}/{subfolder}" if subfolder else path
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
@@ -43,3 +43,21 @@ def load_transformers(cls, path: str, subfolder: str | None = None, *, what: str
     if "Tokenizer" not in cls.__name__:
         kwargs.setdefault("use_safetensors", True)
     return load_component(cls, path, subfolder, what=what, **kwargs)
+
+
+_PIPELINE_TO_BACKBONE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                         "StableDiffusion3Pipeline": "sd3", "VisalignPixelPipeline": "pixel"}
+
+
+def detect_backbone(path: str) -> str:
+    """The backbone name for a local diffusers folder, from its model_index.json."""
+    import json
+
+    index = Path(path) / "model_index.json"
+    if not index.exists():
+        raise ModelLoadError(f"{path}: no model_index.json; name the backbone explicitly as NAME=PATH "
+                             f"(one of {', '.join(sorted(set(_PIPELINE_TO_BACKBONE.values())))})")
+    cls = json.loads(index.read_text()).get("_class_name", "")
+    if cls not in _PIPELINE_TO_BACKBONE:
+        raise ModelLoadError(f"{path}: pipeline class {cls!r} has no backbone; name it as NAME=PATH")
+    return _PIPELINE_TO_BACKBONE[cls]

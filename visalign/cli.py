@@ -1,0 +1,257 @@
+"""The ``visalign`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def cmd_list(args) -> None:
+    from .registry import ALL, load_all
+
+    load_all()
+    for kind, reg in ALL.items():
+        print(f"{kind}:")
+        for name, doc in reg.docs().items():
+            print(f"  {name:<16} {doc}")
+
+
+def cmd_config(args) -> None:
+    from .config import dump_config, load_config
+
+    print(dump_config(load_config(args.model, args.config, args.overrides)), end="")
+
+
+def cmd_doctor(args) -> None:
+    import importlib.util
+
+    import torch
+
+    def version(mod: str) -> str:
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return "not installed"
+
+    cuda = torch.cuda.is_available()
+    print(f"visalign      {version('visalign')}")
+    for mod in ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets", "safetensors"):
+        print(f"{mod:<13} {version(mod)}")
+    print(f"device        {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
+          f"({torch.get_num_threads()} threads)")
+    bf16 = torch.cuda.is_bf16_supported() if cuda else _cpu_bf16()
+    print(f"bf16          {'yes' if bf16 else 'no'}")
+    print(f"sdpa          {'yes' if hasattr(torch.nn.functional, 'scaled_dot_product_attention') else 'no'}")
+    xf = importlib.util.find_spec("xformers") is not None
+    print(f"xformers      {'installed' + ('' if cuda else ' (no CPU kernels; SDPA is used)') if xf else 'no (SDPA is used)'}")
+
+
+def _cpu_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def cmd_finetune(args) -> None:
+    from .config import load_config
+    from .train.loop import train
+
+    cfg = load_config(args.model, args.config, args.overrides)
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2))
+
+
+def _dataclass_from_args(cls, args, overrides):
+    from .config import _section_from_dict, parse_override
+
+    data = {}
+    if args.config:
+        import yaml
+
+        for f in args.config:
+            data |= yaml.safe_load(Path(f).read_text()) or {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            data[f.name] = v
+    for item in overrides:
+        path, value = parse_override(item)
+        data[".".join(path)] = value
+    return _section_from_dict(cls, data, cls.__name__.replace("Config", "").lower())
+
+
+def cmd_make_dataset(args) -> None:
+    from .data.make_dataset import MakeDatasetConfig, make_dataset
+
+    cfg = _dataclass_from_args(MakeDatasetConfig, args, args.overrides)
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank, world = state.process_index, state.num_processes
+    summary = make_dataset(cfg, rank, world)
+    print(json.dumps(summary))
+
+
+def load_backbone_cli(model: str, backbone: str | None, lora: str | None):
+    from .config import Component
+    from .models.load import detect_backbone
+    from .registry import load_all
+    from .train.setup import build_backbone, resolve_path
+
+    load_all()
+    path = resolve_path(model)
+    bb = build_backbone(Component(backbone or detect_backbone(path), {"path": path}))
+    if lora:
+        from .models.lora import load_lora
+
+        load_lora(bb, lora)
+    bb.unwrapped().eval()
+    return bb
+
+
+def cmd_eval_geneval(args) -> None:
+    import torch
+
+    from .eval.geneval import format_table, generate_and_score, write_results
+    from .worlds.shapes.render import prompt_records, read_metadata
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
+    bb = load_backbone_cli(args.model, args.backbone, args.lora)
+    results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, args.guidance)
+    metrics = write_results(results, args.out, extra={
+        "model": args.model, "lora": args.lora, "metadata": args.metadata or "shapes:eval", "seed": args.seed,
+        "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": args.guidance,
+        "detector": "shapes-exact"})
+    print(format_table({Path(args.lora or args.model).name: metrics}))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
+
+
+def cmd_world_pretrain(args) -> None:
+    from .config import _section_from_dict, parse_override
+    from .worlds.shapes.base import PretrainConfig, pretrain
+
+    data = {}
+    for item in args.overrides:
+        path, value = parse_override(item)
+        data[".".join(path)] = value
+    cfg = _section_from_dict(PretrainConfig, data, "pretrain")
+    print(f"wrote {pretrain(cfg, args.out)}")
+
+
+def cmd_world_prompts(args) -> None:
+    from .worlds.shapes.render import prompt_records, write_metadata
+
+    print(f"wrote {write_metadata(prompt_records(args.split), args.out)}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="visalign", description="Preference alignment for text-to-image diffusion.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="every registry entry (backbones, methods, heads, rewards)")
+    s.set_defaults(fn=cmd_list)
+    for name, fn, hlp in (("config", cmd_config, "print the resolved config and exit"),
+                          ("finetune", cmd_finetune, "preference fine-tuning (any method, any backbone)")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("model", help="model preset: shapes | sd15 | sdxl | sd3")
+        s.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 objective.head=ipo")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("doctor", help="versions, device, bf16, SDPA and xformers")
+    s.set_defaults(fn=cmd_doctor)
+
+    s = sub.add_parser("make-dataset", help="Syn-Pic-style ranked data: prompts -> images -> rewards -> ranks")
+    s.add_argument("-c", "--config", action="append", default=[])
+    s.add_argument("--prompts")
+    s.add_argument("--model", dest="models", action="append", help="NAME=PATH or a diffusers folder (repeatable)")
+    s.add_argument("--images-per-prompt", dest="images_per_prompt", type=int)
+    s.add_argument("--reward", dest="rewards", action="append", help="NAME[:WEIGHT] (repeatable)")
+    s.add_argument("--out")
+    for flag, typ in (("steps", int), ("guidance", float), ("seed", int), ("batch-size", int), ("shard-size", int),
+                      ("max-prompts", int), ("repeat-prompts", int), ("threads", int), ("eta", float)):
+        s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=typ)
+    s.add_argument("--normalise", choices=("zscore", "rank", "none"))
+    s.add_argument("--pairs", choices=("best-worst", "all"))
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_make_dataset)
+
+    ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="what", required=True)
+    s = ev.add_parser("geneval", help="GenEval-style accuracy with fixed seeds")
+    s.add_argument("--model", required=True, help="a diffusers folder (or hub id with --backbone)")
+    s.add_argument("--backbone", help="backbone name when the folder has no model_index.json")
+    s.add_argument("--lora")
+    s.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl (default: ShapesWorld eval split)")
+    s.add_argument("--samples-per-prompt", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_eval_geneval)
+
+    w = sub.add_parser("world", help="embedded worlds").add_subparsers(dest="world", required=True)
+    shapes = w.add_parser("shapes", help="ShapesWorld").add_subparsers(dest="action", required=True)
+    s = shapes.add_parser("pretrain", help="train the ShapesWorld base model")
+    s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*", help="PretrainConfig key=value, e.g. steps=2400")
+    s.set_defaults(fn=cmd_world_pretrain)
+    s = shapes.add_parser("prompts", help="write a GenEval-format metadata file for a split")
+    s.add_argument("--split", default="eval", choices=("train", "eval", "all"))
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_world_prompts)
+
+    s = sub.add_parser("demo", help="ShapesWorld end to end: data -> Diffusion-DPO -> GenEval before/after")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="a tiny budget (for tests)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from .data.pairs import DataError
+    from .models.load import ModelLoadError
+    from .registry import ConfigError
+
+    try:
+        args.fn(args)
+    except (ConfigError, ModelLoadError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Typed, strict run configs: defaults <- YAML (-c FILE) <- key=value overrides (dotted keys).
+
+A component section is ``{name: ..., **kwargs}``; its kwargs are checked against the registered
+class's signature before any weights load. Errors are one line naming the key, value and expectation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .registry import BACKBONES, HEADS, METHODS, REWARDS, ConfigError, Registry, closest
+
+# a method/reward argument with one of these names is itself a component of that registry
+NESTED: dict[str, Registry] = {"head": HEADS, "reward": REWARDS, "gold_reward": REWARDS}
+
+
+@dataclass
+class Component:
+    """A registered component by name plus its constructor's keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"name": self.name}
+        for k, v in self.kwargs.items():
+            out[k] = v.to_dict() if isinstance(v, Component) else v
+        return out
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the denoiser (peft). ``enabled: false`` means full fine-tuning with a frozen reference copy."""
+
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init: str = "gaussian"
+    reference_dtype: str = "float32"  # full fine-tuning: dtype of the frozen reference copy
+
+
+@dataclass
+class DataConfig:
+    """Preference data: Pick-a-Pic-schema pairs or ranked lists from anything ``datasets`` loads."""
+
+    path: str = ""  # parquet file or folder, a save_to_disk folder, an image folder, or a hub id
+    format: str = "pairs"  # pairs | lists
+    split: str = "train"
+    drop_ties: bool = True
+    on_error: str = "skip"  # skip | raise: what a corrupt image row does
+    hflip: bool = False
+    max_rows: int = 0  # 0 = all
+    cache: bool = True  # precompute latents and text embeddings (safetensors shards)
+    cache_dir: str = ""  # default: <data path>/.visalign-cache or ~/.cache/visalign
+    weighting: str = "none"  # none | margin | difficulty (needs score margins in the data)
+    weight_scale: float = 1.0
+    curriculum: bool = False  # easy-to-hard order by score margin (Curry-DPO)
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's settings (accelerate)."""
+
+    output_dir: str = "runs/default"
+    steps: int = 200
+    batch_size: int = 8  # pairs (or lists) per process per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_schedule: str = "constant_with_warmup"  # any diffusers get_scheduler name
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    save_every: int = 100  # accelerate save_state every N steps (0 = only at the end)
+    log_every: int = 10
+    resume: str = ""  # "" | latest | PATH of a checkpoint
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0 = off
+    prompt_dropout: float = 0.0  # papers used 0.2; off by default
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    threads: int = 0  # torch threads per process; 0 = torch's default
+    tracker: str = "tensorboard"  # tensorboard | wandb | none
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0  # 0 = off
+    sample_steps: int = 20
+    guidance: float = 3.0
+
+
+@dataclass
+class RunConfig:
+    """A finetune run: model, LoRA, objective, data and training settings."""
+
+    model: Component = field(default_factory=lambda: Component("pixel", {"path": "assets/shapes-base"}))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: Component = field(default_factory=lambda: Component("diffusion_dpo"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, Component) else dataclasses.asdict(v)
+        return out
+
+
+COMPONENT_REGISTRIES: dict[str, Registry] = {"model": BACKBONES, "objective": METHODS}
+
+# model presets: `visalign config MODEL` / `visalign finetune MODEL` start from these
+PRESETS: dict[str, dict] = {
+    "shapes": {"model": {"name": "pixel", "path": "assets/shapes-base"},
+               "objective": {"name": "diffusion_dpo", "beta": 5000.0},
+               "train": {"lr": 1e-4, "sample_steps": 20, "guidance": 3.0}},
+    "sd15": {"model": {"name": "sd", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+             "objective": {"name": "diffusion_dpo", "beta": 5000.0},
+             "train": {"lr": 1e-5, "mixed_precision": "bf16", "guidance": 7.5}},
+    "sdxl": {"model": {"name": "sdxl", "path": "stabilityai/stable-diffusion-xl-base-1.0"},
+             "objective": {"name": "diffusion_dpo", "beta": 5000.0},
+             "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True, "guidance": 5.0}},
+    "sd3": {"model": {"name": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium"},
+            "objective": {"name": "diffusion_dpo", "beta": 100.0},
+            "train": {"lr": 1e-5, "mixed_precision": "bf16", "guidance": 4.5}},
+}
+
+
+# --- typing helpers ------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp, key: str) -> Any:
+    """Check (and gently convert) ``value`` to the annotated type ``tp``; raise naming ``key`` otherwise."""
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is typing.Any or tp is None:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        items = [coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected bool (true/false)")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected float")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected int")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected str")
+    return value
+
+
+def _hints(obj) -> dict[str, Any]:
+    target = obj.__init__ if isinstance(obj, type) else obj
+    try:
+        return typing.get_type_hints(target)
+    except Exception:
+        return {}
+
+
+def build_component(section: Any, registry: Registry, where: str) -> Component:
+    """Validate ``{name, **kwargs}`` (or a bare name) against the registry entry's signature."""
+    if isinstance(section, Component):
+        section = section.to_dict()
+    if isinstance(section, str):
+        section = {"name": section}
+    if not isinstance(section, dict) or "name" not in section:
+        raise ConfigError(f"{where}: expected a name or a mapping with 'name', got {section!r}")
+    name = section["name"]
+    entry = registry.get(name)
+    kwargs = {k: v for k, v in section.items() if k != "name"}
+    registry.check_kwargs(name, kwargs, where)
+    hints = _hints(entry)
+    out: dict[str, Any] = {}
+    params = registry.parameters(name)
+    for k, v in kwargs.items():
+        if k in NESTED:
+            if isinstance(v, dict) and "name" not in v and isinstance(params[k].default, str):
+                v = {"name": params[k].default, **v}  # `objective.head.tau=...` on the default head
+            out[k] = build_component(v, NESTED[k], f"{where}.{k}")
+        else:
+            out[k] = coerce(v, hints.get(k, Any), f"{where}.{k}")
+    return Component(name, out)
+
+
+def _section_from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    obj = cls()
+    for k, v in data.items():
+        if k not in fields:
+            raise ConfigError(f"unknown key {where}.{k}; valid keys: {', '.join(fields)}{closest(k, fields)}")
+        setattr(obj, k, coerce(v, hints[k], f"{where}.{k}"))
+    return obj
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            if "name" in v and v.get("name") != out[k].get("name"):
+                out[k] = dict(v)  # a new component name starts from its own defaults
+            else:
+                out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and raw.strip() and _looks_float(raw):
+        value = float(raw)
+    return key.strip().split("."), value
+
+
+def _looks_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if isinstance(nxt, str) and (i > 0 or part in COMPONENT_REGISTRIES):  # `objective.head=ipo` then `.tau`
+            nxt = {"name": nxt}
+        if nxt is None:
+            nxt = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")
+        node[part] = nxt
+        node = nxt
+    last = path[-1]
+    if isinstance(node.get(last), dict) and "name" in node[last] and not isinstance(value, dict):
+        node[last] = {"name": value}  # `objective.head=ipo` replaces the head with a fresh one
+    else:
+        node[last] = value
+
+
+def load_config(model: str | None = None, files: list[str] | None = None,
+                overrides: list[str] | None = None) -> RunConfig:
+    """Resolve a run config: preset for ``model`` <- each YAML file <- ``key=value`` overrides."""
+    from .registry import load_all
+
+    load_all()
+    tree: dict = {}
+    if model is not None:
+        if model not in PRESETS:
+            raise ConfigError(f"unknown model {model!r}; valid: {', '.join(PRESETS)}{closest(model, PRESETS)}")
+        tree = json.loads(json.dumps(PRESETS[model]))
+    for f in files or []:
+        p = Path(f)
+        if not p.exists():
+            raise ConfigError(f"config file {f} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{f}: expected a mapping at the top level")
+        tree = _deep_merge(tree, data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        _apply_override(tree, path, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict) -> RunConfig:
+    cfg = RunConfig()
+    valid = [f.name for f in dataclasses.fields(RunConfig)]
+    for key, value in tree.items():
+        if key not in valid:
+            raise ConfigError(f"unknown key {key}; valid keys: {', '.join(valid)}{closest(key, valid)}")
+        if key in COMPONENT_REGISTRIES:
+            setattr(cfg, key, build_component(value, COMPONENT_REGISTRIES[key], key))
+        else:
+            section_cls = type(getattr(cfg, key))
+            setattr(cfg, key, _section_from_dict(section_cls, value, key))
+    if "model" not in tree:
+        cfg.model = build_component(cfg.model, BACKBONES, "model")
+    if "objective" not in tree:
+        cfg.objective = build_component(cfg.objective, METHODS, "objective")
+    _check_choices(cfg)
+    return cfg
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    choices = {("data", "format"): ("pairs", "lists"), ("data", "on_error"): ("skip", "raise"),
+               ("data", "weighting"): ("none", "margin", "difficulty"),
+               ("train", "mixed_precision"): ("no", "bf16", "fp16"), ("train", "optimizer"): ("adamw", "adamw8bit"),
+               ("train", "tracker"): ("tensorboard", "wandb", "none")}
+    for (sec, key), allowed in choices.items():
+        v = getattr(getattr(cfg, sec), key)
+        if v not in allowed:
+            raise ConfigError(f"{sec}.{key}={v!r}: expected one of {', '.join(allowed)}{closest(v, allowed)}")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def write_resolved(cfg: RunConfig, out_dir: str | Path) -> Path:
+    """Write ``config.yaml`` (the resolved config) next to a run's outputs, atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(out / "config.yaml")
+    return out / "config.yaml"

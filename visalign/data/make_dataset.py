@@ -1,0 +1,207 @@
+"""Syn-Pic-style ranked preference data: prompts -> K images per pipeline -> reward ensemble -> ranks.
+
+Each shard holds a fixed slice of prompts and is written to a temporary name, then renamed: a
+restart skips finished shards, so a kill at any moment leaves exactly one row per prompt.
+Under ``accelerate launch`` each process takes every world-th shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..eval.grid import to_pil
+
+
+@dataclass
+class MakeDatasetConfig:
+    """What to generate, how to score it and where to write it."""
+
+    prompts: str = "shapes:train"
+    models: list[str] = field(default_factory=lambda: ["pixel=assets/shapes-base"])  # NAME=PATH or PATH
+    images_per_prompt: int = 4
+    rewards: list[str] = field(default_factory=lambda: ["shapes"])  # NAME[:WEIGHT]
+    out: str = "data/synpic"
+    steps: int = 20
+    guidance: float = 3.0
+    eta: float = 0.0
+    seed: int = 0
+    batch_size: int = 32  # images per sampling call
+    shard_size: int = 64  # prompts per shard
+    normalise: str = "zscore"  # zscore | rank | none (per prompt, per reward, before the weighted mean)
+    pairs: str = ""  # "" | best-worst | all
+    max_prompts: int = 0
+    repeat_prompts: int = 1  # each prompt this many times (different seeds)
+    threads: int = 0
+
+
+def parse_reward(spec: str) -> tuple[str, float]:
+    name, _, w = spec.partition(":")
+    return name, float(w) if w else 1.0
+
+
+def parse_model(spec: str) -> tuple[str, str]:
+    from ..models.load import detect_backbone
+    from ..train.setup import resolve_path
+
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name, resolve_path(path)
+    path = resolve_path(spec)
+    return detect_backbone(path), path
+
+
+def image_seed(seed: int, prompt_idx: int, model_idx: int, k: int) -> int:
+    return zlib.crc32(f"{seed}/{prompt_idx}/{model_idx}/{k}".encode())
+
+
+def png_bytes(img: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    to_pil(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shard_path(out: Path, kind: str, j: int) -> Path:
+    """Ranked lists at OUT/data-*.parquet; derived pairs at OUT/pairs/pairs-*.parquet (a dataset of its own)."""
+    if kind == "pairs":
+        (out / "pairs").mkdir(parents=True, exist_ok=True)
+        return out / "pairs" / f"pairs-{j:05d}.parquet"
+    return out / f"{kind}-{j:05d}.parquet"
+
+
+def _pair_schema():
+    import pyarrow as pa
+
+    return pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                      ("label_0", pa.float64()), ("score_0", pa.float64()), ("score_1", pa.float64()),
+                      ("margin", pa.float64())])
+
+
+def _write_parquet(rows: list[dict], path: Path, schema=None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    os.replace(tmp, path)
+
+
+def ranks_from_scores(scores: list[float]) -> list[int]:
+    """0 = best; ties share the better rank's order by index (stable)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    ranks = [0] * len(scores)
+    for r, i in enumerate(order):
+        ranks[i] = r
+    return ranks
+
+
+def pairs_from_list(row: dict, how: str) -> list[dict]:
+    """Pick-a-Pic-schema pairs from a ranked row: best vs worst, or every ordered pair with a score gap."""
+    s, imgs = row["scores"], row["images"]
+    idx = list(range(len(s)))
+    if how == "best-worst":
+        best, worst = max(idx, key=lambda i: s[i]), min(idx, key=lambda i: s[i])
+        cand = [(best, worst)] if s[best] > s[worst] else []
+    elif how == "all":
+        cand = [(i, j) for i in idx for j in idx if s[i] > s[j]]
+    else:
+        raise ValueError(f"pairs={how!r}: expected best-worst or all")
+    return [{"caption": row["prompt"], "jpg_0": imgs[i], "jpg_1": imgs[j], "label_0": 1.0,
+             "score_0": s[i], "score_1": s[j], "margin": s[i] - s[j]} for i, j in cand]
+
+
+def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
+    """Generate, score and rank; returns counts. Safe to rerun after a kill: finished shards are kept."""
+    from tqdm import tqdm
+
+    from ..config import Component
+    from ..data.prompts import read_prompts
+    from ..registry import load_all
+    from ..rewards.base import build_reward, ensemble_scores
+    from ..train.setup import build_backbone
+
+    load_all()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(cfg.prompts)
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    prompts = [p for p in prompts for _ in range(cfg.repeat_prompts)]
+    if not prompts:
+        raise ValueError(f"prompts={cfg.prompts!r}: no prompts found")
+    rewards = [parse_reward(r) for r in cfg.rewards]
+    reward_fns = {name: build_reward(name) for name, _ in rewards}
+    weights = dict(rewards)
+    models = [parse_model(m) for m in cfg.models]
+    provenance = {"models": [{"backbone": b, "path": p} for b, p in models], "sampler": "ddim/flow-euler",
+                  "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
+                  "rewards": [{"name": n, "weight": w, "version": getattr(reward_fns[n], "version", "")}
+                              for n, w in rewards],
+                  "normalise": cfg.normalise, "images_per_prompt": cfg.images_per_prompt, "config": asdict(cfg)}
+    if rank == 0:
+        (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
+    mine = [j for j in range(n_shards) if j % world == rank and not shard_path(out, "data", j).exists()]
+    total_images = len(mine) * cfg.shard_size * cfg.images_per_prompt * len(models)
+    bar = tqdm(total=total_images, desc=f"make-dataset[{rank}]", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    backbones = [build_backbone(Component(b, {"path": p})) for b, p in models] if mine else []
+    t0, made = time.time(), 0
+    for j in mine:
+        ids = list(range(j * cfg.shard_size, min((j + 1) * cfg.shard_size, len(prompts))))
+        images: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
+        sources: dict[int, list[str]] = {i: [] for i in ids}
+        seeds: dict[int, list[int]] = {i: [] for i in ids}
+        jobs = [(i, m, k) for m in range(len(models)) for i in ids for k in range(cfg.images_per_prompt)]
+        for start in range(0, len(jobs), cfg.batch_size):
+            chunk = jobs[start:start + cfg.batch_size]
+            by_model: dict[int, list] = {}
+            for job in chunk:
+                by_model.setdefault(job[1], []).append(job)
+            for m, part in by_model.items():
+                bb = backbones[m]
+                noise = torch.stack([torch.randn(bb.sample_shape, generator=torch.Generator().manual_seed(
+                    image_seed(cfg.seed, i, m, k))) for i, _, k in part])
+                with torch.no_grad():
+                    res = bb.sample([prompts[i] for i, _, _ in part], steps=cfg.steps, guidance=cfg.guidance,
+                                    latents=noise, eta=cfg.eta,
+                                    generator=torch.Generator().manual_seed(image_seed(cfg.seed, j, m, start)))
+                for (i, _, k), img in zip(part, res.images.cpu()):
+                    images[i].append(img)
+                    sources[i].append(f"{models[m][1]}#{image_seed(cfg.seed, i, m, k)}")
+                    seeds[i].append(image_seed(cfg.seed, i, m, k))
+                made += len(part)
+                bar.update(len(part))
+                bar.set_postfix(img_s=f"{made / max(time.time() - t0, 1e-9):.1f}")
+        rows, pair_rows = [], []
+        per_reward = {}
+        flat_imgs = torch.stack([img for i in ids for img in images[i]])
+        flat_prompts = [prompts[i] for i in ids for _ in images[i]]
+        n_per = len(images[ids[0]])
+        for name, fn in reward_fns.items():
+            per_reward[name] = fn(flat_imgs, flat_prompts).float().view(len(ids), n_per)
+        agg = ensemble_scores(per_reward, weights, cfg.normalise)
+        for r, i in enumerate(ids):
+            scores = agg[r].tolist()
+            row = {"prompt": prompts[i], "prompt_index": i, "images": [png_bytes(im) for im in images[i]],
+                   "scores": scores, "reward_scores": {n: per_reward[n][r].tolist() for n in per_reward},
+                   "ranks": ranks_from_scores(scores), "sources": sources[i], "seeds": seeds[i]}
+            rows.append(row)
+            if cfg.pairs:
+                pair_rows += pairs_from_list(row, cfg.pairs)
+        if cfg.pairs:
+            # pairs first: the data shard's existence marks the whole shard as done
+            _write_parquet(pair_rows, shard_path(out, "pairs", j), schema=_pair_schema())
+        _write_parquet(rows, shard_path(out, "data", j))
+    bar.close()
+    return {"shards": n_shards, "written": len(mine), "images": made, "prompts": len(prompts),
+            "seconds": time.time() - t0}

@@ -1,0 +1,76 @@
+"""What every method shares: turning a batch into model-space x0 and conditioning, and the logged metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..types import PreferenceBatch, as_float
+
+
+class Method:
+    """A preference objective: ``method(backbone, batch) -> StepOutput``.
+
+    ``data`` names the batch shape it needs (pairs | lists | images | prompts), ``online`` says
+    whether it samples from the model during training, ``needs`` lists optional Backbone
+    capabilities (``invert``, ``step_logprob``) checked before any weights load.
+    """
+
+    data: str = "pairs"
+    online: bool = False
+    needs: tuple[str, ...] = ()
+    uses_reference: bool = True
+
+
+def model_inputs(backbone, batch: PreferenceBatch, generator: torch.Generator | None = None):
+    """(x0 [B, K, ...] in model space, cond for the B prompts), from the cache when present."""
+    if batch.latent_mean is not None:
+        mean, std = batch.latent_mean, batch.latent_std
+        x0 = mean if std is None else mean + std * torch.randn(mean.shape, generator=generator).to(mean)
+    else:
+        b, k = batch.images.shape[:2]
+        with torch.no_grad():
+            x0 = backbone.encode_images(batch.images.flatten(0, 1), generator=generator)
+        x0 = x0.view(b, k, *x0.shape[1:])
+    cond = batch.cond
+    if cond is None:
+        with torch.no_grad():
+            cond = backbone.encode_prompts(batch.prompts, batch.image_meta or None)
+    return x0, cond
+
+
+def shared_noise(backbone, x0: Tensor) -> tuple[Tensor, Tensor]:
+    """One t and one ε per list, shared by its K images (Diffusion-DPO, RankDPO, MaPO): ([B·K], [B·K, ...])."""
+    b, k = x0.shape[:2]
+    t = backbone.sample_timesteps(b).repeat_interleave(k)
+    eps = torch.randn_like(x0[:, 0]).repeat_interleave(k, 0)
+    return t, eps
+
+
+def errors(backbone, x0: Tensor, cond, reference: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per-image policy and reference errors [B, K] at a shared (t, ε) per list."""
+    b, k = x0.shape[:2]
+    t, eps = shared_noise(backbone, x0)
+    noised = backbone.noise(x0.flatten(0, 1), t=t, eps=eps)
+    cond_k = cond.repeat_interleave(k)
+    err = backbone.error(noised, cond_k).view(b, k)
+    ref = None
+    if reference:
+        with torch.no_grad(), backbone.reference():
+            ref = backbone.error(noised, cond_k).view(b, k)
+    return err, ref
+
+
+def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def pair_metrics(h: Tensor, err: Tensor, ref: Tensor | None) -> dict[str, float]:
+    """What users need to read a flat DPO loss: implicit accuracy, mean logit, per-side errors."""
+    out = {"implicit_acc": as_float((h > 0).float()), "logit_mean": as_float(h),
+           "err_w": as_float(err[:, 0]), "err_l": as_float(err[:, 1])}
+    if ref is not None:
+        out |= {"ref_err_w": as_float(ref[:, 0]), "ref_err_l": as_float(ref[:, 1])}
+    return out

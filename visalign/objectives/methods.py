@@ -1,0 +1,3 @@
+"""Imports every method module so each registers itself."""
+
+from . import diffusion_dpo, kto, mapo, pair_heads  # noqa: F401

@@ -1,0 +1,31 @@
+"""Data-side options of the loop: per-pair weights and curriculum order from score margins."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import RunConfig
+from ..objectives.weights import curriculum_order, difficulty_weights, margin_weights
+
+
+def pair_weights(cfg: RunConfig, batch) -> torch.Tensor | None:
+    how = cfg.data.weighting
+    if how == "none":
+        return None
+    if batch.scores is None:
+        raise ValueError(f"data.weighting={how} needs score_0/score_1 columns in the pairs data")
+    margin = batch.scores[:, 0] - batch.scores[:, 1]
+    fn = margin_weights if how == "margin" else difficulty_weights
+    return fn(margin, cfg.data.weight_scale)
+
+
+def pair_order(cfg: RunConfig, dataset) -> np.ndarray | None:
+    if not cfg.data.curriculum:
+        return None
+    ds = dataset.ds
+    if "score_0" not in ds.column_names:
+        raise ValueError("data.curriculum=true needs score_0/score_1 columns in the pairs data")
+    rows = dataset.rows
+    margin = torch.tensor(np.asarray(ds["score_0"])[rows] - np.asarray(ds["score_1"])[rows])
+    return curriculum_order(margin).numpy()

@@ -1,0 +1,160 @@
+"""The one training loop: ``loss = method(backbone, batch)`` on accelerate. It names no method or model family."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, write_resolved
+from ..types import as_float
+from .checkpoint import find_resume, save_checkpoint
+from .outputs import save_outputs, save_validation_grid
+from .setup import (
+    BatchStream,
+    build_backbone,
+    build_lr_scheduler,
+    build_method,
+    build_optimizer,
+    check_capabilities,
+    prepare_trainable,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+def _dataset(cfg: RunConfig, backbone):
+    from ..data.pairs import PreferenceDataset
+
+    d = cfg.data
+    return PreferenceDataset(d.path, resolution=backbone.resolution, format=d.format, split=d.split,
+                             drop_ties=d.drop_ties, on_error=d.on_error, hflip=d.hflip, max_rows=d.max_rows,
+                             seed=cfg.train.seed)
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run ``cfg`` to completion (resuming when asked); returns a summary dict written as summary.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm import tqdm
+
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    out = Path(t.output_dir)
+    tracker = None if t.tracker == "none" else t.tracker
+    acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                      log_with=tracker, cpu=not torch.cuda.is_available(),
+                      project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(t.seed)
+    method = build_method(cfg.objective)
+    from ..registry import BACKBONES
+
+    check_capabilities(method, BACKBONES.get(cfg.model.name))
+    backbone = build_backbone(cfg.model)
+    params = prepare_trainable(backbone, cfg)
+    dataset = _dataset(cfg, backbone)
+    from .data_options import pair_order, pair_weights
+
+    stream = BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
+                         order=pair_order(cfg, dataset))
+    optimizer = build_optimizer(params, cfg)
+    lr_sched = build_lr_scheduler(optimizer, cfg)
+    backbone.denoiser, optimizer, lr_sched = acc.prepare(backbone.denoiser, optimizer, lr_sched)
+    backbone.to_device(acc.device)
+    if acc.is_main_process:
+        write_resolved(cfg, out)
+        if tracker:
+            acc.init_trackers("visalign", config=_flat(cfg.to_dict()))
+    step, nonfinite = 0, 0
+    resume_dir = find_resume(t.resume, out)
+    if resume_dir is not None:
+        acc.load_state(str(resume_dir))
+        state = json.loads((resume_dir / "visalign_state.json").read_text())
+        step, nonfinite = state["step"], state["nonfinite"]
+        log.info("resumed from %s at step %d", resume_dir, step)
+    metrics_file = out / "metrics.jsonl"
+    bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
+    t0, pairs_seen, last_good = time.time(), 0, resume_dir
+    while step < t.steps:
+        window: list[dict] = []
+        for micro in range(t.grad_accum):
+            batch = stream.batch(step * t.grad_accum + micro)
+            if batch is None:
+                continue
+            batch = batch.to(acc.device)
+            batch.weights = pair_weights(cfg, batch)
+            with acc.accumulate(backbone.denoiser), acc.autocast():
+                if t.prompt_dropout > 0:
+                    keep = torch.rand(batch.size) >= t.prompt_dropout
+                    batch.prompts = [p if k else "" for p, k in zip(batch.prompts, keep.tolist())]
+                res = method(backbone, batch)
+                if torch.isfinite(res.loss):
+                    acc.backward(res.loss)
+                window.append({"loss": as_float(res.loss), **res.metrics, "finite": bool(torch.isfinite(res.loss))})
+            pairs_seen += batch.size * acc.num_processes
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else _grad_norm(params)
+        finite = all(w["finite"] for w in window) and window and math.isfinite(float(grad_norm))
+        if finite:
+            optimizer.step()
+            lr_sched.step()
+            nonfinite = 0
+        else:
+            nonfinite += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
+        optimizer.zero_grad(set_to_none=True)
+        if nonfinite >= t.max_nonfinite:
+            acc.end_training()
+            raise NonFiniteError(f"{nonfinite} consecutive non-finite steps at step {step}; stopping. "
+                                 f"Last good checkpoint: {last_good or 'none'}. Try a lower train.lr or beta.")
+        if not finite:
+            continue
+        step += 1
+        bar.update(1)
+        logs = {k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "finite"}
+        logs |= {"grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0],
+                 "pairs_per_s": pairs_seen / max(time.time() - t0, 1e-9)}
+        if step % t.log_every == 0 or step == t.steps or step == 1:
+            acc.log(logs, step=step)
+            if acc.is_main_process:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+        if t.validation_every and t.validation_prompts and step % t.validation_every == 0:
+            save_validation_grid(acc, backbone, cfg, step)
+        if t.save_every and step % t.save_every == 0 and step < t.steps:
+            last_good = save_checkpoint(acc, out, step, nonfinite)
+    bar.close()
+    acc.wait_for_everyone()
+    summary = {"steps": step, "world_size": acc.num_processes, "pairs_seen": pairs_seen,
+               "seconds": time.time() - t0, "ties_dropped": dataset.ties_dropped,
+               "corrupt_skipped": dataset.corrupt_skipped}
+    if acc.is_main_process:
+        summary |= save_outputs(backbone, cfg, out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    acc.end_training()
+    return summary
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flat(v, key + ".")
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

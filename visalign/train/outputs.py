@@ -1,0 +1,77 @@
+"""What a run leaves behind: LoRA (diffusers format) or a full pipeline folder, a model card, sample grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, dump_config
+from ..eval.grid import image_grid, save_png
+
+
+def save_outputs(backbone, cfg: RunConfig, out: Path) -> dict:
+    from ..models.lora import save_lora
+
+    if cfg.lora.enabled:
+        path = save_lora(backbone, out / "lora")
+        result = {"lora": str(path.parent)}
+    else:
+        result = {"model": str(backbone.save_full(out / "model"))}
+    _model_card(cfg, out, result)
+    return result
+
+
+def _model_card(cfg: RunConfig, out: Path, result: dict) -> None:
+    metrics = {}
+    mf = out / "metrics.jsonl"
+    if mf.exists():
+        lines = mf.read_text().splitlines()
+        metrics = json.loads(lines[-1]) if lines else {}
+    kind = "LoRA (diffusers format; `pipe.load_lora_weights(dir)`)" if cfg.lora.enabled else "full fine-tune"
+    text = f"""---
+library_name: diffusers
+tags: [visalign, {cfg.objective.name}, text-to-image, preference-alignment]
+base_model: {cfg.model.kwargs.get('path', '')}
+---
+# {cfg.objective.name} on {cfg.model.kwargs.get('path', cfg.model.name)}
+
+Trained with [visalign](https://github.com/) `finetune`: {kind}.
+
+- base model: `{cfg.model.kwargs.get('path', '')}` (backbone `{cfg.model.name}`)
+- method: `{cfg.objective.name}` {json.dumps(cfg.objective.to_dict())}
+- data: `{cfg.data.path}` ({cfg.data.format})
+- steps: {cfg.train.steps}, batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, lr {cfg.train.lr}
+- final training metrics: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})}
+- outputs: {json.dumps(result)}
+
+## Config
+```yaml
+{dump_config(cfg)}```
+"""
+    tmp = out / "README.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "README.md")
+
+
+@torch.no_grad()
+def save_validation_grid(acc, backbone, cfg: RunConfig, step: int) -> None:
+    """Fixed prompts and seeds every N steps: PNG under samples/ and an image in the tracker."""
+    if not acc.is_main_process:
+        return
+    prompts = list(cfg.train.validation_prompts)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    was_training = backbone.unwrapped().training
+    backbone.unwrapped().eval()
+    images = backbone.sample(prompts, steps=cfg.train.sample_steps, guidance=cfg.train.guidance,
+                             generator=gen).images
+    if was_training:
+        backbone.unwrapped().train()
+    grid = image_grid(list(images.cpu()), prompts, cols=min(8, len(prompts)))
+    save_png(grid, Path(cfg.train.output_dir) / "samples" / f"step-{step:07d}.png")
+    for tracker in acc.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")

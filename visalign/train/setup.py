@@ -1,0 +1,116 @@
+"""Building a run's pieces from its config: backbone (LoRA or full), method, data stream, optimizer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Component, RunConfig
+from ..registry import BACKBONES, METHODS, ConfigError
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(path: str) -> str:
+    """A relative model path is looked up from the working directory, then from the visalign checkout."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute() or not path.startswith(("assets", "./assets")):
+        return path
+    alt = REPO_ROOT / path
+    return str(alt) if alt.exists() else path
+
+
+def build_backbone(model: Component):
+    kwargs = dict(model.kwargs)
+    if "path" in kwargs:
+        kwargs["path"] = resolve_path(kwargs["path"])
+    return BACKBONES.build(model.name, **kwargs)
+
+
+def build_method(objective: Component):
+    kwargs = {k: (v.to_dict() if isinstance(v, Component) else v) for k, v in objective.kwargs.items()}
+    return METHODS.build(objective.name, **kwargs)
+
+
+def check_capabilities(method, backbone_cls) -> None:
+    """A method's optional needs (``invert``, ``step_logprob``) against the backbone class, before weights load."""
+    for cap in getattr(method, "needs", ()):
+        if not hasattr(backbone_cls, cap):
+            raise ConfigError(f"method {type(method).__name__} needs backbone capability {cap!r}, "
+                              f"which {backbone_cls.__name__} lacks")
+
+
+def prepare_trainable(backbone, cfg: RunConfig) -> list[torch.nn.Parameter]:
+    """LoRA adapters (reference = adapters off) or the whole denoiser (reference = frozen copy)."""
+    from ..models.lora import LoraSpec, add_lora
+
+    method_uses_ref = getattr(build_method(cfg.objective), "uses_reference", True)
+    if cfg.lora.enabled:
+        add_lora(backbone, LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                    targets=tuple(cfg.lora.targets), init=cfg.lora.init))
+    else:
+        if method_uses_ref:
+            backbone.freeze_reference_copy(getattr(torch, cfg.lora.reference_dtype))
+        backbone.unwrapped().requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        backbone.unwrapped().enable_gradient_checkpointing()
+    backbone.unwrapped().train()
+    return [p for p in backbone.unwrapped().parameters() if p.requires_grad]
+
+
+def build_optimizer(params, cfg: RunConfig):
+    t = cfg.train
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_lr_scheduler(optimizer, cfg: RunConfig):
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                             num_training_steps=cfg.train.steps)
+    except ValueError as e:
+        raise ConfigError(f"train.lr_schedule={cfg.train.lr_schedule!r}: {e}") from None
+
+
+class BatchStream:
+    """Deterministic micro-batches: micro-step i of rank r is a pure function of (seed, i, r).
+
+    Indices come from concatenated per-epoch permutations; exact resume needs only the step count.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 order: np.ndarray | None = None):
+        if len(dataset) == 0:
+            raise ConfigError("the preference dataset has no usable rows (after dropping ties)")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world = rank, world
+        self.order = order  # fixed order (curriculum) instead of shuffling
+
+    def _epoch(self, e: int) -> np.ndarray:
+        if self.order is not None:
+            return self.order
+        return np.random.default_rng((self.seed, e)).permutation(len(self.dataset))
+
+    def indices(self, micro_step: int) -> list[int]:
+        n, gbs = len(self.dataset), self.batch_size * self.world
+        start = micro_step * gbs + self.rank * self.batch_size
+        out = []
+        for pos in range(start, start + self.batch_size):
+            out.append(int(self._epoch(pos // n)[pos % n]))
+        return out
+
+    def batch(self, micro_step: int):
+        from ..data.pairs import collate
+
+        return collate([self.dataset[i] for i in self.indices(micro_step)])
