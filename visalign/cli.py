@@ -62,7 +62,8 @@ def cmd_doctor(args) -> None:
     print(f"bf16          {'yes' if bf16 else 'no'}")
     print(f"sdpa          {'yes' if hasattr(torch.nn.functional, 'scaled_dot_product_attention') else 'no'}")
     xf = importlib.util.find_spec("xformers") is not None
-    print(f"xformers      {'installed' + ('' if cuda else ' (no CPU kernels; SDPA is used)') if xf else 'no (SDPA is used)'}")
+    note = ("installed" + ("" if cuda else " (no CPU kernels; SDPA is used)")) if xf else "no (SDPA is used)"
+    print(f"xformers      {note}")
 
 
 def _cpu_bf16() -> bool:

@@ -161,26 +161,34 @@ class DiffusionBackbone(ReferenceMixin):
     @torch.no_grad()
     def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: int | None = None,
                eta: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """DDIM inversion x0 → x_t along a ``steps`` grid with the active model (no guidance).
+        """DDIM inversion x0 → x_t up the sampling grid of ``steps`` (the exact reverse of ``sample``'s grid).
 
-        Stops after the last grid timestep ≤ ``until`` (default: the whole grid). ``eta`` > 0 adds
-        InPO's noise η·z·σ after each step. Returns (x_t, t) with t the grid timestep reached, per image.
+        Each step evaluates the active model at the current latent with the target timestep (as in
+        null-text inversion) and applies the deterministic DDIM update upwards. Stops at the last grid
+        timestep ≤ ``until`` (default: the whole grid). ``eta`` > 0 adds InPO's noise η·z·σ after each
+        step. Returns (x_t, t) with t the grid timestep reached, per image.
         """
-        from diffusers import DDIMInverseScheduler
-
-        inv = DDIMInverseScheduler.from_config(self.scheduler_config)
-        inv.set_timesteps(steps, device=x0.device)
+        sched = self.sampling_scheduler(steps)
+        grid = sched.timesteps.flip(0).tolist()  # ascending
+        a_prev = float(sched.final_alpha_cumprod)
         x = x0
-        reached = torch.zeros((), dtype=torch.long)
-        for t in inv.timesteps:
-            if until is not None and int(t) > until:
+        reached = None
+        for t in grid:
+            if until is not None and t > until:
                 break
-            step_t = min(int(t) - self.num_train_timesteps // steps, self.num_train_timesteps - 1)
-            pred = self.predict(x, torch.full((x.shape[0],), max(step_t, 0), device=x.device), cond)
-            x = inv.step(pred, t, x).prev_sample
+            t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            pred = self.predict(x, t_vec, cond)
+            a_t = float(self.alphas_cumprod[t])
+            if self.prediction_type == "epsilon":
+                eps = pred
+            else:  # v at the target level, as the model sees it
+                eps = a_t**0.5 * pred + (1 - a_t) ** 0.5 * x
+            x0_hat = (x - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
+            x = a_t**0.5 * x0_hat + (1 - a_t) ** 0.5 * eps
             if eta > 0:
-                a_t, a_prev = self._alpha(torch.tensor(step_t)), self._alpha(t.cpu())
-                var = (1 - a_t) / (1 - a_prev) * (1 - a_prev / a_t)
-                x = x + eta * var.clamp_min(0).sqrt().to(x) * torch.randn(x.shape, generator=generator).to(x)
-            reached = t
-        return x, torch.as_tensor(reached, device=x0.device).long().expand(x0.shape[0])
+                var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+                x = x + eta * max(var, 0.0) ** 0.5 * torch.randn(x.shape, generator=generator).to(x)
+            a_prev, reached = a_t, t
+        if reached is None:
+            raise ValueError(f"invert: until={until} is below the first grid timestep {grid[0]}")
+        return x, torch.full((x0.shape[0],), reached, device=x0.device, dtype=torch.long)

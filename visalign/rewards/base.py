@@ -31,7 +31,7 @@ def build_reward(spec) -> Reward:
 
 
 def normalise(scores: Tensor, how: str) -> Tensor:
-    """Per-prompt normalisation of [P, N] scores: 'zscore' (within the prompt), 'rank' (average rank in [0,1]), 'none'."""
+    """Per-prompt normalisation of [P, N] scores: 'zscore', 'rank' (average rank in [0, 1]) or 'none'."""
     if how == "none":
         return scores
     if how == "zscore":
