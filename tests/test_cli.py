@@ -1,0 +1,53 @@
+"""The command line: list, config, doctor, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from visalign.cli import main
+
+
+def test_list_prints_every_registry_with_docs(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for section in ("backbones:", "methods:", "heads:", "rewards:"):
+        assert section in out
+    for name in ("sd ", "sdxl", "sd3", "pixel", "diffusion_dpo", "kto", "mapo", "ipo", "robust", "shapes"):
+        assert name in out
+    assert "Diffusion-DPO on preference pairs" in out
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "sd15", "train.lr=3e-6", "objective.head=robust", "objective.head.eps=0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 3.0e-06" in out and "name: robust" in out and "eps: 0.2" in out and "name: sd" in out
+
+
+def test_config_error_is_one_line_exit_2(capsys):
+    assert main(["config", "shapes", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown key train.lrr") and "\n" not in err
+
+
+def test_doctor_reports_versions_and_device(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for key in ("torch", "diffusers", "transformers", "device", "bf16", "sdpa", "xformers"):
+        assert key in out
+
+
+def test_module_entry_point_and_missing_model_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "visalign", "eval", "geneval", "--model", str(tmp_path / "missing"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "model_index.json" in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["finetune", "--help"], ["make-dataset", "--help"],
+                                  ["eval", "geneval", "--help"]])
+def test_help(args):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
