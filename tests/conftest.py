@@ -46,3 +46,8 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    os.environ["VISALIGN_CACHE"] = str(tmp_path_factory.mktemp("visalign-cache"))

@@ -8,8 +8,16 @@ import torch
 from scipy import ndimage
 
 from visalign.worlds.shapes.detector import detect, evaluate_objects, record_for_prompt, relative_position
-from visalign.worlds.shapes.render import (ShapeObject, all_records, draw, prompt_records, read_metadata,
-                                           render, sample_records, write_metadata)
+from visalign.worlds.shapes.render import (
+    ShapeObject,
+    all_records,
+    draw,
+    prompt_records,
+    read_metadata,
+    render,
+    sample_records,
+    write_metadata,
+)
 from visalign.worlds.shapes.reward import ShapesReward
 from visalign.worlds.shapes.vocab import COLORS, SHAPES, TASKS
 

@@ -170,6 +170,14 @@ def cmd_world_prompts(args) -> None:
     print(f"wrote {write_metadata(prompt_records(args.split), args.out)}")
 
 
+def cmd_export_lora(args) -> None:
+    from .models.export import export_kohya
+
+    if args.format != "kohya":
+        raise FileNotFoundError(f"unknown export format {args.format!r}; expected kohya")
+    print(f"wrote {export_kohya(args.lora, args.out)}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -231,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="eval", choices=("train", "eval", "all"))
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_world_prompts)
+
+    s = sub.add_parser("export-lora", help="convert a visalign LoRA for ComfyUI / A1111 (Kohya keys)")
+    s.add_argument("lora", help="a LoRA folder (pytorch_lora_weights.safetensors) or file")
+    s.add_argument("--format", default="kohya", choices=("kohya",))
+    s.add_argument("--out", required=True, help="output .safetensors file")
+    s.set_defaults(fn=cmd_export_lora)
 
     s = sub.add_parser("demo", help="ShapesWorld end to end: data -> Diffusion-DPO -> GenEval before/after")
     s.add_argument("--out", default="runs/demo")

@@ -87,7 +87,8 @@ class TrainConfig:
     log_every: int = 10
     resume: str = ""  # "" | latest | PATH of a checkpoint
     gradient_checkpointing: bool = False
-    ema_decay: float = 0.0  # 0 = off
+    attention: str = "auto"  # auto (xformers when installed on GPU, else PyTorch SDPA) | sdpa | xformers
+    ema_decay: float = 0.0  # 0 = off; the final weights are the EMA weights
     prompt_dropout: float = 0.0  # papers used 0.2; off by default
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     threads: int = 0  # torch threads per process; 0 = torch's default
@@ -339,7 +340,8 @@ def _check_choices(cfg: RunConfig) -> None:
     choices = {("data", "format"): ("pairs", "lists"), ("data", "on_error"): ("skip", "raise"),
                ("data", "weighting"): ("none", "margin", "difficulty"),
                ("train", "mixed_precision"): ("no", "bf16", "fp16"), ("train", "optimizer"): ("adamw", "adamw8bit"),
-               ("train", "tracker"): ("tensorboard", "wandb", "none")}
+               ("train", "tracker"): ("tensorboard", "wandb", "none"),
+               ("train", "attention"): ("auto", "sdpa", "xformers")}
     for (sec, key), allowed in choices.items():
         v = getattr(getattr(cfg, sec), key)
         if v not in allowed:

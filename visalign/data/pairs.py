@@ -128,6 +128,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def margins(self) -> torch.Tensor:
+        if "score_0" not in self.ds.column_names:
+            raise DataError(f"{self.path}: score margins need score_0/score_1 columns")
+        s0, s1 = np.asarray(self.ds["score_0"])[self.rows], np.asarray(self.ds["score_1"])[self.rows]
+        labels = np.asarray(self.ds["label_0"])[self.rows]
+        return torch.tensor(np.where(labels >= 0.5, s0 - s1, s1 - s0), dtype=torch.float32)
+
+    @staticmethod
+    def collate(rows):
+        return collate(rows)
+
     def _flip(self, idx: int) -> bool:
         return self.hflip and bool(np.random.default_rng((self.seed, idx)).integers(2))
 

@@ -165,3 +165,11 @@ class ReferenceMixin:
         if self._reference_active and self._reference_denoiser is not None:
             return self._reference_denoiser
         return self.denoiser
+
+    def _inputs_for(self, model: torch.nn.Module, x_t: Tensor, cond: Cond) -> tuple[Tensor, Cond]:
+        """A reference kept in lower precision gets its inputs in its own dtype."""
+        if model is self._reference_denoiser and model is not None:
+            dtype = next(model.parameters()).dtype
+            if x_t.dtype != dtype:
+                return x_t.to(dtype), cond.map(lambda v: v.to(dtype) if v.is_floating_point() else v)
+        return x_t, cond

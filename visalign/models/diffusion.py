@@ -60,7 +60,9 @@ class DiffusionBackbone(ReferenceMixin):
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        return self._forward(self.active_denoiser(), x_t, t, cond)
+        model = self.active_denoiser()
+        x_in, cond = self._inputs_for(model, x_t, cond)
+        return self._forward(model, x_in, t, cond).to(x_t.dtype)
 
     def error(self, noised: Noised, cond: Cond) -> Tensor:
         """Per-image mean squared error of the model's prediction against its own target: [N]."""

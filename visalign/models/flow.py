@@ -23,21 +23,23 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
 
     def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0,
                  logit_std: float = 1.0, max_sequence_length: int = 256, use_t5: bool = True,
-                 revision: str | None = None):
+                 revision: str | None = None, load_encoders: bool = True):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         kw = {"revision": revision} if revision else {}
         self.denoiser = load_diffusers(SD3Transformer2DModel, path, "transformer", what="transformer", **kw)
-        self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)
+        self.vae = None
+        if load_encoders:
+            self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)
         self.text_encoders, self.tokenizers = [], []
-        for i in ("", "_2"):
+        for i in ("", "_2") if load_encoders else ():
             self.text_encoders.append(load_transformers(
                 CLIPTextModelWithProjection, path, f"text_encoder{i}", what=f"text_encoder{i}", **kw
             ).eval().requires_grad_(False))
             self.tokenizers.append(load_transformers(AutoTokenizer, path, f"tokenizer{i}", what=f"tokenizer{i}"))
         self.t5 = self.t5_tokenizer = None
-        if use_t5 and (_has(path, "text_encoder_3")):
+        if load_encoders and use_t5 and _has(path, "text_encoder_3"):
             from transformers import T5EncoderModel
 
             self.t5 = load_transformers(T5EncoderModel, path, "text_encoder_3", what="T5", **kw).eval()
@@ -50,7 +52,8 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.max_sequence_length = max_sequence_length
         self.path = path
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        vae_cfg = self.vae.config if self.vae is not None else AutoencoderKL.load_config(path, subfolder="vae")
+        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         self.resolution = resolution or self.denoiser.config.sample_size * factor
         c = self.denoiser.config.in_channels
         self.sample_shape = (c, self.resolution // factor, self.resolution // factor)
@@ -97,8 +100,10 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        return self.active_denoiser()(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.tensors["hidden"],
-                                      pooled_projections=cond.tensors["pooled"]).sample
+        model = self.active_denoiser()
+        x_in, cond = self._inputs_for(model, x_t, cond)
+        return model(hidden_states=x_in, timestep=t, encoder_hidden_states=cond.tensors["hidden"],
+                     pooled_projections=cond.tensors["pooled"]).sample.to(x_t.dtype)
 
     def error(self, noised: Noised, cond: Cond) -> Tensor:
         return per_image_mse(self.predict(noised.x_t, noised.t, cond), noised.target)

@@ -20,15 +20,17 @@ class PixelBackbone(DiffusionBackbone):
 
     family = "pixel"
 
-    def __init__(self, path: str, revision: str | None = None):
+    def __init__(self, path: str, revision: str | None = None, load_encoders: bool = True):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         kw = {"revision": revision} if revision else {}
         unet = load_diffusers(UNet2DConditionModel, path, "unet", what="UNet", **kw)
-        self.text_encoder = load_transformers(CLIPTextModel, path, "text_encoder", what="text encoder",
-                                              **kw).eval().requires_grad_(False)
-        self.tokenizer = load_transformers(AutoTokenizer, path, "tokenizer", what="tokenizer")
+        self.text_encoder = self.tokenizer = None
+        if load_encoders:
+            self.text_encoder = load_transformers(CLIPTextModel, path, "text_encoder", what="text encoder",
+                                                  **kw).eval().requires_grad_(False)
+            self.tokenizer = load_transformers(AutoTokenizer, path, "tokenizer", what="tokenizer")
         sched = load_diffusers(DDPMScheduler, path, "scheduler", what="scheduler")
         self.path = path
         self.vae = None
@@ -42,9 +44,9 @@ class PixelBackbone(DiffusionBackbone):
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return images.to(self.device) * 2 - 1
 
-    def latent_moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.encode_images(images)
-        return x, torch.zeros_like(x)
+    def latent_moments(self, images: Tensor) -> tuple[Tensor, None]:
+        """Pixels are their own latents: a point mass (no std, so no noise is drawn for them)."""
+        return self.encode_images(images), None
 
     def decode(self, x0: Tensor) -> Tensor:
         return ((x0.float() + 1) / 2).clamp(0, 1)

@@ -50,19 +50,22 @@ class SDBackbone(LatentMixin, DiffusionBackbone):
     family = "sd"
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
-                 variant: str | None = None):
+                 variant: str | None = None, load_encoders: bool = True):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         kw = {k: v for k, v in {"revision": revision, "variant": variant}.items() if v}
+        self.kw, self.path = kw, path
         unet = load_diffusers(UNet2DConditionModel, path, "unet", what="UNet", **kw)
-        self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)
-        self.text_encoder = load_transformers(CLIPTextModel, path, "text_encoder", what="text encoder",
-                                              **kw).eval().requires_grad_(False)
-        self.tokenizer = load_transformers(AutoTokenizer, path, "tokenizer", what="tokenizer")
+        self.vae = self.text_encoder = self.tokenizer = None
+        if load_encoders:
+            self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)
+            self.text_encoder = load_transformers(CLIPTextModel, path, "text_encoder", what="text encoder",
+                                                  **kw).eval().requires_grad_(False)
+            self.tokenizer = load_transformers(AutoTokenizer, path, "tokenizer", what="tokenizer")
+        vae_cfg = self.vae.config if self.vae is not None else AutoencoderKL.load_config(path, subfolder="vae")
         sched = load_diffusers(DDPMScheduler, path, "scheduler", what="scheduler")
-        self.path = path
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         res = resolution or unet.config.sample_size * factor
         self.resolution = res
         super().__init__(unet, sched.config, (unet.config.in_channels, res // factor, res // factor))
@@ -79,14 +82,15 @@ class SDXLBackbone(SDBackbone):
     family = "sdxl"
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
-                 variant: str | None = None):
+                 variant: str | None = None, load_encoders: bool = True):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-        super().__init__(path, resolution, revision, variant)
-        kw = {k: v for k, v in {"revision": revision, "variant": variant}.items() if v}
-        self.text_encoder_2 = load_transformers(CLIPTextModelWithProjection, path, "text_encoder_2",
-                                                what="second text encoder", **kw).eval().requires_grad_(False)
-        self.tokenizer_2 = load_transformers(AutoTokenizer, path, "tokenizer_2", what="second tokenizer")
+        super().__init__(path, resolution, revision, variant, load_encoders)
+        self.text_encoder_2 = self.tokenizer_2 = None
+        if load_encoders:
+            self.text_encoder_2 = load_transformers(CLIPTextModelWithProjection, path, "text_encoder_2",
+                                                    what="second text encoder", **self.kw).eval().requires_grad_(False)
+            self.tokenizer_2 = load_transformers(AutoTokenizer, path, "tokenizer_2", what="second tokenizer")
 
     def time_ids(self, n: int, image_meta: dict | None, device) -> Tensor:
         """(orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image, from the data when known."""

@@ -21,11 +21,7 @@ def pair_weights(cfg: RunConfig, batch) -> torch.Tensor | None:
 
 
 def pair_order(cfg: RunConfig, dataset) -> np.ndarray | None:
+    """Curriculum (Curry-DPO): easy to hard by score margin, else None (shuffled epochs)."""
     if not cfg.data.curriculum:
         return None
-    ds = dataset.ds
-    if "score_0" not in ds.column_names:
-        raise ValueError("data.curriculum=true needs score_0/score_1 columns in the pairs data")
-    rows = dataset.rows
-    margin = torch.tensor(np.asarray(ds["score_0"])[rows] - np.asarray(ds["score_1"])[rows])
-    return curriculum_order(margin).numpy()
+    return curriculum_order(dataset.margins()).numpy()

@@ -12,7 +12,7 @@ import torch
 
 from ..config import RunConfig, write_resolved
 from ..types import as_float
-from .checkpoint import find_resume, save_checkpoint
+from .checkpoint import find_resume, load_ema, save_checkpoint
 from .outputs import save_outputs, save_validation_grid
 from .setup import (
     BatchStream,
@@ -40,6 +40,27 @@ def _dataset(cfg: RunConfig, backbone):
                              seed=cfg.train.seed)
 
 
+def _backbone_and_data(cfg: RunConfig, acc):
+    """The backbone and the dataset; with the cache on, a complete cache means no VAE or text encoder is loaded."""
+    from ..data.cache import CachedDataset, build_cache, cache_dir_for, is_complete
+
+    needs_encoders = not cfg.data.cache or bool(cfg.train.validation_every and cfg.train.validation_prompts)
+    backbone = build_backbone(cfg.model, load_encoders=needs_encoders)
+    dataset = _dataset(cfg, backbone)
+    if not cfg.data.cache:
+        return backbone, dataset
+    path = cache_dir_for(dataset, backbone, cfg.data.cache_dir)
+    if not is_complete(path):
+        if acc.is_main_process:
+            encoder = backbone if needs_encoders else build_backbone(cfg.model)
+            encoder.to_device(acc.device)
+            build_cache(encoder, dataset, path)
+            del encoder
+        acc.wait_for_everyone()
+    log.info("training from the cache at %s", path)
+    return backbone, CachedDataset(path, dataset)
+
+
 def train(cfg: RunConfig) -> dict:
     """Run ``cfg`` to completion (resuming when asked); returns a summary dict written as summary.json."""
     from accelerate import Accelerator
@@ -59,9 +80,8 @@ def train(cfg: RunConfig) -> dict:
     from ..registry import BACKBONES
 
     check_capabilities(method, BACKBONES.get(cfg.model.name))
-    backbone = build_backbone(cfg.model)
+    backbone, dataset = _backbone_and_data(cfg, acc)
     params = prepare_trainable(backbone, cfg)
-    dataset = _dataset(cfg, backbone)
     from .data_options import pair_order, pair_weights
 
     stream = BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
@@ -70,6 +90,11 @@ def train(cfg: RunConfig) -> dict:
     lr_sched = build_lr_scheduler(optimizer, cfg)
     backbone.denoiser, optimizer, lr_sched = acc.prepare(backbone.denoiser, optimizer, lr_sched)
     backbone.to_device(acc.device)
+    ema = None
+    if t.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=t.ema_decay)
     if acc.is_main_process:
         write_resolved(cfg, out)
         if tracker:
@@ -80,6 +105,8 @@ def train(cfg: RunConfig) -> dict:
         acc.load_state(str(resume_dir))
         state = json.loads((resume_dir / "visalign_state.json").read_text())
         step, nonfinite = state["step"], state["nonfinite"]
+        if ema is not None:
+            load_ema(ema, resume_dir)
         log.info("resumed from %s at step %d", resume_dir, step)
     metrics_file = out / "metrics.jsonl"
     bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
@@ -106,6 +133,8 @@ def train(cfg: RunConfig) -> dict:
         if finite:
             optimizer.step()
             lr_sched.step()
+            if ema is not None:
+                ema.step(params)
             nonfinite = 0
         else:
             nonfinite += 1
@@ -131,12 +160,14 @@ def train(cfg: RunConfig) -> dict:
         if t.validation_every and t.validation_prompts and step % t.validation_every == 0:
             save_validation_grid(acc, backbone, cfg, step)
         if t.save_every and step % t.save_every == 0 and step < t.steps:
-            last_good = save_checkpoint(acc, out, step, nonfinite)
+            last_good = save_checkpoint(acc, out, step, nonfinite, ema)
     bar.close()
     acc.wait_for_everyone()
     summary = {"steps": step, "world_size": acc.num_processes, "pairs_seen": pairs_seen,
                "seconds": time.time() - t0, "ties_dropped": dataset.ties_dropped,
                "corrupt_skipped": dataset.corrupt_skipped}
+    if ema is not None:
+        ema.copy_to(params)
     if acc.is_main_process:
         summary |= save_outputs(backbone, cfg, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -24,8 +24,8 @@ def resolve_path(path: str) -> str:
     return str(alt) if alt.exists() else path
 
 
-def build_backbone(model: Component):
-    kwargs = dict(model.kwargs)
+def build_backbone(model: Component, **extra):
+    kwargs = dict(model.kwargs) | extra
     if "path" in kwargs:
         kwargs["path"] = resolve_path(kwargs["path"])
     return BACKBONES.build(model.name, **kwargs)
@@ -58,8 +58,22 @@ def prepare_trainable(backbone, cfg: RunConfig) -> list[torch.nn.Parameter]:
         backbone.unwrapped().requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         backbone.unwrapped().enable_gradient_checkpointing()
+    set_attention(backbone, cfg.train.attention)
     backbone.unwrapped().train()
     return [p for p in backbone.unwrapped().parameters() if p.requires_grad]
+
+
+def set_attention(backbone, attention: str) -> str:
+    """PyTorch SDPA is diffusers' default; xformers only where it is installed and a GPU is present."""
+    import importlib.util
+
+    has_xformers = importlib.util.find_spec("xformers") is not None and torch.cuda.is_available()
+    if attention == "xformers" and not has_xformers:
+        raise ConfigError("train.attention=xformers needs the xformers package and a CUDA GPU; use sdpa")
+    if attention == "xformers" or (attention == "auto" and has_xformers):
+        backbone.unwrapped().enable_xformers_memory_efficient_attention()
+        return "xformers"
+    return "sdpa"
 
 
 def build_optimizer(params, cfg: RunConfig):
@@ -111,6 +125,4 @@ class BatchStream:
         return out
 
     def batch(self, micro_step: int):
-        from ..data.pairs import collate
-
-        return collate([self.dataset[i] for i in self.indices(micro_step)])
+        return self.dataset.collate([self.dataset[i] for i in self.indices(micro_step)])

@@ -1,0 +1,40 @@
+"""Small builders shared by the tests: synthetic Pick-a-Pic-schema parquet files."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_pairs(path: Path, n: int = 8, size: int = 32, seed: int = 0, labels=None, corrupt_rows=(),
+                drop_column: str | None = None, scores: bool = False) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    prompts = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle",
+               "a photo of a circle left of a square"]
+    rows = []
+    for i in range(n):
+        a = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+        b = (rng.random((size + 8, size, 3)) * 255).astype(np.uint8)
+        row = {"caption": prompts[i % len(prompts)], "jpg_0": png(a, "JPEG"), "jpg_1": png(b, "JPEG"),
+               "label_0": float(labels[i]) if labels is not None else float(i % 2)}
+        if i in corrupt_rows:
+            row["jpg_1"] = b"\xff\xd8\xff\xe0 not really a jpeg"
+        if scores:
+            row["score_0"], row["score_1"] = float(rng.random()), float(rng.random())
+        rows.append(row)
+    table = pa.Table.from_pylist(rows)
+    if drop_column:
+        table = table.drop_columns([drop_column])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path

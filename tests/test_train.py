@@ -1,0 +1,296 @@
+"""The trainer: every tiny backbone in LoRA and full mode, exact resume after SIGKILL, 2 processes, bad data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_pairs
+from safetensors.torch import load_file
+
+from visalign.config import load_config
+from visalign.train.loop import NonFiniteError, train
+
+PRESET = {"sd15": ("sd15", "sd"), "sdxl": ("sdxl", "sdxl"), "sd3": ("sd3", "sd3"), "pixel": ("shapes", "pixel")}
+
+
+def _cfg(model_dir, data, out, family="pixel", extra=()):
+    preset, backbone = PRESET[family]
+    over = [f"model.name={backbone}", f"model.path={model_dir}", f"data.path={data}", f"train.output_dir={out}",
+            "train.steps=3", "train.batch_size=2", "train.lr=1e-3", "train.log_every=1", "train.save_every=0",
+            "train.threads=1", "train.tracker=none", "train.mixed_precision=no"]
+    if family == "sd3":
+        over.append("model.max_sequence_length=8")
+    return load_config(preset, [], over + list(extra))
+
+
+def _tensors(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        for k, v in load_file(f).items():
+            out[f"{f.relative_to(folder)}:{k}"] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", n=8, labels=[1, 0, 1, 0.5, 1, 0, 1, 0])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "pixel"])
+def test_lora_run_changes_only_adapters_and_reloads(tiny_dir, pairs, tmp_path, family):
+    import diffusers
+
+    model = tiny_dir(family)
+    before = _tensors(model)
+    summary = train(_cfg(model, pairs, tmp_path / "run", family))
+    assert summary["steps"] == 3 and summary["ties_dropped"] == 1
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert {"implicit_acc", "logit_mean", "err_w", "err_l", "ref_err_w", "ref_err_l", "grad_norm", "lr"} <= set(
+        metrics[-1])
+    after = _tensors(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    lora = load_file(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in k for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+    assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "README.md").exists()
+    if family != "pixel":
+        cls = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+               "sd3": "StableDiffusion3Pipeline"}[family]
+        kw = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+        pipe = getattr(diffusers, cls).from_pretrained(model, **kw)
+        pipe.load_lora_weights(tmp_path / "run" / "lora")
+        img = pipe("a cat", num_inference_steps=2, output_type="pt").images
+        assert torch.isfinite(img).all()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "pixel"])
+def test_full_run_changes_only_the_denoiser_and_reloads(tiny_dir, pairs, tmp_path, family):
+    import diffusers
+
+    model = tiny_dir(family)
+    summary = train(_cfg(model, pairs, tmp_path / "run", family, ["lora.enabled=false", "train.lr=1e-4"]))
+    out = Path(summary["model"])
+    sub = "transformer" if family == "sd3" else "unet"
+    base, tuned = _tensors(model), _tensors(out)
+    assert base.keys() == tuned.keys()
+    changed = {k.split("/")[0] for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed == {sub}
+    if family == "pixel":
+        diffusers.UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    else:
+        cls = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+               "sd3": "StableDiffusion3Pipeline"}[family]
+        kw = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+        pipe = getattr(diffusers, cls).from_pretrained(out, **kw)
+        assert torch.isfinite(pipe("a cat", num_inference_steps=2, output_type="pt").images).all()
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "visalign", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_dir, pairs, tmp_path):
+    model = tiny_dir("pixel")
+    common = ["finetune", "shapes", f"model.path={model}", f"data.path={pairs}", "train.steps=8",
+              "train.batch_size=2", "train.lr=1e-3", "train.save_every=2", "train.threads=1", "train.tracker=none"]
+    ref = _cli(common + [f"train.output_dir={tmp_path / 'ref'}"])
+    assert ref.wait(300) == 0, ref.stdout.read()
+    run = tmp_path / "killed"
+    proc = _cli(common + [f"train.output_dir={run}"])
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-0000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before step 4"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "lora").exists()
+    resumed = _cli(common + [f"train.output_dir={run}", "train.resume=latest"])
+    assert resumed.wait(300) == 0, resumed.stdout.read()
+    a = load_file(tmp_path / "ref" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def _two_process_worker(model, pairs, out):
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    torch.set_num_threads(1)
+    cfg = _cfg(model, pairs, out, "pixel", ["train.steps=2"])
+    summary = train(cfg)
+    state = PartialState()
+    lora = {n: p.detach().clone() for n, p in _LAST.items()} if _LAST else {}
+    flat = torch.cat([v.flatten() for v in lora.values()]) if lora else torch.zeros(1)
+    gathered = [torch.zeros_like(flat) for _ in range(state.num_processes)]
+    dist.all_gather(gathered, flat)
+    assert summary["world_size"] == 2
+    assert torch.equal(gathered[0], gathered[1])
+    with open(Path(out) / f"rank{state.process_index}.json", "w") as f:
+        json.dump({"world_size": summary["world_size"], "n": flat.numel()}, f)
+
+
+_LAST: dict = {}
+
+
+def test_two_cpu_processes(tiny_dir, pairs, tmp_path, monkeypatch):
+    from accelerate import debug_launcher
+
+    import visalign.train.loop as loop
+
+    original = loop.save_outputs if hasattr(loop, "save_outputs") else None
+
+    def capture(backbone, cfg, out):
+        _LAST.clear()
+        _LAST.update({n: p for n, p in backbone.unwrapped().named_parameters() if p.requires_grad})
+        return original(backbone, cfg, out)
+
+    monkeypatch.setattr(loop, "save_outputs", capture)
+    out = tmp_path / "ddp"
+    debug_launcher(_two_process_worker, args=(tiny_dir("pixel"), pairs, out), num_processes=2)
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert len(list(out.glob("metrics.jsonl"))) == 1 and (out / "lora").exists()
+    assert len(list((out / "lora").iterdir())) == 1
+
+
+def test_ties_corrupt_rows_and_missing_columns(tmp_path):
+    from visalign.data.pairs import DataError, PreferenceDataset, collate
+
+    path = write_pairs(tmp_path / "p.parquet", n=6, labels=[1, 0.5, 0, 0.5, 1, 0], corrupt_rows=(2,))
+    ds = PreferenceDataset(str(path), resolution=16)
+    assert ds.ties_dropped == 2 and len(ds) == 4
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch.size == 3 and ds.corrupt_skipped == 1
+    assert batch.images.shape == (3, 2, 3, 16, 16) and torch.all(batch.label == 1.0)
+    with pytest.raises(DataError, match=r"row 2: corrupt image"):
+        strict = PreferenceDataset(str(path), resolution=16, on_error="raise")
+        [strict[i] for i in range(len(strict))]
+    keep = PreferenceDataset(str(path), resolution=16, drop_ties=False)
+    assert len(keep) == 6 and keep.ties_dropped == 0
+    missing = write_pairs(tmp_path / "m.parquet", n=2, drop_column="jpg_1")
+    with pytest.raises(DataError, match=r"missing column\(s\) jpg_1; found: caption, jpg_0, label_0"):
+        PreferenceDataset(str(missing), resolution=16)
+    with pytest.raises(DataError, match="no such file or folder"):
+        PreferenceDataset(str(tmp_path / "nope.parquet"), resolution=16)
+
+
+def test_winner_is_ordered_first(tmp_path):
+    from visalign.data.pairs import PreferenceDataset
+
+    path = write_pairs(tmp_path / "p.parquet", n=2, labels=[0, 1])
+    ds = PreferenceDataset(str(path), resolution=32)
+    # row 0 has label_0 = 0: jpg_1 (the taller image, crop offset 4) must come first
+    assert ds[0]["crop_top_left"].tolist() == [4.0, 0.0] and ds[1]["crop_top_left"].tolist() == [0.0, 0.0]
+
+
+from visalign.objectives.diffusion_dpo import DiffusionDPO  # noqa: E402
+from visalign.registry import METHODS  # noqa: E402
+
+
+@METHODS.register("test_nan_dpo")
+class NaNAtSteps(DiffusionDPO):
+    """Diffusion-DPO whose loss is NaN on chosen calls (tests the safety net)."""
+
+    calls = 0
+
+    def __init__(self, beta: float = 5000.0, nan_calls: list[int] = ()):
+        super().__init__(beta)
+        self.nan_calls = set(nan_calls)
+
+    def __call__(self, backbone, batch):
+        out = super().__call__(backbone, batch)
+        NaNAtSteps.calls += 1
+        if NaNAtSteps.calls in self.nan_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_nonfinite_loss_skips_step_then_stops_after_k(tiny_dir, pairs, tmp_path, caplog):
+    NaNAtSteps.calls = 0
+    cfg = _cfg(tiny_dir("pixel"), pairs, tmp_path / "a", "pixel",
+               ["objective=test_nan_dpo", "objective.nan_calls=[2]", "train.steps=3"])
+    summary = train(cfg)
+    assert summary["steps"] == 3 and NaNAtSteps.calls == 4  # one skipped update, redone
+    assert "non-finite" in caplog.text
+    NaNAtSteps.calls = 0
+    cfg = _cfg(tiny_dir("pixel"), pairs, tmp_path / "b", "pixel",
+               ["objective=test_nan_dpo", "objective.nan_calls=[3, 4, 5]", "train.steps=6",
+                "train.max_nonfinite=3", "train.save_every=2"])
+    with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite steps.*step-0000002"):
+        train(cfg)
+    assert not (tmp_path / "b" / "lora").exists()
+
+
+@pytest.mark.parametrize("family", ["sd15", "pixel"])
+def test_cache_gives_the_same_loss_and_skips_encoders(tiny_dir, tmp_path, family):
+    from visalign.data.cache import CachedDataset, build_cache, cache_dir_for, is_complete
+    from visalign.data.pairs import PreferenceDataset
+    from visalign.objectives.diffusion_dpo import DiffusionDPO
+    from visalign.train.setup import build_backbone
+
+    cfg = _cfg(tiny_dir(family), write_pairs(tmp_path / "p.parquet", n=6, labels=[1, 0, 1, 0, 1, 0]),
+               tmp_path / "run", family)
+    bb = build_backbone(cfg.model)
+    ds = PreferenceDataset(str(cfg.data.path), resolution=bb.resolution)
+    path = cache_dir_for(ds, bb, str(tmp_path / "cache"))
+    build_cache(bb, ds, path, batch_rows=4)
+    assert is_complete(path)
+    cached = CachedDataset(path, ds)
+    method = DiffusionDPO(beta=5000.0)
+    idx = [0, 3, 5]
+    torch.manual_seed(123)
+    plain = method(bb, ds.collate([ds[i] for i in idx]))
+    torch.manual_seed(123)
+    fast = method(bb, cached.collate([cached[i] for i in idx]))
+    assert torch.allclose(plain.loss, fast.loss, rtol=1e-4, atol=1e-5)
+    for k in ("err_w", "err_l", "ref_err_w", "ref_err_l"):
+        assert plain.metrics[k] == pytest.approx(fast.metrics[k], rel=1e-4, abs=1e-6)
+    # a training run from the complete cache builds the backbone without VAE and text encoders
+    slim = build_backbone(cfg.model, load_encoders=False)
+    assert slim.text_encoder is None and getattr(slim, "vae", None) is None
+    assert cache_dir_for(ds, slim, str(tmp_path / "cache")) == path
+    torch.manual_seed(123)
+    again = method(slim, cached.collate([cached[i] for i in idx]))
+    assert torch.allclose(again.loss, fast.loss, atol=1e-6)
+
+
+def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path):
+    import diffusers
+
+    from visalign.models.export import export_kohya
+    from visalign.models.lora import LoraSpec, add_lora, save_lora
+    from visalign.models.unet import SDBackbone
+
+    bb = SDBackbone(str(tiny_dir("sd15")))
+    add_lora(bb, LoraSpec(rank=4, alpha=2.0))
+    with torch.no_grad():
+        for n, p in bb.unwrapped().named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    save_lora(bb, tmp_path / "lora")
+    out = export_kohya(tmp_path / "lora", tmp_path / "kohya.safetensors")
+    k = load_file(out)
+    assert all(key.startswith("lora_unet_") for key in k)
+    alphas = [v for key, v in k.items() if key.endswith(".alpha")]
+    assert alphas and all(float(a) == 2.0 for a in alphas)
+    assert len([x for x in k if x.endswith("lora_down.weight")]) == len(alphas)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir("sd15"))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pipe.load_lora_weights(tmp_path / "lora")
+    a = pipe("a cat", num_inference_steps=2, output_type="pt", generator=gen()).images
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")
+    b = pipe("a cat", num_inference_steps=2, output_type="pt", generator=gen()).images
+    assert torch.allclose(a, b, atol=1e-5)
