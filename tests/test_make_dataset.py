@@ -100,7 +100,7 @@ def test_normalisation_and_ensemble_by_hand():
     z = normalise(s, "zscore")
     mu, sd = 2.25, (sum((x - 2.25) ** 2 for x in [1, 2, 3, 3]) / 4) ** 0.5
     assert torch.allclose(z, (s - mu) / sd)
-    assert normalise(s, "rank").tolist() == [[0.0, 1 / 3, 2.5 / 3, 2.5 / 3]]
+    assert torch.allclose(normalise(s, "rank"), torch.tensor([[0.0, 1 / 3, 2.5 / 3, 2.5 / 3]]))
     flat = normalise(torch.tensor([[5.0, 5.0]]), "zscore")
     assert flat.tolist() == [[0.0, 0.0]]
     agg = ensemble_scores({"a": torch.tensor([[0.0, 1.0]]), "b": torch.tensor([[10.0, 0.0]])}, {"a": 3.0, "b": 1.0})

@@ -124,44 +124,25 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_dir, pairs, tmp_path
 
 
 def _two_process_worker(model, pairs, out):
-    import torch.distributed as dist
     from accelerate import PartialState
 
     torch.set_num_threads(1)
-    cfg = _cfg(model, pairs, out, "pixel", ["train.steps=2"])
-    summary = train(cfg)
-    state = PartialState()
-    lora = {n: p.detach().clone() for n, p in _LAST.items()} if _LAST else {}
-    flat = torch.cat([v.flatten() for v in lora.values()]) if lora else torch.zeros(1)
-    gathered = [torch.zeros_like(flat) for _ in range(state.num_processes)]
-    dist.all_gather(gathered, flat)
-    assert summary["world_size"] == 2
-    assert torch.equal(gathered[0], gathered[1])
-    with open(Path(out) / f"rank{state.process_index}.json", "w") as f:
-        json.dump({"world_size": summary["world_size"], "n": flat.numel()}, f)
+    summary = train(_cfg(model, pairs, out, "pixel", ["train.steps=2"]))
+    rank = PartialState().process_index
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
 
 
-_LAST: dict = {}
-
-
-def test_two_cpu_processes(tiny_dir, pairs, tmp_path, monkeypatch):
+def test_two_cpu_processes(tiny_dir, pairs, tmp_path):
     from accelerate import debug_launcher
 
-    import visalign.train.loop as loop
-
-    original = loop.save_outputs if hasattr(loop, "save_outputs") else None
-
-    def capture(backbone, cfg, out):
-        _LAST.clear()
-        _LAST.update({n: p for n, p in backbone.unwrapped().named_parameters() if p.requires_grad})
-        return original(backbone, cfg, out)
-
-    monkeypatch.setattr(loop, "save_outputs", capture)
     out = tmp_path / "ddp"
     debug_launcher(_two_process_worker, args=(tiny_dir("pixel"), pairs, out), num_processes=2)
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
-    assert all(r["world_size"] == 2 for r in ranks)
-    assert len(list(out.glob("metrics.jsonl"))) == 1 and (out / "lora").exists()
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0]["pairs_seen"] == 2 * 2 * 2  # 2 steps x batch 2 x 2 processes
+    assert "lora" in ranks[0] and "lora" not in ranks[1]  # only the main process writes outputs
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert len(list((out / "lora").iterdir())) == 1
 
 

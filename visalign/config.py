@@ -142,11 +142,25 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+class Raw(str):
+    """A command-line value: its text, plus what YAML makes of it (``no`` stays 'no' for a str field)."""
+
+    def __new__(cls, text: str, parsed: Any):
+        obj = super().__new__(cls, text)
+        obj.parsed = parsed
+        return obj
+
+
 def coerce(value: Any, tp, key: str) -> Any:
     """Check (and gently convert) ``value`` to the annotated type ``tp``; raise naming ``key`` otherwise."""
+    if isinstance(value, Raw):
+        if tp is str:
+            return str(value)
+        if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+            value = value.parsed
     origin = typing.get_origin(tp)
     if tp is Any or tp is typing.Any or tp is None:
-        return value
+        return value.parsed if isinstance(value, Raw) else value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -203,10 +217,10 @@ def build_component(section: Any, registry: Registry, where: str) -> Component:
     if isinstance(section, Component):
         section = section.to_dict()
     if isinstance(section, str):
-        section = {"name": section}
+        section = {"name": str(section)}
     if not isinstance(section, dict) or "name" not in section:
         raise ConfigError(f"{where}: expected a name or a mapping with 'name', got {section!r}")
-    name = section["name"]
+    name = str(section["name"])
     entry = registry.get(name)
     kwargs = {k: v for k, v in section.items() if k != "name"}
     registry.check_kwargs(name, kwargs, where)
@@ -259,7 +273,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = raw
     if isinstance(value, str) and raw.strip() and _looks_float(raw):
         value = float(raw)
-    return key.strip().split("."), value
+    return key.strip().split("."), Raw(raw, value) if not isinstance(value, (dict,)) else value
 
 
 def _looks_float(raw: str) -> bool:

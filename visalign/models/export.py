@@ -14,7 +14,7 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path) -> Path:
     The alpha tensors carry the trained ``lora_alpha`` (diffusers' converter writes alpha = rank,
     which silently rescales an adapter trained with alpha ≠ rank).
     """
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -27,9 +27,9 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path) -> Path:
         meta = f.metadata() or {}
     alpha = None
     for key, value in meta.items():
-        if key.endswith("lora_adapter_metadata"):
-            alpha = json.loads(value).get("lora_alpha")
-    kohya = convert_state_dict_to_kohya(state)
+        if key.endswith("lora_adapter_metadata"):  # keys are prefixed: "unet.lora_alpha"
+            alpha = next((v for k, v in json.loads(value).items() if k.split(".")[-1] == "lora_alpha"), None)
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
     if alpha is not None:
         for k in kohya:
             if k.endswith(".alpha"):

@@ -36,14 +36,15 @@ def model_inputs(backbone, batch: PreferenceBatch, generator: torch.Generator | 
     if cond is None:
         with torch.no_grad():
             cond = backbone.encode_prompts(batch.prompts, batch.image_meta or None)
-    return x0, cond
+    return x0.contiguous(), cond
 
 
 def shared_noise(backbone, x0: Tensor) -> tuple[Tensor, Tensor]:
     """One t and one ε per list, shared by its K images (Diffusion-DPO, RankDPO, MaPO): ([B·K], [B·K, ...])."""
     b, k = x0.shape[:2]
     t = backbone.sample_timesteps(b).repeat_interleave(k)
-    eps = torch.randn_like(x0[:, 0]).repeat_interleave(k, 0)
+    # randn over an explicit shape: randn_like would follow x0's strides and break determinism across layouts
+    eps = torch.randn(x0[:, 0].shape, dtype=x0.dtype, device=x0.device).repeat_interleave(k, 0)
     return t, eps
 
 

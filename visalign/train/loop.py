@@ -168,11 +168,22 @@ def train(cfg: RunConfig) -> dict:
                "corrupt_skipped": dataset.corrupt_skipped}
     if ema is not None:
         ema.copy_to(params)
+    summary["weights_sha256"] = weights_digest(params)
     if acc.is_main_process:
         summary |= save_outputs(backbone, cfg, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     acc.end_training()
     return summary
+
+
+def weights_digest(params) -> str:
+    """sha256 of the trainable weights' bytes: equal digests mean bit-identical weights (e.g. across ranks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _grad_norm(params) -> torch.Tensor:
