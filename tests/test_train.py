@@ -124,12 +124,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_dir, pairs, tmp_path
 
 
 def _two_process_worker(model, pairs, out):
-    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
 
+    # the forked worker inherits the parent's single-process accelerate state from earlier tests
+    AcceleratorState._reset_state(reset_partial_state=True)
     torch.set_num_threads(1)
     summary = train(_cfg(model, pairs, out, "pixel", ["train.steps=2"]))
-    rank = PartialState().process_index
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
+    (Path(out) / f"rank{summary['rank']}.json").write_text(json.dumps(summary))
 
 
 def test_two_cpu_processes(tiny_dir, pairs, tmp_path):

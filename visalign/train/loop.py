@@ -163,7 +163,7 @@ def train(cfg: RunConfig) -> dict:
             last_good = save_checkpoint(acc, out, step, nonfinite, ema)
     bar.close()
     acc.wait_for_everyone()
-    summary = {"steps": step, "world_size": acc.num_processes, "pairs_seen": pairs_seen,
+    summary = {"steps": step, "world_size": acc.num_processes, "rank": acc.process_index, "pairs_seen": pairs_seen,
                "seconds": time.time() - t0, "ties_dropped": dataset.ties_dropped,
                "corrupt_skipped": dataset.corrupt_skipped}
     if ema is not None:
