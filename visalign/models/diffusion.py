@@ -161,36 +161,62 @@ class DiffusionBackbone(ReferenceMixin):
         return gaussian_logprob_mean(x_prev, mean, std)
 
     @torch.no_grad()
-    def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: int | None = None,
-               eta: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: Tensor | int | None = None,
+               eta: float = 0.0, renoise: int = 0, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor]:
         """DDIM inversion x0 → x_t up the sampling grid of ``steps`` (the exact reverse of ``sample``'s grid).
 
         Each step evaluates the active model at the current latent with the target timestep (as in
-        null-text inversion) and applies the deterministic DDIM update upwards. Stops at the last grid
-        timestep ≤ ``until`` (default: the whole grid). ``eta`` > 0 adds InPO's noise η·z·σ after each
-        step. Returns (x_t, t) with t the grid timestep reached, per image.
+        null-text inversion) and applies the deterministic DDIM update upwards. ``until`` (an int or
+        one value per image) stops each image at the last grid timestep ≤ it (default: the whole
+        grid). ``renoise`` > 0 refines each step's ε by that many fixed-point iterations, averaging the
+        predictions at the provisional next latent (ReNoise, Garibi et al. 2024). ``eta`` > 0 adds
+        InPO's noise η·z·σ after each step. Returns (x_t, t): the latent and grid timestep reached per image.
         """
         sched = self.sampling_scheduler(steps)
         grid = sched.timesteps.flip(0).tolist()  # ascending
+        n = x0.shape[0]
+        limit = torch.full((n,), 10**9) if until is None else torch.as_tensor(until).long().cpu().expand(n)
+        if bool((limit < grid[0]).any()):
+            raise ValueError(f"invert: until={limit.min().item()} is below the first grid timestep {grid[0]}")
         a_prev = float(sched.final_alpha_cumprod)
         x = x0
-        reached = None
+        reached = torch.zeros(n, dtype=torch.long)
+        shape = (-1, *([1] * (x0.ndim - 1)))
         for t in grid:
-            if until is not None and t > until:
+            active = limit >= t
+            if not bool(active.any()):
                 break
-            t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            pred = self.predict(x, t_vec, cond)
+            t_vec = torch.full((n,), t, device=x.device, dtype=torch.long)
             a_t = float(self.alphas_cumprod[t])
-            if self.prediction_type == "epsilon":
-                eps = pred
-            else:  # v at the target level, as the model sees it
-                eps = a_t**0.5 * pred + (1 - a_t) ** 0.5 * x
-            x0_hat = (x - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
-            x = a_t**0.5 * x0_hat + (1 - a_t) ** 0.5 * eps
+            eps = self._eps(self.predict(x, t_vec, cond), x, a_t)
+            x_new = _ddim_up(x, eps, a_prev, a_t)
+            for _ in range(renoise):
+                eps = 0.5 * (eps + self._eps(self.predict(x_new, t_vec, cond), x_new, a_t))
+                x_new = _ddim_up(x, eps, a_prev, a_t)
             if eta > 0:
                 var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-                x = x + eta * max(var, 0.0) ** 0.5 * torch.randn(x.shape, generator=generator).to(x)
-            a_prev, reached = a_t, t
-        if reached is None:
-            raise ValueError(f"invert: until={until} is below the first grid timestep {grid[0]}")
-        return x, torch.full((x0.shape[0],), reached, device=x0.device, dtype=torch.long)
+                x_new = x_new + eta * max(var, 0.0) ** 0.5 * torch.randn(x.shape, generator=generator).to(x)
+            mask = active.to(x.device).view(shape)
+            x = torch.where(mask, x_new, x)
+            reached = torch.where(active, torch.full_like(reached, t), reached)
+            a_prev = a_t
+        return x, reached.to(x0.device)
+
+    def _eps(self, pred: Tensor, x: Tensor, a_t: float) -> Tensor:
+        return pred if self.prediction_type == "epsilon" else a_t**0.5 * pred + (1 - a_t) ** 0.5 * x
+
+    def inversion_grid(self, steps: int) -> Tensor:
+        """The timesteps ``invert`` can stop at, ascending."""
+        return self.sampling_scheduler(steps).timesteps.flip(0).cpu()
+
+    def eps_from_xt(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """ε̂ with x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε̂ (InPO's reparametrised noise, Eq. 11)."""
+        a = self._alpha(t.cpu()).to(x0.device).view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def _ddim_up(x: Tensor, eps: Tensor, a_prev: float, a_t: float) -> Tensor:
+    """One deterministic DDIM step from level ᾱ_prev up to ᾱ_t with a fixed ε."""
+    x0_hat = (x - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
+    return a_t**0.5 * x0_hat + (1 - a_t) ** 0.5 * eps

@@ -174,19 +174,43 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
         return gaussian_logprob_mean(x_prev, mean, std)
 
     @torch.no_grad()
-    def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: float | None = None,
-               eta: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Euler inversion of the flow ODE from σ = 0 up the sampling grid (reverse of ``sample``)."""
+    def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: Tensor | float | None = None,
+               eta: float = 0.0, renoise: int = 0, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """Euler inversion of the flow ODE from σ = 0 up the sampling grid (reverse of ``sample``).
+
+        ``until`` (per image or one value, in timestep units 1000σ) stops each image early;
+        ``renoise`` averages velocities at the provisional next point (ReNoise); ``eta`` adds noise.
+        """
         sched = self._scheduler(steps)
-        sigmas = sched.sigmas.flip(0)  # ascending: 0, ..., σ_max
-        x, reached = x0, torch.zeros(())
+        sigmas = sched.sigmas.flip(0).cpu()  # ascending: 0, ..., σ_max
+        n = x0.shape[0]
+        limit = torch.full((n,), float("inf")) if until is None else torch.as_tensor(until).float().cpu().expand(n)
+        x, reached = x0, torch.zeros(n)
+        shape = (-1, *([1] * (x0.ndim - 1)))
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            if until is not None and float(s_next) * self.num_train_timesteps > until:
+            active = limit >= float(s_next) * self.num_train_timesteps - 1e-3
+            if not bool(active.any()):
                 break
-            v = self.predict(x, (s * self.num_train_timesteps).expand(x.shape[0]).to(x.device), cond)
-            x = x + (s_next - s).to(x) * v
-            reached = s_next * self.num_train_timesteps
-        return x, torch.as_tensor(reached, device=x0.device).float().expand(x0.shape[0])
+            t_vec = (s * self.num_train_timesteps).expand(n).to(x.device)
+            v = self.predict(x, t_vec, cond)
+            x_new = x + (s_next - s).to(x) * v
+            for _ in range(renoise):
+                v = 0.5 * (v + self.predict(x_new, (s_next * self.num_train_timesteps).expand(n).to(x.device), cond))
+                x_new = x + (s_next - s).to(x) * v
+            if eta > 0:
+                x_new = x_new + eta * float(s_next - s) ** 0.5 * torch.randn(x.shape, generator=generator).to(x)
+            x = torch.where(active.to(x.device).view(shape), x_new, x)
+            reached = torch.where(active, torch.full_like(reached, float(s_next) * self.num_train_timesteps), reached)
+        return x, reached.to(x0.device)
+
+    def inversion_grid(self, steps: int) -> Tensor:
+        return (self._scheduler(steps).sigmas.flip(0)[1:] * self.num_train_timesteps).cpu()
+
+    def eps_from_xt(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """ε̂ with x_t = (1−σ)x0 + σε̂, σ = t/1000."""
+        sigma = (t.float() / self.num_train_timesteps).to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
+        return (x_t - (1 - sigma) * x0) / sigma.clamp_min(1e-6)
 
 
 def _has(path: str, sub: str) -> bool:

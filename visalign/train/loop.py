@@ -21,6 +21,7 @@ from .setup import (
     build_method,
     build_optimizer,
     check_capabilities,
+    check_data_format,
     prepare_trainable,
 )
 
@@ -80,6 +81,7 @@ def train(cfg: RunConfig) -> dict:
     from ..registry import BACKBONES
 
     check_capabilities(method, BACKBONES.get(cfg.model.name))
+    check_data_format(method, cfg)
     backbone, dataset = _backbone_and_data(cfg, acc)
     params = prepare_trainable(backbone, cfg)
     from .data_options import pair_order, pair_weights

@@ -36,6 +36,12 @@ def build_method(objective: Component):
     return METHODS.build(objective.name, **kwargs)
 
 
+def check_data_format(method, cfg: RunConfig) -> None:
+    need = getattr(method, "data", "pairs")
+    if need in ("pairs", "lists") and cfg.data.format != need:
+        raise ConfigError(f"method {cfg.objective.name} trains on {need}; set data.format={need}")
+
+
 def check_capabilities(method, backbone_cls) -> None:
     """A method's optional needs (``invert``, ``step_logprob``) against the backbone class, before weights load."""
     for cap in getattr(method, "needs", ()):

@@ -1,0 +1,145 @@
+"""Methods beyond Diffusion-DPO: RankDPO on lists, InPO and SmPO on inverted latents, KTO and MaPO runs."""
+
+import math
+
+import pytest
+import torch
+from helpers import write_pairs
+
+from visalign.config import load_config
+from visalign.models.flow import FlowBackbone
+from visalign.models.pixel import PixelBackbone
+from visalign.models.unet import SDBackbone
+from visalign.objectives.smpo import smoothed_preference
+from visalign.train.loop import train
+
+
+def test_per_image_inversion_targets_and_reparametrisation(tiny_dir):
+    bb = SDBackbone(str(tiny_dir("sd15")))
+    x0 = torch.randn(3, *bb.sample_shape)
+    cond = bb.encode_prompts(["a cat", "a dog", "a car"])
+    grid = bb.inversion_grid(10)
+    assert grid.tolist() == sorted(grid.tolist()) and int(grid[0]) == 1
+    until = torch.tensor([int(grid[0]), int(grid[4]), int(grid[-1])])
+    x_t, t = bb.invert(x0, cond, steps=10, until=until)
+    assert t.tolist() == until.tolist()
+    # one image alone reaches the same latent as inside the batch
+    x1, t1 = bb.invert(x0[1:2], cond[1:2], steps=10, until=int(grid[4]))
+    assert torch.allclose(x1, x_t[1:2], atol=1e-5) and t1.tolist() == [int(grid[4])]
+    eps_hat = bb.eps_from_xt(x0, x_t, t)
+    assert torch.allclose(bb.noise(x0, t=t, eps=eps_hat).x_t, x_t, atol=1e-4)
+    r1, _ = bb.invert(x0, cond, steps=10, until=until, renoise=1)
+    assert not torch.allclose(r1[2], x_t[2])  # ReNoise changes the high-noise latents
+    with pytest.raises(ValueError, match="below the first grid timestep"):
+        bb.invert(x0, cond, steps=10, until=0)
+
+
+def test_flow_inversion_per_image_and_reparametrisation(tiny_dir):
+    bb = FlowBackbone(str(tiny_dir("sd3")), max_sequence_length=8)
+    x0 = torch.randn(2, *bb.sample_shape)
+    cond = bb.encode_prompts(["a cat", "a dog"])
+    grid = bb.inversion_grid(6)
+    x_t, t = bb.invert(x0, cond, steps=6, until=torch.stack([grid[1], grid[3]]))
+    assert torch.allclose(t, torch.stack([grid[1], grid[3]]).float(), atol=1e-3)
+    eps_hat = bb.eps_from_xt(x0, x_t, t)
+    assert torch.allclose(bb.noise(x0, t=t, eps=eps_hat).x_t, x_t, atol=1e-4)
+
+
+def test_smoothed_preference_by_hand():
+    s = torch.tensor([[0.9, 0.1], [0.5, 0.4]])
+    p = smoothed_preference(s, "none", 1.0)
+    assert torch.allclose(p, torch.tensor([1 / (1 + math.exp(-0.8)), 1 / (1 + math.exp(-0.1))]))
+    pm = smoothed_preference(s, "minmax", 0.5)
+    lo, hi = 0.1, 0.9
+    ref = [1 / (1 + math.exp(-((a - lo) / (hi - lo) - (b - lo) / (hi - lo)) / 0.5)) for a, b in s.tolist()]
+    assert torch.allclose(pm, torch.tensor(ref))
+    assert torch.all(p >= 0.5)
+
+
+def _run(tmp_path, model, data, objective, extra=()):
+    cfg = load_config("shapes", [], [f"model.path={model}", f"data.path={data}", f"train.output_dir={tmp_path}",
+                                     "train.steps=2", "train.batch_size=2", "train.threads=1", "train.tracker=none",
+                                     "train.save_every=0", "train.log_every=1", *objective, *extra])
+    return train(cfg)
+
+
+@pytest.mark.parametrize("objective", [["objective=inpo", "objective.steps=5"],
+                                       ["objective=smpo", "objective.steps=4"],
+                                       ["objective=kto"], ["objective=mapo"],
+                                       ["objective.head=ipo"], ["objective.head=robust"]])
+def test_pair_methods_train(tiny_dir, tmp_path, objective):
+    data = write_pairs(tmp_path / "p.parquet", n=4, labels=[1, 0, 1, 0], scores=True)
+    summary = _run(tmp_path / "run", tiny_dir("pixel"), data, objective)
+    assert summary["steps"] == 2
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_rankdpo_trains_on_ranked_lists(tiny_dir, tmp_path):
+    from visalign.data.make_dataset import MakeDatasetConfig, make_dataset
+
+    out = tmp_path / "lists"
+    make_dataset(MakeDatasetConfig(prompts="shapes:train", models=[f"pixel={tiny_dir('pixel')}"],
+                                   images_per_prompt=3, out=str(out), steps=2, max_prompts=4, shard_size=4,
+                                   threads=1), progress=False)
+    summary = _run(tmp_path / "run", tiny_dir("pixel"), out, ["objective=rankdpo", "data.format=lists"])
+    assert summary["steps"] == 2
+    from visalign.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="trains on lists; set data.format=lists"):
+        _run(tmp_path / "bad", tiny_dir("pixel"), out, ["objective=rankdpo"])
+
+
+def test_dpo_raises_implicit_accuracy_on_held_out_pairs(tiny_dir, tmp_path):
+    """Winners are clean renders, losers the same scenes with noise; held-out pairs use other scenes."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from visalign.data.pairs import PreferenceDataset
+    from visalign.objectives.base import errors, model_inputs
+    from visalign.objectives.implicit import dpo_logit
+    from visalign.worlds.shapes.render import render, sample_records
+
+    def rows(seed, n):
+        out = []
+        rng = np.random.default_rng(seed)
+        for i, r in enumerate(sample_records(n, seed)):
+            img, _ = render(r, seed * 1000 + i)
+            img = np.asarray(Image.fromarray(img).resize((16, 16), Image.NEAREST))
+            noisy = np.clip(img + rng.normal(0, 60, img.shape), 0, 255).astype(np.uint8)
+            enc = []
+            for a in (img, noisy):
+                buf = io.BytesIO()
+                Image.fromarray(a).save(buf, format="PNG")
+                enc.append(buf.getvalue())
+            out.append({"caption": r["prompt"], "jpg_0": enc[0], "jpg_1": enc[1], "label_0": 1.0})
+        return out
+
+    pq.write_table(pa.Table.from_pylist(rows(1, 64)), tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows(2, 64)), tmp_path / "held.parquet")
+    model = tiny_dir("pixel")
+
+    def held_out_acc(tuned=None):
+        bb = PixelBackbone(str(model))
+        if tuned:
+            bb.freeze_reference_copy()
+            bb.denoiser = PixelBackbone(tuned).denoiser
+        ds = PreferenceDataset(str(tmp_path / "held.parquet"), resolution=16)
+        batch = ds.collate([ds[i] for i in range(len(ds))])
+        torch.manual_seed(0)
+        accs = []
+        with torch.no_grad():
+            for _ in range(4):
+                x0, cond = model_inputs(bb, batch)
+                err, ref = errors(bb, x0, cond)
+                accs.append((dpo_logit(err[:, 0], err[:, 1], ref[:, 0], ref[:, 1], 1000.0) > 0).float().mean())
+        return float(torch.stack(accs).mean())
+
+    summary = _run(tmp_path / "run", model, tmp_path / "train.parquet", [],
+                   ["train.steps=60", "train.batch_size=8", "train.lr=5e-4", "lora.enabled=false",
+                    "objective.beta=1000"])
+    acc = held_out_acc(summary["model"])
+    assert acc > 0.75, acc
