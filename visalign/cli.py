@@ -152,6 +152,73 @@ def cmd_eval_geneval(args) -> None:
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
 
 
+def real_images(source: str, n: int, seed: int = 0):
+    """[N, 3, H, W] uint8 real images: 'shapes:SPLIT' renders, a folder of images, or a dataset with images."""
+    import numpy as np
+    import torch
+
+    if source.startswith("shapes:"):
+        from .worlds.shapes.render import prompt_records, render
+
+        records = prompt_records(source.split(":", 1)[1])
+        imgs = [render(records[i % len(records)], seed * 1_000_003 + i)[0] for i in range(n)]
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    from .data.pairs import decode_image, load_any
+
+    p = Path(source)
+    if p.is_dir() and not list(p.glob("*.parquet")):
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))[:n]
+        pil = [decode_image(str(f)) for f in files]
+    else:
+        ds = load_any(source)
+        col = next((c for c in ("image", "jpg_0", "images") if c in ds.column_names), None)
+        if col is None:
+            raise FileNotFoundError(f"{source}: no image column (image, jpg_0 or images)")
+        vals = [v[0] if isinstance(v, list) else v for v in ds[col][:n]]
+        pil = [decode_image(v) for v in vals]
+    if not pil:
+        raise FileNotFoundError(f"{source}: no images found")
+    size = min(min(im.size) for im in pil)
+    from .data.pairs import prepare_image
+
+    return torch.stack([(prepare_image(im, size).tensor * 255 + 0.5).to(torch.uint8) for im in pil])
+
+
+def cmd_eval_fid(args) -> None:
+    import torch
+
+    from .eval.fid import fid, protocol
+    from .worlds.shapes.render import prompt_records
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    real = real_images(args.real, args.n, seed=args.seed + 1)
+    bb = load_backbone_cli(args.model, args.backbone, args.lora)
+    records = prompt_records("eval")
+    prompts = [records[i % len(records)]["prompt"] for i in range(args.n)] if args.prompts is None else [
+        ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    fakes = []
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for i in range(0, args.n, 64):
+            batch = [prompts[j % len(prompts)] for j in range(i, min(i + 64, args.n))]
+            fakes.append(bb.sample(batch, steps=args.steps, guidance=args.guidance, generator=gen).images.cpu())
+    weights = args.inception_weights if args.feature == "inception" else args.feature_weights
+    value = fid(real, torch.cat(fakes), args.feature, weights)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"fid": value, **protocol(args.feature, weights, len(real), args.n), "model": args.model,
+              "lora": args.lora, "real": args.real, "seed": args.seed, "steps": args.steps, "guidance": args.guidance}
+    (out / "fid.json").write_text(json.dumps(result, indent=2))
+    print(f"FID ({args.feature} features, {args.n} vs {len(real)} images): {value:.3f}  -> {out / 'fid.json'}")
+
+
+def cmd_world_features(args) -> None:
+    from .worlds.shapes.features import train_feature_net
+
+    print(json.dumps(train_feature_net(args.out, steps=args.steps), indent=2))
+
+
 def cmd_world_pretrain(args) -> None:
     from .config import _section_from_dict, parse_override
     from .worlds.shapes.base import PretrainConfig, pretrain
@@ -229,12 +296,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_eval_geneval)
 
+    s = ev.add_parser("fid", help="FID against real images with a pinned, documented protocol")
+    s.add_argument("--model", required=True)
+    s.add_argument("--backbone")
+    s.add_argument("--lora")
+    s.add_argument("--real", required=True, help="shapes:eval|shapes:train renders, an image folder, or a dataset")
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--feature", default="shapes", choices=("shapes", "inception"))
+    s.add_argument("--feature-weights", help="ShapesWorld feature net (default assets/shapes-features)")
+    s.add_argument("--inception-weights", help="local pt_inception-2015-12-05-6726825d.pth for --feature inception")
+    s.add_argument("--prompts", help="a text file of prompts (default: ShapesWorld eval prompts)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_eval_fid)
+
     w = sub.add_parser("world", help="embedded worlds").add_subparsers(dest="world", required=True)
     shapes = w.add_parser("shapes", help="ShapesWorld").add_subparsers(dest="action", required=True)
     s = shapes.add_parser("pretrain", help="train the ShapesWorld base model")
     s.add_argument("--out", required=True)
     s.add_argument("overrides", nargs="*", help="PretrainConfig key=value, e.g. steps=2400")
     s.set_defaults(fn=cmd_world_pretrain)
+    s = shapes.add_parser("features", help="train the ShapesWorld FID feature network")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=600)
+    s.set_defaults(fn=cmd_world_features)
     s = shapes.add_parser("prompts", help="write a GenEval-format metadata file for a split")
     s.add_argument("--split", default="eval", choices=("train", "eval", "all"))
     s.add_argument("--out", required=True)
