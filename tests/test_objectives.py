@@ -207,3 +207,21 @@ def test_margin_and_difficulty_weights_and_curriculum():
     assert w[0] < w[1] < w[2] < w[3]
     assert O.curriculum_order(m).tolist() == [3, 2, 1, 0]
     assert O.curriculum_order(torch.tensor([0.5, 0.5, 2.0])).tolist() == [2, 0, 1]  # stable on ties
+
+
+def test_win_rate_by_hand_and_ci_coverage_by_simulation():
+    from visalign.eval.winrate import win_rate
+
+    r = win_rate(torch.tensor([3.0, 1.0, 2.0, 2.0]), torch.tensor([1.0, 2.0, 2.0, 0.0]))
+    assert r["win_rate"] == pytest.approx((1 + 0 + 0.5 + 1) / 4) and (r["wins"], r["ties"], r["losses"]) == (2, 1, 1)
+    w = [1, 0, 0.5, 1]
+    sd = (sum((x - 0.625) ** 2 for x in w) / 3) ** 0.5
+    assert r["ci_high"] == pytest.approx(min(1, 0.625 + 1.959964 * sd / 2))
+    gen = torch.Generator().manual_seed(0)
+    covered, trials, p_true = 0, 400, 0.62
+    for _ in range(trials):
+        a = torch.rand(300, generator=gen)
+        b = torch.where(torch.rand(300, generator=gen) < p_true, a - 1, a + 1)  # a wins with prob p_true
+        res = win_rate(a, b)
+        covered += res["ci_low"] <= p_true <= res["ci_high"]
+    assert 0.92 <= covered / trials <= 0.98

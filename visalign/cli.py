@@ -116,101 +116,10 @@ def cmd_make_dataset(args) -> None:
     print(json.dumps(summary))
 
 
-def load_backbone_cli(model: str, backbone: str | None, lora: str | None):
-    from .config import Component
-    from .models.load import detect_backbone
-    from .registry import load_all
-    from .train.setup import build_backbone, resolve_path
+def _eval(name: str, args) -> None:
+    from .eval import commands
 
-    load_all()
-    path = resolve_path(model)
-    bb = build_backbone(Component(backbone or detect_backbone(path), {"path": path}))
-    if lora:
-        from .models.lora import load_lora
-
-        load_lora(bb, lora)
-    bb.unwrapped().eval()
-    return bb
-
-
-def cmd_eval_geneval(args) -> None:
-    import torch
-
-    from .eval.geneval import format_table, generate_and_score, write_results
-    from .worlds.shapes.render import prompt_records, read_metadata
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
-    bb = load_backbone_cli(args.model, args.backbone, args.lora)
-    results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, args.guidance)
-    metrics = write_results(results, args.out, extra={
-        "model": args.model, "lora": args.lora, "metadata": args.metadata or "shapes:eval", "seed": args.seed,
-        "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": args.guidance,
-        "detector": "shapes-exact"})
-    print(format_table({Path(args.lora or args.model).name: metrics}))
-    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
-
-
-def real_images(source: str, n: int, seed: int = 0):
-    """[N, 3, H, W] uint8 real images: 'shapes:SPLIT' renders, a folder of images, or a dataset with images."""
-    import numpy as np
-    import torch
-
-    if source.startswith("shapes:"):
-        from .worlds.shapes.render import prompt_records, render
-
-        records = prompt_records(source.split(":", 1)[1])
-        imgs = [render(records[i % len(records)], seed * 1_000_003 + i)[0] for i in range(n)]
-        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-    from .data.pairs import decode_image, load_any
-
-    p = Path(source)
-    if p.is_dir() and not list(p.glob("*.parquet")):
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))[:n]
-        pil = [decode_image(str(f)) for f in files]
-    else:
-        ds = load_any(source)
-        col = next((c for c in ("image", "jpg_0", "images") if c in ds.column_names), None)
-        if col is None:
-            raise FileNotFoundError(f"{source}: no image column (image, jpg_0 or images)")
-        vals = [v[0] if isinstance(v, list) else v for v in ds[col][:n]]
-        pil = [decode_image(v) for v in vals]
-    if not pil:
-        raise FileNotFoundError(f"{source}: no images found")
-    size = min(min(im.size) for im in pil)
-    from .data.pairs import prepare_image
-
-    return torch.stack([(prepare_image(im, size).tensor * 255 + 0.5).to(torch.uint8) for im in pil])
-
-
-def cmd_eval_fid(args) -> None:
-    import torch
-
-    from .eval.fid import fid, protocol
-    from .worlds.shapes.render import prompt_records
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    real = real_images(args.real, args.n, seed=args.seed + 1)
-    bb = load_backbone_cli(args.model, args.backbone, args.lora)
-    records = prompt_records("eval")
-    prompts = [records[i % len(records)]["prompt"] for i in range(args.n)] if args.prompts is None else [
-        ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-    fakes = []
-    gen = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        for i in range(0, args.n, 64):
-            batch = [prompts[j % len(prompts)] for j in range(i, min(i + 64, args.n))]
-            fakes.append(bb.sample(batch, steps=args.steps, guidance=args.guidance, generator=gen).images.cpu())
-    weights = args.inception_weights if args.feature == "inception" else args.feature_weights
-    value = fid(real, torch.cat(fakes), args.feature, weights)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"fid": value, **protocol(args.feature, weights, len(real), args.n), "model": args.model,
-              "lora": args.lora, "real": args.real, "seed": args.seed, "steps": args.steps, "guidance": args.guidance}
-    (out / "fid.json").write_text(json.dumps(result, indent=2))
-    print(f"FID ({args.feature} features, {args.n} vs {len(real)} images): {value:.3f}  -> {out / 'fid.json'}")
+    getattr(commands, name)(args)
 
 
 def cmd_world_features(args) -> None:
@@ -294,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=3.0)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--out", required=True)
-    s.set_defaults(fn=cmd_eval_geneval)
+    s.set_defaults(fn=lambda a: _eval('cmd_eval_geneval', a))
 
     s = ev.add_parser("fid", help="FID against real images with a pinned, documented protocol")
     s.add_argument("--model", required=True)
@@ -311,7 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=3.0)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--out", required=True)
-    s.set_defaults(fn=cmd_eval_fid)
+    s.set_defaults(fn=lambda a: _eval('cmd_eval_fid', a))
+
+    s = ev.add_parser("winrate", help="reward win-rate of a model over a baseline, same prompts and seeds")
+    s.add_argument("--model", required=True)
+    s.add_argument("--lora")
+    s.add_argument("--baseline", required=True)
+    s.add_argument("--baseline-lora")
+    s.add_argument("--backbone")
+    s.add_argument("--reward", required=True)
+    s.add_argument("--prompts", required=True, help="shapes:eval, a .txt or .jsonl file, or a dataset")
+    s.add_argument("--samples-per-prompt", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=lambda a: _eval('cmd_eval_winrate', a))
 
     w = sub.add_parser("world", help="embedded worlds").add_subparsers(dest="world", required=True)
     shapes = w.add_parser("shapes", help="ShapesWorld").add_subparsers(dest="action", required=True)

@@ -1,0 +1,139 @@
+"""The ``visalign eval ...`` commands: GenEval-style accuracy, FID and reward win-rates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_backbone_cli(model: str, backbone: str | None, lora: str | None):
+    """A backbone from a folder (family from model_index.json unless named), with an optional LoRA, in eval mode."""
+    from ..config import Component
+    from ..models.load import detect_backbone
+    from ..registry import load_all
+    from ..train.setup import build_backbone, resolve_path
+
+    load_all()
+    path = resolve_path(model)
+    bb = build_backbone(Component(backbone or detect_backbone(path), {"path": path}))
+    if lora:
+        from ..models.lora import load_lora
+
+        load_lora(bb, lora)
+    bb.unwrapped().eval()
+    return bb
+
+
+def cmd_eval_geneval(args) -> None:
+    import torch
+
+    from ..eval.geneval import format_table, generate_and_score, write_results
+    from ..worlds.shapes.render import prompt_records, read_metadata
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
+    bb = load_backbone_cli(args.model, args.backbone, args.lora)
+    results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, args.guidance)
+    metrics = write_results(results, args.out, extra={
+        "model": args.model, "lora": args.lora, "metadata": args.metadata or "shapes:eval", "seed": args.seed,
+        "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": args.guidance,
+        "detector": "shapes-exact"})
+    print(format_table({Path(args.lora or args.model).name: metrics}))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
+
+
+def real_images(source: str, n: int, seed: int = 0):
+    """[N, 3, H, W] uint8 real images: 'shapes:SPLIT' renders, a folder of images, or a dataset with images."""
+    import numpy as np
+    import torch
+
+    if source.startswith("shapes:"):
+        from ..worlds.shapes.render import prompt_records, render
+
+        records = prompt_records(source.split(":", 1)[1])
+        imgs = [render(records[i % len(records)], seed * 1_000_003 + i)[0] for i in range(n)]
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    from ..data.pairs import decode_image, load_any
+
+    p = Path(source)
+    if p.is_dir() and not list(p.glob("*.parquet")):
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))[:n]
+        pil = [decode_image(str(f)) for f in files]
+    else:
+        ds = load_any(source)
+        col = next((c for c in ("image", "jpg_0", "images") if c in ds.column_names), None)
+        if col is None:
+            raise FileNotFoundError(f"{source}: no image column (image, jpg_0 or images)")
+        vals = [v[0] if isinstance(v, list) else v for v in ds[col][:n]]
+        pil = [decode_image(v) for v in vals]
+    if not pil:
+        raise FileNotFoundError(f"{source}: no images found")
+    size = min(min(im.size) for im in pil)
+    from ..data.pairs import prepare_image
+
+    return torch.stack([(prepare_image(im, size).tensor * 255 + 0.5).to(torch.uint8) for im in pil])
+
+
+def cmd_eval_fid(args) -> None:
+    import torch
+
+    from ..eval.fid import fid, protocol
+    from ..worlds.shapes.render import prompt_records
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    real = real_images(args.real, args.n, seed=args.seed + 1)
+    bb = load_backbone_cli(args.model, args.backbone, args.lora)
+    records = prompt_records("eval")
+    prompts = [records[i % len(records)]["prompt"] for i in range(args.n)] if args.prompts is None else [
+        ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    fakes = []
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for i in range(0, args.n, 64):
+            batch = [prompts[j % len(prompts)] for j in range(i, min(i + 64, args.n))]
+            fakes.append(bb.sample(batch, steps=args.steps, guidance=args.guidance, generator=gen).images.cpu())
+    weights = args.inception_weights if args.feature == "inception" else args.feature_weights
+    value = fid(real, torch.cat(fakes), args.feature, weights)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"fid": value, **protocol(args.feature, weights, len(real), args.n), "model": args.model,
+              "lora": args.lora, "real": args.real, "seed": args.seed, "steps": args.steps, "guidance": args.guidance}
+    (out / "fid.json").write_text(json.dumps(result, indent=2))
+    print(f"FID ({args.feature} features, {args.n} vs {len(real)} images): {value:.3f}  -> {out / 'fid.json'}")
+
+
+def cmd_eval_winrate(args) -> None:
+    import torch
+
+    from ..data.prompts import read_prompts
+    from ..eval.geneval import sample_seed
+    from ..eval.winrate import win_rate
+    from ..rewards.base import build_reward
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = read_prompts(args.prompts)
+    reward = build_reward(args.reward)
+    scores = {}
+    for name, model, lora in (("model", args.model, args.lora), ("baseline", args.baseline, args.baseline_lora)):
+        bb = load_backbone_cli(model, args.backbone, lora)
+        jobs = [(i, k) for i in range(len(prompts)) for k in range(args.samples_per_prompt)]
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(jobs), 32):
+                part = jobs[start:start + 32]
+                noise = torch.stack([torch.randn(bb.sample_shape, generator=torch.Generator().manual_seed(
+                    sample_seed(args.seed, i, k))) for i, k in part])
+                imgs = bb.sample([prompts[i] for i, _ in part], steps=args.steps, guidance=args.guidance,
+                                 latents=noise).images.cpu()
+                out.append(reward(imgs, [prompts[i] for i, _ in part]))
+        scores[name] = torch.cat(out)
+    result = win_rate(scores["model"], scores["baseline"]) | {
+        "reward": args.reward, "model": args.model, "lora": args.lora, "baseline": args.baseline,
+        "prompts": args.prompts, "samples_per_prompt": args.samples_per_prompt, "seed": args.seed}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "winrate.json").write_text(json.dumps(result, indent=2))
+    print(f"win rate {result['win_rate']:.3f} [95% CI {result['ci_low']:.3f}, {result['ci_high']:.3f}] "
+          f"over {result['n']} paired samples ({args.reward})")
