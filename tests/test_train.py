@@ -29,6 +29,20 @@ def _cfg(model_dir, data, out, family="pixel", extra=()):
     return load_config(preset, [], over + list(extra))
 
 
+def _cli_train(model_dir, data, out, family="pixel", extra=()) -> dict:
+    """`visalign finetune MODEL key=value ...` through the CLI entry point; returns summary.json."""
+    from visalign.cli import main
+
+    preset, backbone = PRESET[family]
+    over = [f"model.name={backbone}", f"model.path={model_dir}", f"data.path={data}", f"train.output_dir={out}",
+            "train.steps=3", "train.batch_size=2", "train.lr=1e-3", "train.log_every=1", "train.save_every=0",
+            "train.threads=1", "train.tracker=none", "train.mixed_precision=no"]
+    if family == "sd3":
+        over.append("model.max_sequence_length=8")
+    assert main(["finetune", preset, *over, *extra]) == 0
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
 def _tensors(folder: Path) -> dict:
     out = {}
     for f in sorted(folder.rglob("*.safetensors")):
@@ -48,7 +62,7 @@ def test_lora_run_changes_only_adapters_and_reloads(tiny_dir, pairs, tmp_path, f
 
     model = tiny_dir(family)
     before = _tensors(model)
-    summary = train(_cfg(model, pairs, tmp_path / "run", family))
+    summary = _cli_train(model, pairs, tmp_path / "run", family)
     assert summary["steps"] == 3 and summary["ties_dropped"] == 1
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
@@ -75,7 +89,7 @@ def test_full_run_changes_only_the_denoiser_and_reloads(tiny_dir, pairs, tmp_pat
     import diffusers
 
     model = tiny_dir(family)
-    summary = train(_cfg(model, pairs, tmp_path / "run", family, ["lora.enabled=false", "train.lr=1e-4"]))
+    summary = _cli_train(model, pairs, tmp_path / "run", family, ["lora.enabled=false", "train.lr=1e-4"])
     out = Path(summary["model"])
     sub = "transformer" if family == "sd3" else "unet"
     base, tuned = _tensors(model), _tensors(out)
@@ -276,3 +290,17 @@ def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path):
     pipe.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")
     b = pipe("a cat", num_inference_steps=2, output_type="pt", generator=gen()).images
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_validation_grids_tensorboard_and_ema(tiny_dir, pairs, tmp_path):
+    out = tmp_path / "run"
+    summary = _cli_train(tiny_dir("pixel"), pairs, out, "pixel", [
+        "train.steps=4", "train.save_every=2", "train.tracker=tensorboard", "train.ema_decay=0.5",
+        "train.validation_every=2", "train.validation_prompts=[a photo of a red circle, a photo of two squares]"])
+    assert (out / "samples" / "step-0000002.png").exists() and (out / "samples" / "step-0000004.png").exists()
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert (out / "checkpoints" / "step-0000002" / "ema.safetensors").exists()
+    plain = _cli_train(tiny_dir("pixel"), pairs, tmp_path / "plain", "pixel", ["train.steps=4"])
+    assert summary["weights_sha256"] != plain["weights_sha256"]  # the EMA weights were saved
+    card = (out / "README.md").read_text()
+    assert "diffusion_dpo" in card and "base_model:" in card
