@@ -25,6 +25,7 @@ class PreferenceBatch:
     scores: Tensor | None = None  # [B, K] reward scores when known
     weights: Tensor | None = None  # [B] per-pair loss weights
     image_meta: dict = field(default_factory=dict)  # e.g. original_size / crop_top_left [B, 2] (SDXL)
+    extras: dict = field(default_factory=dict)  # method-specific tensors (online methods' trajectories)
 
     @property
     def size(self) -> int:
@@ -38,7 +39,8 @@ class PreferenceBatch:
             prompts=self.prompts, label=self.label.to(device), images=mv(self.images),
             latent_mean=mv(self.latent_mean), latent_std=mv(self.latent_std), cond=mv(self.cond),
             scores=mv(self.scores), weights=mv(self.weights),
-            image_meta={k: mv(v) for k, v in self.image_meta.items()})
+            image_meta={k: mv(v) for k, v in self.image_meta.items()},
+            extras={k: mv(v) for k, v in self.extras.items()})
 
 
 @dataclass

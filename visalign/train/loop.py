@@ -41,9 +41,14 @@ def _dataset(cfg: RunConfig, backbone):
                              seed=cfg.train.seed)
 
 
-def _backbone_and_data(cfg: RunConfig, acc):
+def _backbone_and_data(cfg: RunConfig, acc, method):
     """The backbone and the dataset; with the cache on, a complete cache means no VAE or text encoder is loaded."""
     from ..data.cache import CachedDataset, build_cache, cache_dir_for, is_complete
+
+    if getattr(method, "online", False):
+        from ..data.prompts import read_prompts
+
+        return build_backbone(cfg.model), read_prompts(cfg.data.path or "shapes:train")
 
     needs_encoders = not cfg.data.cache or bool(cfg.train.validation_every and cfg.train.validation_prompts)
     backbone = build_backbone(cfg.model, load_encoders=needs_encoders)
@@ -82,12 +87,18 @@ def train(cfg: RunConfig) -> dict:
 
     check_capabilities(method, BACKBONES.get(cfg.model.name))
     check_data_format(method, cfg)
-    backbone, dataset = _backbone_and_data(cfg, acc)
+    backbone, dataset = _backbone_and_data(cfg, acc, method)
     params = prepare_trainable(backbone, cfg)
     from .data_options import pair_order, pair_weights
 
-    stream = BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
-                         order=pair_order(cfg, dataset))
+    if getattr(method, "online", False):
+        from ..objectives.online import RoundSource
+
+        stream = dataset = RoundSource(method, backbone, dataset, t.batch_size, t.grad_accum, t.seed,
+                                       acc.process_index, acc.num_processes)
+    else:
+        stream = BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
+                             order=pair_order(cfg, dataset))
     optimizer = build_optimizer(params, cfg)
     lr_sched = build_lr_scheduler(optimizer, cfg)
     backbone.denoiser, optimizer, lr_sched = acc.prepare(backbone.denoiser, optimizer, lr_sched)

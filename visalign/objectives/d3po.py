@@ -1,0 +1,90 @@
+"""D3PO (Yang et al., CVPR 2024): per-denoising-step DPO on sampled trajectory pairs sharing x_T."""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import METHODS
+from ..types import PreferenceBatch, StepOutput, as_float
+from .base import Method
+from .heads import d3po_loss
+from .online import score_and_rank
+
+
+@METHODS.register("d3po")
+class D3PO(Method):
+    """D3PO: clipped per-step log-ratio DPO on trajectory pairs ranked by a reward (authors: β 0.1, ε 0.1, η 1)."""
+
+    data = "prompts"
+    online = True
+    needs = ("step_logprob", "sample")
+
+    def __init__(self, beta: float = 0.1, clip_eps: float = 0.1, steps: int = 10, eta: float = 1.0,
+                 guidance: float = 3.0, prompts_per_round: int = 32, round_steps: int = 20,
+                 timestep_fraction: float = 1.0, reward: str | dict = "shapes", reset_reference: bool = False):
+        from ..rewards.base import build_reward
+
+        self.beta, self.clip_eps, self.steps, self.eta, self.guidance = beta, clip_eps, steps, eta, guidance
+        self.prompts_per_round, self.round_steps = prompts_per_round, round_steps
+        self.timestep_fraction, self.reset_reference = timestep_fraction, reset_reference
+        self.reward = build_reward(reward)
+
+    def make_round(self, backbone, prompts, gen, round_idx: int = 0) -> dict:
+        """2 trajectories per prompt from one shared x_T; winner = higher reward; ties dropped."""
+        idx = torch.randint(0, len(prompts), (self.prompts_per_round,), generator=gen).tolist()
+        chosen = [prompts[i] for i in idx]
+        x_T = torch.randn((len(chosen), *backbone.sample_shape), generator=gen).repeat_interleave(2, 0)
+        doubled = [p for p in chosen for _ in range(2)]
+        out = backbone.sample(doubled, steps=self.steps, guidance=self.guidance, eta=self.eta, trajectory=True,
+                              latents=x_T.to(backbone.device), generator=gen)
+        scores, _ = score_and_rank(out.images, doubled, {"r": self.reward}, {"r": 1.0}, group=2, normalise="none")
+        keep = scores[:, 0] != scores[:, 1]
+        order = torch.where(scores[:, 0] >= scores[:, 1], 0, 1)  # index of the winner within each pair
+        traj = torch.stack(out.trajectory, 1).view(len(chosen), 2, self.steps + 1, *backbone.sample_shape)
+        logp = out.log_probs.view(len(chosen), 2, self.steps)
+        w, l_ = order, 1 - order
+        ar = torch.arange(len(chosen))
+        traj = torch.stack([traj[ar, w], traj[ar, l_]], 1)[keep]
+        logp = torch.stack([logp[ar, w], logp[ar, l_]], 1)[keep]
+        # at the first round, or after a reference reset, the sampler IS the reference: its log-probs are reusable
+        ref_is_sampler = round_idx == 0 or self.reset_reference
+        return {"traj": traj.cpu(), "logp": logp.cpu(), "timesteps": out.timesteps.cpu(),
+                "prompts": [c for c, k in zip(chosen, keep.tolist()) if k], "reuse_ref": ref_is_sampler}
+
+    def round_size(self, items: dict) -> int:
+        return max(1, len(items["prompts"]))
+
+    def take(self, items: dict, idx: torch.Tensor) -> PreferenceBatch:
+        if not items["prompts"]:
+            return None
+        idx = idx % len(items["prompts"])
+        return PreferenceBatch(prompts=[items["prompts"][i] for i in idx.tolist()], label=torch.ones(len(idx)),
+                               extras={"traj": items["traj"][idx], "logp": items["logp"][idx],
+                                       "timesteps": items["timesteps"], "reuse_ref": torch.tensor(items["reuse_ref"])})
+
+    def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
+        traj, timesteps = batch.extras["traj"], batch.extras["timesteps"]
+        b = traj.shape[0]
+        n_steps = max(1, round(self.timestep_fraction * self.steps))
+        steps = torch.randperm(self.steps)[:n_steps].sort().values
+        cond = backbone.encode_prompts(batch.prompts).repeat_interleave(2)
+        uncond = backbone.encode_prompts([""] * b).repeat_interleave(2) if self.guidance != 1.0 else None
+        losses, rho = [], []
+        for s in steps.tolist():
+            x_t = traj[:, :, s].flatten(0, 1)
+            x_prev = traj[:, :, s + 1].flatten(0, 1)
+            t = timesteps[s].to(x_t.device)
+            kw = dict(steps=self.steps, eta=self.eta, uncond=uncond, guidance=self.guidance)
+            logp = backbone.step_logprob(x_t, x_prev, t, cond, **kw).view(b, 2)
+            if bool(batch.extras["reuse_ref"]):
+                ref = batch.extras["logp"][:, :, s].to(logp)
+            else:
+                with torch.no_grad(), backbone.reference():
+                    ref = backbone.step_logprob(x_t, x_prev, t, cond, **kw).view(b, 2)
+            losses.append(d3po_loss(logp[:, 0], ref[:, 0], logp[:, 1], ref[:, 1], self.beta, self.clip_eps))
+            rho.append((logp - ref).detach())
+        loss = torch.stack(losses).mean()
+        r = torch.stack(rho)
+        return StepOutput(loss, {"implicit_acc": as_float((r[..., 0] > r[..., 1]).float()),
+                                 "logratio_w": as_float(r[..., 0]), "logratio_l": as_float(r[..., 1]),
+                                 "clipped": as_float((r.abs() > self.clip_eps).float())})

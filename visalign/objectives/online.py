@@ -1,0 +1,65 @@
+"""Rounds for online methods: sample with the current model, score, train on the round's data, repeat.
+
+The same sample -> score -> rank path as make-dataset (``score_and_rank``). A round is a pure
+function of (seed, round index, model state at its start); with ``reset_reference`` the DPO
+reference becomes a frozen copy of the policy at each round start (D3PO's paper, DDO's self-play).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def score_and_rank(images: torch.Tensor, prompts: Sequence[str], rewards: dict, weights: dict,
+                   group: int, normalise: str = "zscore") -> tuple[torch.Tensor, dict]:
+    """Scores [P, group] for images laid out prompt-major, normalised per prompt and combined (Syn-Pic)."""
+    from ..rewards.base import ensemble_scores
+
+    per = {n: fn(images, list(prompts)).float().view(-1, group) for n, fn in rewards.items()}
+    return ensemble_scores(per, weights, normalise), per
+
+
+def round_seed(seed: int, round_idx: int, rank: int) -> int:
+    return zlib.crc32(f"round/{seed}/{round_idx}/{rank}".encode())
+
+
+class RoundSource:
+    """Serves micro-batches from the current round; builds a new round every ``round_steps`` optimizer steps."""
+
+    def __init__(self, method, backbone, prompts: list[str], batch_size: int, grad_accum: int, seed: int,
+                 rank: int = 0, world: int = 1):
+        if not prompts:
+            raise ValueError("an online method needs prompts (data.path: a prompt file, dataset or shapes:train)")
+        self.method, self.backbone, self.prompts = method, backbone, prompts
+        self.batch_size, self.grad_accum, self.seed, self.rank, self.world = batch_size, grad_accum, seed, rank, world
+        self.round_idx, self.items = -1, None
+        self.ties_dropped = self.corrupt_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, micro_step: int):
+        r = micro_step // (self.method.round_steps * self.grad_accum)
+        if r != self.round_idx:
+            gen = torch.Generator().manual_seed(round_seed(self.seed, r, self.rank))
+            model = self.backbone.unwrapped()
+            was_training = model.training
+            model.eval()
+            if self.method.reset_reference and r > 0:
+                self.backbone.freeze_reference_copy()
+            with torch.no_grad():
+                self.items = self.method.make_round(self.backbone, self.prompts, gen, r)
+            if was_training:
+                model.train()
+            self.round_idx = r
+            log.info("online round %d: %d items", r, self.method.round_size(self.items))
+        n = self.method.round_size(self.items)
+        g = torch.Generator().manual_seed(round_seed(self.seed, micro_step, self.rank) + 1)
+        idx = torch.randint(0, n, (self.batch_size,), generator=g)
+        return self.method.take(self.items, idx)
