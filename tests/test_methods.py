@@ -145,14 +145,28 @@ def test_dpo_raises_implicit_accuracy_on_held_out_pairs(tiny_dir, tmp_path):
     assert acc > 0.75, acc
 
 
+from visalign.registry import REWARDS  # noqa: E402
+
+
+@REWARDS.register("test_brightness")
+class Brightness:
+    """Mean pixel value (a tie-free toy reward for random models)."""
+
+    name, version = "test_brightness", "1"
+
+    def __call__(self, images, prompts):
+        return images.float().mean((1, 2, 3))
+
+
 def test_d3po_round_log_probs_equal_step_logprob_and_training_runs(tiny_dir, tmp_path):
     from visalign.objectives.d3po import D3PO
 
     bb = PixelBackbone(str(tiny_dir("pixel")))
-    m = D3PO(steps=3, prompts_per_round=6, guidance=2.0, reward="shapes")
+    m = D3PO(steps=3, prompts_per_round=6, guidance=2.0, reward="test_brightness")
     items = m.make_round(bb, ["a photo of a red circle", "a photo of two squares"], torch.Generator().manual_seed(0))
     assert items["reuse_ref"] and items["traj"].shape[1:3] == (2, 4)
     n = len(items["prompts"])
+    assert n == 6
     if n:
         cond = bb.encode_prompts(items["prompts"])
         uncond = bb.encode_prompts([""] * n)
@@ -163,7 +177,7 @@ def test_d3po_round_log_probs_equal_step_logprob_and_training_runs(tiny_dir, tmp
         assert torch.allclose(lp, items["logp"][:, 0, s], atol=1e-4)
     summary = _run(tmp_path / "run", tiny_dir("pixel"), "shapes:train",
                    ["objective=d3po", "objective.steps=3", "objective.prompts_per_round=8",
-                    "objective.round_steps=2", "objective.reward=shapes"], ["train.steps=4"])
+                    "objective.round_steps=2", "objective.reward=test_brightness"], ["train.steps=4"])
     assert summary["steps"] == 4
 
 
@@ -202,3 +216,10 @@ def test_ddo_real_and_fake_terms_push_rewards_apart(tiny_dir):
         r1 = rewards().detach()
         moved = (r1[:, term] - r0[:, term]).mean()
         assert sign * moved > 0, (term, moved)
+
+
+def test_ddo_trains_in_self_play_rounds(tiny_dir, tmp_path):
+    summary = _run(tmp_path / "run", tiny_dir("pixel"), "shapes:train",
+                   ["objective=ddo", "objective.prompts_per_round=4", "objective.round_steps=2", "objective.steps=2",
+                    "objective.beta=1000"], ["train.steps=4"])
+    assert summary["steps"] == 4

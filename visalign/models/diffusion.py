@@ -70,8 +70,10 @@ class DiffusionBackbone(ReferenceMixin):
 
     # --- DDIM -----------------------------------------------------------------------------------
     def _alpha(self, t: Tensor | int) -> Tensor:
+        """ᾱ_t, and below t = 0 the DDIM scheduler's final ᾱ (1 with set_alpha_to_one, else ᾱ_0)."""
         t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
-        return torch.where(t >= 0, self.alphas_cumprod[t.clamp_min(0)], torch.ones((), dtype=torch.float32))
+        final = 1.0 if self.scheduler_config.get("set_alpha_to_one", True) else float(self.alphas_cumprod[0])
+        return torch.where(t >= 0, self.alphas_cumprod[t.clamp_min(0)], torch.full((), final))
 
     def split_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(x̂0, ε̂) from the model output, with x̂0 clipped as the scheduler config asks (DDIM Eq. 12)."""

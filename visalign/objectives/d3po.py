@@ -65,8 +65,10 @@ class D3PO(Method):
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         traj, timesteps = batch.extras["traj"], batch.extras["timesteps"]
         b = traj.shape[0]
-        n_steps = max(1, round(self.timestep_fraction * self.steps))
-        steps = torch.randperm(self.steps)[:n_steps].sort().values
+        # a final DDIM step onto ᾱ = 1 is deterministic (σ = 0): it has no density and is not trained on
+        usable = torch.nonzero(torch.isfinite(batch.extras["logp"]).all(0).all(0)).flatten()
+        n_steps = max(1, round(self.timestep_fraction * len(usable)))
+        steps = usable[torch.randperm(len(usable))[:n_steps]].sort().values
         cond = backbone.encode_prompts(batch.prompts).repeat_interleave(2)
         uncond = backbone.encode_prompts([""] * b).repeat_interleave(2) if self.guidance != 1.0 else None
         losses, rho = [], []

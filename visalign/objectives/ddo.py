@@ -11,8 +11,8 @@ from .heads import ddo_loss
 from .implicit import implicit_reward
 
 
-def shapes_real_images(prompts: list[str], gen: torch.Generator) -> torch.Tensor:
-    """ShapesWorld 'real data': exact renders of each prompt, in [0, 1]."""
+def shapes_real_images(prompts: list[str], gen: torch.Generator, size: int = 32) -> torch.Tensor:
+    """ShapesWorld 'real data': exact renders of each prompt, in [0, 1], resized to ``size`` if needed."""
     import numpy as np
 
     from ..worlds.shapes.detector import record_for_prompt
@@ -20,7 +20,10 @@ def shapes_real_images(prompts: list[str], gen: torch.Generator) -> torch.Tensor
 
     seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=gen).tolist()
     imgs = [render(record_for_prompt(p), s)[0] for p, s in zip(prompts, seeds)]
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x
 
 
 @METHODS.register("ddo")
@@ -46,7 +49,7 @@ class DDO(Method):
         noise = torch.randn((len(chosen), *backbone.sample_shape), generator=gen).to(backbone.device)
         with backbone.reference():
             fake = backbone.sample(chosen, steps=self.steps, guidance=self.guidance, latents=noise).images.cpu()
-        real = shapes_real_images(chosen, gen)
+        real = shapes_real_images(chosen, gen, fake.shape[-1])
         return {"prompts": chosen, "images": torch.stack([real, fake], 1)}
 
     def round_size(self, items: dict) -> int:

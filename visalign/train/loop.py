@@ -142,7 +142,7 @@ def train(cfg: RunConfig) -> dict:
                 window.append({"loss": as_float(res.loss), **res.metrics, "finite": bool(torch.isfinite(res.loss))})
             pairs_seen += batch.size * acc.num_processes
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else _grad_norm(params)
-        finite = all(w["finite"] for w in window) and window and math.isfinite(float(grad_norm))
+        finite = bool(window) and all(w["finite"] for w in window) and math.isfinite(float(grad_norm))
         if finite:
             optimizer.step()
             lr_sched.step()
@@ -151,11 +151,12 @@ def train(cfg: RunConfig) -> dict:
             nonfinite = 0
         else:
             nonfinite += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
+            why = "non-finite loss or gradient" if window else "no usable rows (all skipped, tied or corrupt)"
+            log.warning("step %d: %s, update skipped (%d in a row)", step, why, nonfinite)
         optimizer.zero_grad(set_to_none=True)
         if nonfinite >= t.max_nonfinite:
             acc.end_training()
-            raise NonFiniteError(f"{nonfinite} consecutive non-finite steps at step {step}; stopping. "
+            raise NonFiniteError(f"{nonfinite} consecutive non-finite or empty steps at step {step}; stopping. "
                                  f"Last good checkpoint: {last_good or 'none'}. Try a lower train.lr or beta.")
         if not finite:
             continue
