@@ -304,3 +304,41 @@ def test_validation_grids_tensorboard_and_ema(tiny_dir, pairs, tmp_path):
     assert summary["weights_sha256"] != plain["weights_sha256"]  # the EMA weights were saved
     card = (out / "README.md").read_text()
     assert "diffusion_dpo" in card and "base_model:" in card
+
+
+from visalign.registry import REWARDS  # noqa: E402
+
+
+@REWARDS.register("test_scripted_gold")
+class ScriptedGold:
+    """Returns a fixed sequence of scores, one per evaluation (a constructed run with a known best)."""
+
+    name, version = "test_scripted_gold", "1"
+    schedule = [0.1, 0.2, 0.9, 0.4, 0.3]
+    calls = 0
+
+    def __call__(self, images, prompts):
+        value = ScriptedGold.schedule[ScriptedGold.calls % len(ScriptedGold.schedule)]
+        ScriptedGold.calls += 1
+        return torch.full((len(images),), value)
+
+
+def test_gold_guardrail_selects_the_best_checkpoint(tiny_dir, pairs, tmp_path):
+    ScriptedGold.calls = 0
+    out = tmp_path / "run"
+    summary = _cli_train(tiny_dir("pixel"), pairs, out, "pixel", [
+        "train.steps=10", "train.gold_reward=test_scripted_gold", "train.proxy_reward=shapes",
+        "train.gold_every=2", "train.gold_samples=4", "train.gold_prompts=shapes:eval", "train.select_best=gold",
+        "train.sample_steps=2"])
+    rows = [json.loads(x) for x in (out / "gold.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10] and all("proxy" in r for r in rows)
+    assert summary["best_step"] == 6 and summary["best_gold"] == pytest.approx(0.9)
+    # the final LoRA is the step-6 one: equal to a run that simply stops at step 6
+    _cli_train(tiny_dir("pixel"), pairs, tmp_path / "short", "pixel", ["train.steps=6"])
+    a = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "short" / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    from visalign.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="select_best=gold needs"):
+        load_config("shapes", [], ["train.select_best=gold"])

@@ -93,6 +93,12 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     threads: int = 0  # torch threads per process; 0 = torch's default
     tracker: str = "tensorboard"  # tensorboard | wandb | none
+    gold_reward: str = ""  # a registered reward held out from training, e.g. shapes; "" = off
+    proxy_reward: str = ""  # the training signal's reward, plotted against gold
+    gold_every: int = 0  # evaluate gold (and proxy) every N steps on fixed prompts and seeds
+    gold_prompts: str = "shapes:eval"  # a prompt source (file, dataset or shapes:SPLIT)
+    gold_samples: int = 64  # images per evaluation (prompts cycled, fixed seeds)
+    select_best: str = "last"  # last | gold: keep the weights with the best gold score as the final output
     validation_prompts: list[str] = field(default_factory=list)
     validation_every: int = 0  # 0 = off
     sample_steps: int = 20
@@ -347,6 +353,12 @@ def config_from_dict(tree: dict) -> RunConfig:
     if "objective" not in tree:
         cfg.objective = build_component(cfg.objective, METHODS, "objective")
     _check_choices(cfg)
+    if cfg.train.select_best == "gold" and not (cfg.train.gold_reward and cfg.train.gold_every):
+        raise ConfigError("train.select_best=gold needs train.gold_reward=NAME and train.gold_every=N")
+    for key in ("gold_reward", "proxy_reward"):
+        name = getattr(cfg.train, key)
+        if name:
+            REWARDS.get(name)
     return cfg
 
 
@@ -355,7 +367,7 @@ def _check_choices(cfg: RunConfig) -> None:
                ("data", "weighting"): ("none", "margin", "difficulty"),
                ("train", "mixed_precision"): ("no", "bf16", "fp16"), ("train", "optimizer"): ("adamw", "adamw8bit"),
                ("train", "tracker"): ("tensorboard", "wandb", "none"),
-               ("train", "attention"): ("auto", "sdpa", "xformers")}
+               ("train", "attention"): ("auto", "sdpa", "xformers"), ("train", "select_best"): ("last", "gold")}
     for (sec, key), allowed in choices.items():
         v = getattr(getattr(cfg, sec), key)
         if v not in allowed:

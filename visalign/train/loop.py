@@ -50,7 +50,9 @@ def _backbone_and_data(cfg: RunConfig, acc, method):
 
         return build_backbone(cfg.model), read_prompts(cfg.data.path or "shapes:train")
 
-    needs_encoders = not cfg.data.cache or bool(cfg.train.validation_every and cfg.train.validation_prompts)
+    samples_during_training = bool(cfg.train.validation_every and cfg.train.validation_prompts) or bool(
+        cfg.train.gold_reward and cfg.train.gold_every)
+    needs_encoders = not cfg.data.cache or samples_during_training
     backbone = build_backbone(cfg.model, load_encoders=needs_encoders)
     dataset = _dataset(cfg, backbone)
     if not cfg.data.cache:
@@ -122,6 +124,11 @@ def train(cfg: RunConfig) -> dict:
             load_ema(ema, resume_dir)
         log.info("resumed from %s at step %d", resume_dir, step)
     metrics_file = out / "metrics.jsonl"
+    guard = None
+    if t.gold_reward and t.gold_every:
+        from .guardrail import Guardrail
+
+        guard = Guardrail(cfg, out)
     bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
     t0, pairs_seen, last_good = time.time(), 0, resume_dir
     while step < t.steps:
@@ -171,6 +178,8 @@ def train(cfg: RunConfig) -> dict:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps({"step": step, **logs}) + "\n")
             bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+        if guard is not None and step % t.gold_every == 0:
+            guard.evaluate(acc, backbone, step)
         if t.validation_every and t.validation_prompts and step % t.validation_every == 0:
             save_validation_grid(acc, backbone, cfg, step)
         if t.save_every and step % t.save_every == 0 and step < t.steps:
@@ -185,6 +194,8 @@ def train(cfg: RunConfig) -> dict:
     summary["weights_sha256"] = weights_digest(params)
     if acc.is_main_process:
         summary |= save_outputs(backbone, cfg, out)
+        if guard is not None:
+            summary |= guard.finalise(out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     acc.end_training()
     return summary

@@ -11,14 +11,17 @@ from ..config import RunConfig, dump_config
 from ..eval.grid import image_grid, save_png
 
 
-def save_outputs(backbone, cfg: RunConfig, out: Path) -> dict:
+def save_weights(backbone, cfg: RunConfig, out: Path) -> dict:
+    """The trained weights only: out/lora (diffusers LoRA) or out/model (a full pipeline folder)."""
     from ..models.lora import save_lora
 
     if cfg.lora.enabled:
-        path = save_lora(backbone, out / "lora")
-        result = {"lora": str(path.parent)}
-    else:
-        result = {"model": str(backbone.save_full(out / "model"))}
+        return {"lora": str(save_lora(backbone, out / "lora").parent)}
+    return {"model": str(backbone.save_full(out / "model"))}
+
+
+def save_outputs(backbone, cfg: RunConfig, out: Path) -> dict:
+    result = save_weights(backbone, cfg, out)
     _model_card(cfg, out, result)
     return result
 
