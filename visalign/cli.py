@@ -146,6 +146,12 @@ def cmd_world_prompts(args) -> None:
     print(f"wrote {write_metadata(prompt_records(args.split), args.out)}")
 
 
+def cmd_report(args) -> None:
+    from .eval.report import build_report
+
+    print(f"wrote {build_report(args.run_dir, args.baseline, grid=not args.no_grid)}")
+
+
 def cmd_export_lora(args) -> None:
     from .models.export import export_kohya
 
@@ -252,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="eval", choices=("train", "eval", "all"))
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_world_prompts)
+
+    s = sub.add_parser("report", help="a self-contained report.html with curves, grids, metrics and config")
+    s.add_argument("run_dir")
+    s.add_argument("--baseline", help="another run (or eval) folder whose metrics to show beside")
+    s.add_argument("--no-grid", action="store_true", help="skip the before/after sampling")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("export-lora", help="convert a visalign LoRA for ComfyUI / A1111 (Kohya keys)")
     s.add_argument("lora", help="a LoRA folder (pytorch_lora_weights.safetensors) or file")

@@ -1,0 +1,156 @@
+"""`visalign report RUN_DIR`: a self-contained report.html (images embedded) plus PNG plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import torch
+
+CURVES = (("loss", "loss"), ("implicit_acc", "implicit accuracy (h > 0)"), ("logit_mean", "mean logit h"),
+          ("errors", "denoising errors"))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def plot_curves(rows: list[dict], out: Path, gold: list[dict]) -> list[Path]:
+    """One PNG per curve (loss, implicit accuracy, mean logit, errors) and gold vs proxy when present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    steps = [r["step"] for r in rows]
+    for key, title in CURVES:
+        fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
+        if key == "errors":
+            for k in ("err_w", "err_l", "ref_err_w", "ref_err_l"):
+                if rows and k in rows[0]:
+                    ax.plot(steps, [r[k] for r in rows], label=k, linestyle="--" if k.startswith("ref") else "-")
+            ax.legend(fontsize=7)
+        elif rows and key in rows[0]:
+            ax.plot(steps, [r[key] for r in rows])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        fig.tight_layout()
+        p = out / f"curve_{key}.png"
+        fig.savefig(p)
+        plt.close(fig)
+        paths.append(p)
+    if gold:
+        fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
+        ax.plot([g["step"] for g in gold], [g["gold"] for g in gold], label="gold", marker="o")
+        if "proxy" in gold[0]:
+            ax.plot([g["step"] for g in gold], [g["proxy"] for g in gold], label="proxy", marker="s")
+        ax.set_title("reward-hacking guardrail: proxy vs gold", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / "curve_gold.png"
+        fig.savefig(p)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+@torch.no_grad()
+def before_after_grid(run: Path, cfg: dict, out: Path, prompts: list[str], seed: int = 0) -> Path | None:
+    """Base vs tuned on the same prompts and seeds (rows: base, tuned)."""
+    from ..config import Component
+    from ..train.setup import build_backbone
+    from .grid import image_grid, save_png
+
+    model = cfg["model"]
+    kwargs = {k: v for k, v in model.items() if k != "name"}
+    steps, guidance = cfg["train"].get("sample_steps", 20), cfg["train"].get("guidance", 3.0)
+    images = []
+    for tuned in (False, True):
+        bb = build_backbone(Component(model["name"], kwargs))
+        if tuned and (run / "lora").exists():
+            from ..models.lora import load_lora
+
+            load_lora(bb, run / "lora")
+        elif tuned and (run / "model").exists():
+            bb = build_backbone(Component(model["name"], kwargs | {"path": str(run / "model")}))
+        elif tuned:
+            return None
+        bb.unwrapped().eval()
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(prompts), *bb.sample_shape), generator=gen)
+        images += list(bb.sample(prompts, steps=steps, guidance=guidance, latents=noise).images.cpu())
+    labels = [f"base: {p[11:] if p.startswith('a photo of') else p}" for p in prompts] + \
+             [f"tuned: {p[11:] if p.startswith('a photo of') else p}" for p in prompts]
+    return save_png(image_grid(images, labels, cols=len(prompts), scale=3, label_height=14), out / "before_after.png")
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def _metric_tables(run: Path) -> str:
+    from .geneval import format_table
+
+    found = {}
+    for f in sorted(run.rglob("metrics.json")):
+        m = json.loads(f.read_text())
+        if "tasks" in m:
+            found[str(f.parent.relative_to(run)) or "."] = m
+    if not found:
+        return "<p>No GenEval-style metrics under this run (run <code>visalign eval geneval</code>).</p>"
+    rows = format_table(found).splitlines()
+    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    body = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+    out = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    for r in body:
+        out += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+    return out + "</table>"
+
+
+def build_report(run_dir: str | Path, baseline: str | Path | None = None, prompts: list[str] | None = None,
+                 grid: bool = True) -> Path:
+    import yaml
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{run}: not a visalign run (no config.yaml)")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows, gold = _jsonl(run / "metrics.jsonl"), _jsonl(run / "gold.jsonl")
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    plots = plot_curves(rows, out, gold)
+    prompts = prompts or cfg["train"].get("validation_prompts") or [
+        "a photo of a red circle", "a photo of three squares", "a photo of a circle left of a square",
+        "a photo of a blue triangle and a yellow circle"]
+    ba = before_after_grid(run, cfg, out, prompts) if grid else None
+    last = rows[-1] if rows else {}
+    key_numbers = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in last.items()
+                          if isinstance(v, (int, float)))
+    base_tables = _metric_tables(Path(baseline)) if baseline else ""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>visalign report</title><style>",
+        "body{font-family:sans-serif;margin:24px;max-width:1100px} img{margin:4px;border:1px solid #ddd}",
+        "table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}",
+        "pre{background:#f6f6f6;padding:8px;font-size:12px;overflow:auto}</style></head><body>",
+        f"<h1>visalign report: {html.escape(run.name)}</h1>",
+        f"<p>method <b>{html.escape(cfg['objective']['name'])}</b> on <b>{html.escape(str(cfg['model'].get('path')))}"
+        f"</b>, {summary.get('steps', '?')} steps, {summary.get('pairs_seen', '?')} pairs seen, "
+        f"{summary.get('seconds', 0):.0f} s</p>",
+        "<h2>Metrics (accuracy ± standard error)</h2>", _metric_tables(run),
+        f"<h3>Baseline</h3>{base_tables}" if baseline else "",
+        "<h2>Final training metrics</h2><table>", key_numbers, "</table>",
+        "<h2>Training curves</h2>", "".join(_img(p) for p in plots),
+        "<h2>Before / after (same prompts and seeds)</h2>", _img(ba) if ba else "<p>(no trained weights)</p>",
+        "<h2>Config</h2><pre>", html.escape((run / "config.yaml").read_text()), "</pre>",
+        "<h2>Summary and provenance</h2><pre>", html.escape(json.dumps(summary, indent=2)), "</pre>",
+        "</body></html>"]
+    page = run / "report.html"
+    tmp = run / "report.html.tmp"
+    tmp.write_text("".join(parts))
+    tmp.replace(page)
+    return page
