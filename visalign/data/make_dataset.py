@@ -42,9 +42,22 @@ class MakeDatasetConfig:
     threads: int = 0
 
 
-def parse_reward(spec: str) -> tuple[str, float]:
-    name, _, w = spec.partition(":")
-    return name, float(w) if w else 1.0
+def parse_reward(spec: str) -> tuple[str, float, dict]:
+    """'NAME[:WEIGHT][:key=value,key=value]' -> (name, weight, constructor kwargs)."""
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    weight, _, opts = rest.partition(":")
+    if weight and "=" in weight:
+        weight, opts = "", weight
+    kwargs = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key.strip()] = yaml.safe_load(value) if value else ""
+    try:
+        return name, float(weight) if weight else 1.0, kwargs
+    except ValueError:
+        raise ValueError(f"--reward {spec!r}: expected NAME[:WEIGHT][:key=value,...] with a numeric weight") from None
 
 
 def parse_model(spec: str) -> tuple[str, str]:
@@ -138,14 +151,17 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
     prompts = [p for p in prompts for _ in range(cfg.repeat_prompts)]
     if not prompts:
         raise ValueError(f"prompts={cfg.prompts!r}: no prompts found")
+    from ..rewards.cache import CachedReward
+
     rewards = [parse_reward(r) for r in cfg.rewards]
-    reward_fns = {name: build_reward(name) for name, _ in rewards}
-    weights = dict(rewards)
+    reward_fns = {name: CachedReward(build_reward({"name": name, **kw}), out / ".reward_cache.sqlite")
+                  for name, _, kw in rewards}
+    weights = {name: w for name, w, _ in rewards}
     models = [parse_model(m) for m in cfg.models]
     provenance = {"models": [{"backbone": b, "path": p} for b, p in models], "sampler": "ddim/flow-euler",
                   "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
-                  "rewards": [{"name": n, "weight": w, "version": getattr(reward_fns[n], "version", "")}
-                              for n, w in rewards],
+                  "rewards": [{"name": n, "weight": w, "kwargs": kw, "version": reward_fns[n].version}
+                              for n, w, kw in rewards],
                   "normalise": cfg.normalise, "images_per_prompt": cfg.images_per_prompt, "config": asdict(cfg)}
     if rank == 0:
         (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
@@ -204,4 +220,4 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
         _write_parquet(rows, shard_path(out, "data", j))
     bar.close()
     return {"shards": n_shards, "written": len(mine), "images": made, "prompts": len(prompts),
-            "seconds": time.time() - t0}
+            "seconds": time.time() - t0, "scored": {n: fn.calls for n, fn in reward_fns.items()}}

@@ -1,0 +1,116 @@
+"""The reward zoo on tiny random-init configs (no weights downloaded), the score cache and offline errors."""
+
+import json
+
+import pytest
+import torch
+
+from visalign.models.load import ModelLoadError
+from visalign.rewards import CachedReward, build_reward
+
+PROMPTS = ["a photo of a red circle", "a photo of two squares", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    open_clip = pytest.importorskip("open_clip")
+    d = tmp_path_factory.mktemp("oc")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "visalign-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d)
+    torch.manual_seed(0)
+    model = open_clip.create_model("visalign-tiny-clip", pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, d / "tiny_hps.pt")
+    return d
+
+
+def _images(n=3):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _check(scores, n=3):
+    assert scores.shape == (n,) and torch.isfinite(scores).all()
+
+
+def test_clip_score_tiny(tiny_open_clip):
+    r = build_reward({"name": "clip_score", "arch": "visalign-tiny-clip", "pretrained": ""})
+    s = r(_images(), PROMPTS)
+    _check(s)
+    assert (s >= 0).all() and (s <= 100).all()
+
+
+def test_hpsv2_tiny_checkpoint(tiny_open_clip):
+    r = build_reward({"name": "hpsv2", "arch": "visalign-tiny-clip", "checkpoint": str(tiny_open_clip / "tiny_hps.pt")})
+    s = r(_images(), PROMPTS)
+    _check(s)
+    assert (s.abs() <= 1.0 + 1e-5).all()  # a cosine
+
+
+def test_aesthetic_tiny_head(tiny_open_clip, tmp_path):
+    from safetensors.torch import save_file
+
+    from visalign.rewards.clip_models import AestheticMLP
+
+    save_file(AestheticMLP(32).state_dict(), str(tmp_path / "head.safetensors"))
+    r = build_reward({"name": "aesthetic", "arch": "visalign-tiny-clip", "pretrained": "",
+                      "head": str(tmp_path / "head.safetensors")})
+    _check(r(_images(), PROMPTS))
+    # prompt-independent
+    assert torch.equal(r(_images(), PROMPTS), r(_images(), ["x", "y", "z"]))
+
+
+def test_pickscore_tiny_transformers_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from visalign.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37,
+                                  "num_attention_heads": 4, "num_hidden_layers": 1, "max_position_embeddings": 77,
+                                  "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                                  "pad_token_id": tok.pad_token_id},
+                     vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                                    "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    CLIPModel(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "proc")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "proc")
+    r = build_reward({"name": "pickscore", "model": str(tmp_path / "model"), "processor": str(tmp_path / "proc")})
+    _check(r(_images(), PROMPTS))
+
+
+def test_offline_and_missing_weights_are_one_clear_error(tmp_path):
+    pytest.importorskip("open_clip")
+    with pytest.raises(ModelLoadError, match="pass clip_score.pretrained="):
+        build_reward({"name": "clip_score", "arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"})
+    with pytest.raises(ModelLoadError, match="pass hpsv2.checkpoint="):
+        build_reward({"name": "hpsv2", "checkpoint": str(tmp_path / "nope.pt")})
+    with pytest.raises(ModelLoadError, match="pass aesthetic.head="):
+        build_reward("aesthetic")
+    with pytest.raises(ModelLoadError, match="pickscore"):
+        build_reward({"name": "pickscore", "model": "yuvalkirstain/PickScore_v1"})
+    with pytest.raises(ModelLoadError, match="image-reward"):
+        build_reward("imagereward")
+
+
+def test_cached_reward_never_rescores(tmp_path):
+    calls = []
+
+    class Counting:
+        name, version = "count", "1"
+
+        def __call__(self, images, prompts):
+            calls.append(len(images))
+            return images.mean((1, 2, 3))
+
+    r = CachedReward(Counting(), tmp_path / "cache.sqlite")
+    imgs = _images()
+    first = r(imgs, PROMPTS)
+    again = CachedReward(Counting(), tmp_path / "cache.sqlite")(imgs, PROMPTS)
+    assert torch.allclose(first, again) and calls == [3]
+    r(torch.cat([imgs[:1], _images(1) * 0.5]), [PROMPTS[0], "new"])
+    assert calls == [3, 1]  # only the unseen image was scored
+    r(imgs[:1], ["another prompt"])
+    assert calls == [3, 1, 1]  # same pixels, different prompt: a different key
