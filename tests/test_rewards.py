@@ -15,7 +15,8 @@ PROMPTS = ["a photo of a red circle", "a photo of two squares", "a cat"]
 def tiny_open_clip(tmp_path_factory):
     open_clip = pytest.importorskip("open_clip")
     d = tmp_path_factory.mktemp("oc")
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    cfg = {"embed_dim": 32, "vision_cfg": vision,
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     (d / "visalign-tiny-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(d)
