@@ -31,6 +31,26 @@ def _median_time(fn, steps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _step(method, bb, batch, opt, ctx) -> None:
+    with ctx:
+        out = method(bb, batch)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _limit(method, bb, batch, opt, ctx) -> None:
+    """What a pair method cannot avoid: policy forward+backward on 2B, reference forward on 2B, optimizer step."""
+    from visalign.objectives.base import errors, model_inputs
+
+    with ctx:
+        x0, cond = model_inputs(bb, batch)
+        err, _ = errors(bb, x0, cond, reference=getattr(method, "uses_reference", True))
+    err.mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="pixel", choices=("pixel", "sd15", "sdxl", "sd3"))
@@ -52,7 +72,6 @@ def main() -> None:
     from visalign.data.cache import CachedDataset, build_cache, cache_dir_for
     from visalign.data.pairs import PreferenceDataset
     from visalign.models.tiny import build_tiny
-    from visalign.objectives.base import errors, model_inputs
     from visalign.train.setup import build_backbone, build_method, build_optimizer, prepare_trainable
 
     _quiet_libraries()
@@ -78,23 +97,8 @@ def main() -> None:
         batch = cached.collate([cached[i] for i in range(args.batch_size)])
         ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
 
-        def step():
-            with ctx:
-                out = method(bb, batch)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        def limit():
-            with ctx:
-                x0, cond = model_inputs(bb, batch)
-                err, _ = errors(bb, x0, cond, reference=getattr(method, "uses_reference", True))
-            err.mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        t_step = _median_time(step, args.steps)
-        t_limit = _median_time(limit, args.steps)
+        t_step = _median_time(lambda: _step(method, bb, batch, opt, ctx), args.steps)
+        t_limit = _median_time(lambda: _limit(method, bb, batch, opt, ctx), args.steps)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"{name:<16}{t_step * 1e3:>9.1f}{t_limit * 1e3:>10.1f}{t_step / t_limit:>12.2f}"
               f"{args.batch_size / t_step:>9.1f}{rss:>13.0f}")
