@@ -11,6 +11,7 @@ Prints step/limit; the target is <= 1.10 with the cache on.
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import statistics
 import tempfile
@@ -97,8 +98,9 @@ def main() -> None:
         batch = cached.collate([cached[i] for i in range(args.batch_size)])
         ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
 
-        t_step = _median_time(lambda: _step(method, bb, batch, opt, ctx), args.steps)
-        t_limit = _median_time(lambda: _limit(method, bb, batch, opt, ctx), args.steps)
+        parts = (method, bb, batch, opt, ctx)
+        t_step = _median_time(functools.partial(_step, *parts), args.steps)
+        t_limit = _median_time(functools.partial(_limit, *parts), args.steps)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"{name:<16}{t_step * 1e3:>9.1f}{t_limit * 1e3:>10.1f}{t_step / t_limit:>12.2f}"
               f"{args.batch_size / t_step:>9.1f}{rss:>13.0f}")
