@@ -92,3 +92,40 @@ def test_inception_fid_needs_a_local_file(tmp_path):
 def test_shipped_feature_net_reports_its_accuracy():
     cfg = json.loads((ROOT / "assets" / "shapes-features" / "config.json").read_text())
     assert cfg["held_out_count_accuracy"] > 0.9 and cfg["held_out_color_accuracy"] > 0.95
+
+
+def test_open_vocab_geneval_plumbing_with_tiny_configs(tiny_dir, tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
+
+    from visalign.eval.open_vocab import GENEVAL_COLORS, OpenVocabDetector
+    from visalign.models.tiny import tiny_tokenizer
+
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    clip_cfg = {"embed_dim": 32, "vision_cfg": vision,
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "visalign-tiny-clip.json").write_text(json.dumps(clip_cfg))
+    open_clip.add_model_config(tmp_path / "clip")
+    tok = tiny_tokenizer(max_length=16)
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 1}
+    cfg = Owlv2Config(text_config=small | {"vocab_size": len(tok), "max_position_embeddings": 16,
+                                           "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                                           "pad_token_id": tok.pad_token_id},
+                      vision_config=small | {"image_size": 32, "patch_size": 8}, projection_dim=32)
+    owl = tmp_path / "owl"
+    Owlv2ForObjectDetection(cfg).save_pretrained(owl)
+    Owlv2ImageProcessor(size={"height": 32, "width": 32}).save_pretrained(owl)
+    tok.save_pretrained(owl)
+    det = OpenVocabDetector(str(owl), "visalign-tiny-clip", "", threshold=0.0, counting_threshold=0.0)
+    objs = det.objects(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), ["circle", "square"])
+    assert len(objs) == 16 and {o.shape for o in objs} <= {"circle", "square"}  # one box per patch, best class
+    assert all(o.color in GENEVAL_COLORS and 0 <= o.box[0] < o.box[2] <= 32 for o in objs)
+    meta = tmp_path / "m.jsonl"
+    meta.write_text("\n".join(json.dumps(r) for r in HAND_WRITTEN[:2]) + "\n")
+    out = tmp_path / "out"
+    assert main(["eval", "geneval", "--model", str(tiny_dir("pixel")), "--metadata", str(meta), "--detector",
+                 "owlv2", "--owl", str(owl), "--clip-arch", "visalign-tiny-clip", "--clip-pretrained", "",
+                 "--samples-per-prompt", "2", "--steps", "2", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 4 and m["detector"].startswith("owlv2:")

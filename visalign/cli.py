@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, default=3.0)
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--detector", default="shapes", choices=("shapes", "owlv2"),
+                   help="shapes: ShapesWorld's exact detector; owlv2: open-vocabulary, for real models")
+    s.add_argument("--owl", default="google/owlv2-base-patch16-ensemble", help="OWLv2 folder or hub id")
+    s.add_argument("--clip-arch", default="ViT-L-14")
+    s.add_argument("--clip-pretrained", default="openai", help="open_clip tag or local checkpoint")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=lambda a: _eval('cmd_eval_geneval', a))
 

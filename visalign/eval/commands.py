@@ -34,11 +34,17 @@ def cmd_eval_geneval(args) -> None:
         torch.set_num_threads(args.threads)
     records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
     bb = load_backbone_cli(args.model, args.backbone, args.lora)
-    results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, args.guidance)
+    detector = None
+    if args.detector == "owlv2":
+        from .open_vocab import OpenVocabDetector
+
+        detector = OpenVocabDetector(args.owl, args.clip_arch, args.clip_pretrained)
+    results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, args.guidance,
+                                 detector=detector)
     metrics = write_results(results, args.out, extra={
         "model": args.model, "lora": args.lora, "metadata": args.metadata or "shapes:eval", "seed": args.seed,
         "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": args.guidance,
-        "detector": "shapes-exact"})
+        "detector": "shapes-exact" if detector is None else f"owlv2:{args.owl} + open_clip:{args.clip_arch}"})
     print(format_table({Path(args.lora or args.model).name: metrics}))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
 

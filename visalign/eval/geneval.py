@@ -48,9 +48,14 @@ def check_shapes_records(records: Sequence[dict]) -> None:
 
 @torch.no_grad()
 def generate_and_score(backbone, records: Sequence[dict], samples_per_prompt: int = 4, seed: int = 0,
-                       steps: int = 20, guidance: float = 3.0, batch_size: int = 64) -> list[dict]:
-    """One image per (record, k) from a fixed seed; each scored by GenEval's rules on exact detections."""
-    check_shapes_records(records)
+                       steps: int = 20, guidance: float = 3.0, batch_size: int = 64, detector=None) -> list[dict]:
+    """One image per (record, k) from a fixed seed; each scored by GenEval's rules.
+
+    ``detector`` None: ShapesWorld's exact detector (classes must be its shapes); else an
+    ``OpenVocabDetector`` for real models.
+    """
+    if detector is None:
+        check_shapes_records(records)
     jobs = [(i, k) for i in range(len(records)) for k in range(samples_per_prompt)]
     results = []
     for start in range(0, len(jobs), batch_size):
@@ -60,7 +65,13 @@ def generate_and_score(backbone, records: Sequence[dict], samples_per_prompt: in
         images = backbone.sample([records[i]["prompt"] for i, _ in part], steps=steps, guidance=guidance,
                                  latents=noise).images.cpu()
         for (i, k), img in zip(part, images):
-            correct, frac, reasons = evaluate_objects(detect(img).objects, records[i])
+            if detector is None:
+                objects = detect(img).objects
+            else:
+                from .open_vocab import record_classes
+
+                objects = detector.objects(img, record_classes(records[i]), counting=records[i]["tag"] == "counting")
+            correct, frac, reasons = evaluate_objects(objects, records[i])
             results.append({"prompt_index": i, "k": k, "tag": records[i]["tag"], "prompt": records[i]["prompt"],
                             "correct": correct, "constraints": frac, "reasons": reasons, "image": img})
     return results
