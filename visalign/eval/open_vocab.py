@@ -56,7 +56,8 @@ class OpenVocabDetector:
             sel = sel[res["scores"][sel].argsort(descending=True)][: self.max_per_class]
             for i in sel.tolist():
                 x0, y0, x1, y1 = (int(round(float(v))) for v in res["boxes"][i].clamp(0, side))
-                box = (min(x0, w - 1), min(y0, h - 1), max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1))
+                x0, y0 = min(x0, w - 1), min(y0, h - 1)
+                box = (x0, y0, max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1))
                 found.append((float(res["scores"][i]), ShapeObject(cls, self.colour(image, box, cls), box)))
         found.sort(key=lambda x: -x[0])
         return [o for _, o in found]
