@@ -115,3 +115,37 @@ def test_cached_reward_never_rescores(tmp_path):
     assert calls == [3, 1]  # only the unseen image was scored
     r(imgs[:1], ["another prompt"])
     assert calls == [3, 1, 1]  # same pixels, different prompt: a different key
+
+
+def test_reward_server_round_trip_matches_direct_scores():
+    import threading
+
+    from visalign.rewards.server import RemoteReward, make_server
+    from visalign.worlds.shapes.reward import ShapesReward
+
+    server = make_server(ShapesReward(), "127.0.0.1", 0)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        from visalign.worlds.shapes.detector import record_for_prompt
+        from visalign.worlds.shapes.render import render
+
+        prompts = ["a photo of a red circle", "a photo of two squares"]
+        imgs = torch.stack([torch.from_numpy(render(record_for_prompt(p), i)[0]).permute(2, 0, 1).float() / 255
+                            for i, p in enumerate(prompts)])
+        imgs = torch.cat([imgs, torch.rand(1, 3, 32, 32)])
+        prompts = prompts + ["a photo of a blue square"]
+        remote = RemoteReward(f"http://127.0.0.1:{port}")(imgs, prompts)
+        direct = ShapesReward()(imgs, prompts)
+        assert torch.allclose(remote, direct) and remote[0] == 1.0
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b"not json"))
+        assert e.value.code == 400
+    finally:
+        server.shutdown()
+    with pytest.raises(ConnectionError, match="reward-server"):
+        RemoteReward(f"http://127.0.0.1:{port}", timeout=2)(imgs, prompts)

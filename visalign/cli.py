@@ -146,6 +146,22 @@ def cmd_world_prompts(args) -> None:
     print(f"wrote {write_metadata(prompt_records(args.split), args.out)}")
 
 
+def cmd_reward_server(args) -> None:
+    from .data.make_dataset import parse_reward
+    from .registry import load_all
+    from .rewards.base import build_reward
+    from .rewards.server import make_server
+
+    load_all()
+    name, _, kwargs = parse_reward(args.reward)
+    server = make_server(build_reward({"name": name, **kwargs}), args.host, args.port)
+    print(f"serving reward {name} on http://{args.host}:{args.port}/score (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+
+
 def cmd_report(args) -> None:
     from .eval.report import build_report
 
@@ -263,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="eval", choices=("train", "eval", "all"))
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_world_prompts)
+
+    s = sub.add_parser("reward-server", help="serve a reward over HTTP (JSON + base64 PNG; no pickle)")
+    s.add_argument("--reward", required=True, help="NAME[:WEIGHT][:key=value,...]")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.set_defaults(fn=cmd_reward_server)
 
     s = sub.add_parser("report", help="a self-contained report.html with curves, grids, metrics and config")
     s.add_argument("run_dir")

@@ -1,7 +1,7 @@
 """Reward models: ``reward(images [B,3,H,W] in [0,1], prompts) -> [B]``; heavy imports inside each factory."""
 
 from ..worlds.shapes import reward as _shapes_reward  # noqa: F401
-from . import base, clip_models  # noqa: F401
+from . import base, clip_models, server  # noqa: F401
 from .base import Reward, build_reward, ensemble_scores, normalise
 from .cache import CachedReward
 
