@@ -1,0 +1,29 @@
+"""The demo's plumbing on a tiny model (the real run is `make demo`), and the paired improvement statistic."""
+
+import json
+import math
+
+import pytest
+
+from visalign.demo import paired_improvement, run_demo
+
+
+def test_paired_improvement_by_hand():
+    base = [{"prompt_index": i, "k": 0, "tag": t, "correct": c}
+            for i, (t, c) in enumerate([("a", 0), ("a", 1), ("a", 0), ("b", 0), ("b", 1)])]
+    tuned = [dict(r, correct=c) for r, c in zip(base, [1, 1, 1, 1, 1])]
+    imp = paired_improvement(base, tuned)
+    da, db = [1, 0, 1], [1, 0]
+    se_a = math.sqrt(sum((d - 2 / 3) ** 2 for d in da) / 2 / 3)
+    se_b = math.sqrt(sum((d - 0.5) ** 2 for d in db) / 1 / 2)
+    assert imp["delta"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert imp["se"] == pytest.approx(math.sqrt(se_a**2 + se_b**2) / 2)
+
+
+def test_quick_demo_runs_end_to_end(tiny_dir, tmp_path, capsys):
+    report = run_demo(tmp_path / "demo", quick=True, base=str(tiny_dir("pixel")))
+    out = capsys.readouterr().out
+    assert "| model | overall |" in out and "overall improvement:" in out
+    assert set(report["metrics"]) == {"base", "dpo-lora"}
+    saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert saved["train"]["steps"] == 3 and (tmp_path / "demo" / "eval" / "base" / "grid.png").exists()
