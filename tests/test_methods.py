@@ -223,3 +223,30 @@ def test_ddo_trains_in_self_play_rounds(tiny_dir, tmp_path):
                    ["objective=ddo", "objective.prompts_per_round=4", "objective.round_steps=2", "objective.steps=2",
                     "objective.beta=1000"], ["train.steps=4"])
     assert summary["steps"] == 4
+
+
+def test_inpo_cached_reference_inversions_are_reused_and_exact(tiny_dir):
+    from visalign.objectives.inpo import InPO
+    from visalign.types import PreferenceBatch
+
+    bb = PixelBackbone(str(tiny_dir("pixel")))
+    images = torch.rand(3, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    batch = PreferenceBatch(prompts=["a photo of a red circle"] * 3, label=torch.ones(3), images=images)
+    fresh = InPO(steps=2, eta=0.0, inversion_model="reference")
+    cached = InPO(steps=2, eta=0.0, inversion_model="reference", cache_inversions=True)
+    calls = {"n": 0}
+    original = bb.invert
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return original(*a, **kw)
+
+    bb.invert = counting
+    for _ in range(6):  # 2 grid points x 3 pairs: the cache fills, then inversion stops
+        torch.manual_seed(1)
+        a = fresh(bb, batch)
+        torch.manual_seed(1)
+        b = cached(bb, batch)
+        assert torch.allclose(a.loss, b.loss, atol=1e-6)
+    n_fresh = 6
+    assert calls["n"] < 2 * n_fresh and len(cached.cache) <= 12

@@ -17,12 +17,14 @@ class InPO(Method):
     needs = ("invert", "eps_from_xt", "inversion_grid")
 
     def __init__(self, beta: float = 5000.0, steps: int = 10, eta: float = 0.1, inversion_model: str = "policy",
-                 head: str | dict = "sigmoid"):
+                 cache_inversions: bool = False, head: str | dict = "sigmoid"):
+        """``inversion_model=reference cache_inversions=true eta=0``: invert once with the reference, reuse."""
         self.beta, self.steps, self.eta, self.inversion_model = beta, steps, eta, inversion_model
         self.head = build_head(head)
+        self.cache = {} if cache_inversions else None
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
-        err, ref = inverted_errors(backbone, batch, self.steps, self.eta, 0, self.inversion_model)
+        err, ref = inverted_errors(backbone, batch, self.steps, self.eta, 0, self.inversion_model, self.cache)
         h = dpo_logit(err[:, 0], err[:, 1], ref[:, 0], ref[:, 1], self.beta)
         loss = weighted_mean(self.head(h, batch.label.to(h)), batch.weights)
         return StepOutput(loss, pair_metrics(h, err, ref))

@@ -12,25 +12,53 @@ from .base import model_inputs
 
 
 def inverted_errors(backbone, batch: PreferenceBatch, steps: int, eta: float, renoise: int,
-                    inversion_model: str) -> tuple[Tensor, Tensor]:
+                    inversion_model: str, cache: dict | None = None) -> tuple[Tensor, Tensor]:
     """Policy and reference errors [B, K] on inverted latents: one grid t per pair, one ε̂ per image.
 
     Every image is inverted (no grad) up the ``steps`` grid to its pair's t by the current policy
     (or the reference); ε̂ = (x_t − √ᾱ_t x0)/√(1−ᾱ_t) then replaces the random ε of Diffusion-DPO.
+    With the frozen reference, no η noise and a ``cache`` dict, an inversion is computed once per
+    (image, t, prompt) and reused: it cannot change during training. x0 is then the latent mean.
     """
     if inversion_model not in ("policy", "reference"):
         raise ValueError(f"inversion_model={inversion_model!r}: expected policy or reference")
+    use_cache = cache is not None and inversion_model == "reference" and eta == 0
+    if use_cache and batch.latent_std is not None:
+        batch.latent_std = None  # deterministic x0 so the cached inversions stay valid
     x0, cond = model_inputs(backbone, batch)
     b, k = x0.shape[:2]
     flat, cond_k = x0.flatten(0, 1), cond.repeat_interleave(k)
     grid = backbone.inversion_grid(steps)
     t = grid[torch.randint(0, len(grid), (b,))].repeat_interleave(k)
-    ctx = backbone.reference() if inversion_model == "reference" else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        x_inv, reached = backbone.invert(flat, cond_k, steps=steps, until=t, eta=eta, renoise=renoise)
+    if use_cache:
+        x_inv, reached = _cached_inversion(backbone, flat, cond_k, t, steps, renoise, cache,
+                                           [p for p in batch.prompts for _ in range(k)])
+    else:
+        ctx = backbone.reference() if inversion_model == "reference" else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            x_inv, reached = backbone.invert(flat, cond_k, steps=steps, until=t, eta=eta, renoise=renoise)
     eps_hat = backbone.eps_from_xt(flat, x_inv, reached)
     noised = backbone.noise(flat, t=reached, eps=eps_hat)
     err = backbone.error(noised, cond_k).view(b, k)
     with torch.no_grad(), backbone.reference():
         ref = backbone.error(noised, cond_k).view(b, k)
     return err, ref
+
+
+def _cached_inversion(backbone, flat: Tensor, cond, t: Tensor, steps: int, renoise: int, cache: dict,
+                      prompts: list[str]) -> tuple[Tensor, Tensor]:
+    import hashlib
+
+    keys = [hashlib.sha1(flat[i].detach().float().cpu().numpy().tobytes()).hexdigest()
+            + f"/{float(t[i])}/{steps}/{renoise}/{prompts[i]}" for i in range(len(flat))]
+    missing = [i for i, key in enumerate(keys) if key not in cache]
+    if missing:
+        idx = torch.tensor(missing)
+        with torch.no_grad(), backbone.reference():
+            x_new, t_new = backbone.invert(flat[idx], cond[idx.to(flat.device)], steps=steps, until=t[idx],
+                                           renoise=renoise)
+        for j, i in enumerate(missing):
+            cache[keys[i]] = (x_new[j].detach(), t_new[j].detach())
+    x_inv = torch.stack([cache[key][0] for key in keys])
+    reached = torch.stack([cache[key][1] for key in keys])
+    return x_inv, reached
