@@ -19,27 +19,22 @@ from visalign.train.loop import NonFiniteError, train
 PRESET = {"sd15": ("sd15", "sd"), "sdxl": ("sdxl", "sdxl"), "sd3": ("sd3", "sd3"), "pixel": ("shapes", "pixel")}
 
 
+def _overrides(model_dir, data, out, family="pixel") -> list[str]:
+    over = [f"model.name={PRESET[family][1]}", f"model.path={model_dir}", f"data.path={data}",
+            f"train.output_dir={out}", "train.steps=3", "train.batch_size=2", "train.lr=1e-3", "train.log_every=1",
+            "train.save_every=0", "train.threads=1", "train.tracker=none", "train.mixed_precision=no"]
+    return over + (["model.max_sequence_length=8"] if family == "sd3" else [])
+
+
 def _cfg(model_dir, data, out, family="pixel", extra=()):
-    preset, backbone = PRESET[family]
-    over = [f"model.name={backbone}", f"model.path={model_dir}", f"data.path={data}", f"train.output_dir={out}",
-            "train.steps=3", "train.batch_size=2", "train.lr=1e-3", "train.log_every=1", "train.save_every=0",
-            "train.threads=1", "train.tracker=none", "train.mixed_precision=no"]
-    if family == "sd3":
-        over.append("model.max_sequence_length=8")
-    return load_config(preset, [], over + list(extra))
+    return load_config(PRESET[family][0], [], _overrides(model_dir, data, out, family) + list(extra))
 
 
 def _cli_train(model_dir, data, out, family="pixel", extra=()) -> dict:
     """`visalign finetune MODEL key=value ...` through the CLI entry point; returns summary.json."""
     from visalign.cli import main
 
-    preset, backbone = PRESET[family]
-    over = [f"model.name={backbone}", f"model.path={model_dir}", f"data.path={data}", f"train.output_dir={out}",
-            "train.steps=3", "train.batch_size=2", "train.lr=1e-3", "train.log_every=1", "train.save_every=0",
-            "train.threads=1", "train.tracker=none", "train.mixed_precision=no"]
-    if family == "sd3":
-        over.append("model.max_sequence_length=8")
-    assert main(["finetune", preset, *over, *extra]) == 0
+    assert main(["finetune", PRESET[family][0], *_overrides(model_dir, data, out, family), *extra]) == 0
     return json.loads((Path(out) / "summary.json").read_text())
 
 

@@ -182,6 +182,14 @@ def cmd_demo(args) -> None:
     run_demo(args.out, quick=args.quick)
 
 
+def _sampling_args(s) -> None:
+    """Options shared by the commands that generate: seed, sampler steps, guidance, threads."""
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--threads", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visalign", description="Preference alignment for text-to-image diffusion.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,10 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora")
     s.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl (default: ShapesWorld eval split)")
     s.add_argument("--samples-per-prompt", type=int, default=4)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=3.0)
-    s.add_argument("--threads", type=int, default=0)
+    _sampling_args(s)
     s.add_argument("--detector", default="shapes", choices=("shapes", "owlv2"),
                    help="shapes: ShapesWorld's exact detector; owlv2: open-vocabulary, for real models")
     s.add_argument("--owl", default="google/owlv2-base-patch16-ensemble", help="OWLv2 folder or hub id")
@@ -242,10 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--feature-weights", help="ShapesWorld feature net (default assets/shapes-features)")
     s.add_argument("--inception-weights", help="local pt_inception-2015-12-05-6726825d.pth for --feature inception")
     s.add_argument("--prompts", help="a text file of prompts (default: ShapesWorld eval prompts)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=3.0)
-    s.add_argument("--threads", type=int, default=0)
+    _sampling_args(s)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=lambda a: _eval('cmd_eval_fid', a))
 
@@ -258,10 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reward", required=True)
     s.add_argument("--prompts", required=True, help="shapes:eval, a .txt or .jsonl file, or a dataset")
     s.add_argument("--samples-per-prompt", type=int, default=2)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=3.0)
-    s.add_argument("--threads", type=int, default=0)
+    _sampling_args(s)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=lambda a: _eval('cmd_eval_winrate', a))
 

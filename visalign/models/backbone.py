@@ -166,6 +166,22 @@ class ReferenceMixin:
             return self._reference_denoiser
         return self.denoiser
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.unwrapped().parameters()).device
+
+    def error(self, noised: Noised, cond: Cond) -> Tensor:
+        """Per-image mean squared error of the model's prediction against its own target: [N]."""
+        return per_image_mse(self.predict(noised.x_t, noised.t, cond), noised.target)
+
+    def guided(self, x: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> Tensor:
+        """Classifier-free guidance u + w(c − u) in one batched forward; t is a scalar or one per image."""
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        if uncond is None or guidance == 1.0:
+            return self.predict(x, t, cond)
+        u, c = self.predict(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([uncond, cond])).chunk(2)
+        return u + guidance * (c - u)
+
     def _inputs_for(self, model: torch.nn.Module, x_t: Tensor, cond: Cond) -> tuple[Tensor, Cond]:
         """A reference kept in lower precision gets its inputs in its own dtype."""
         if model is self._reference_denoiser and model is not None:

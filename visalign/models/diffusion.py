@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, per_image_mse
+from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean
 
 
 class DiffusionBackbone(ReferenceMixin):
@@ -37,10 +37,6 @@ class DiffusionBackbone(ReferenceMixin):
     def _forward(self, model: torch.nn.Module, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return model(x_t, t, encoder_hidden_states=cond.tensors["hidden"]).sample
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unwrapped().parameters()).device
-
     # --- training ------------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
@@ -63,10 +59,6 @@ class DiffusionBackbone(ReferenceMixin):
         model = self.active_denoiser()
         x_in, cond = self._inputs_for(model, x_t, cond)
         return self._forward(model, x_in, t, cond).to(x_t.dtype)
-
-    def error(self, noised: Noised, cond: Cond) -> Tensor:
-        """Per-image mean squared error of the model's prediction against its own target: [N]."""
-        return per_image_mse(self.predict(noised.x_t, noised.t, cond), noised.target)
 
     # --- DDIM -----------------------------------------------------------------------------------
     def _alpha(self, t: Tensor | int) -> Tensor:
@@ -108,14 +100,6 @@ class DiffusionBackbone(ReferenceMixin):
         sched.set_timesteps(steps, device=self.device)
         return sched
 
-    def guided(self, x: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> Tensor:
-        """Classifier-free guidance: ε_u + w(ε_c − ε_u), one batched forward."""
-        if uncond is None or guidance == 1.0:
-            return self.predict(x, t.expand(x.shape[0]), cond)
-        both = self.predict(torch.cat([x, x]), t.expand(2 * x.shape[0]), Cond.cat([uncond, cond]))
-        u, c = both.chunk(2)
-        return u + guidance * (c - u)
-
     def _prev_t(self, t: Tensor, steps: int) -> Tensor:
         return t - self.num_train_timesteps // steps
 
@@ -153,12 +137,7 @@ class DiffusionBackbone(ReferenceMixin):
         if eta <= 0:
             raise ValueError("step_logprob needs eta > 0: a deterministic DDIM step has no density")
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        if uncond is None or guidance == 1.0:
-            pred = self.predict(x_t, t, cond)
-        else:
-            both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([uncond, cond]))
-            u, c = both.chunk(2)
-            pred = u + guidance * (c - u)
+        pred = self.guided(x_t, t, cond, uncond, guidance)
         mean, std = self.ddim_mean_std(pred, x_t, t, self._prev_t(t, steps), eta)
         return gaussian_logprob_mean(x_prev, mean, std)
 

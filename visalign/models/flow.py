@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import BACKBONES
-from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, per_image_mse
+from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean
 from .load import load_diffusers, load_transformers
 from .unet import LatentMixin, tokenize
 
@@ -58,10 +58,6 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
         c = self.denoiser.config.in_channels
         self.sample_shape = (c, self.resolution // factor, self.resolution // factor)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unwrapped().parameters()).device
-
     def encode_prompts(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond:
         hidden, pooled = [], []
         for tok, enc in zip(self.tokenizers, self.text_encoders):
@@ -105,21 +101,12 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
         return model(hidden_states=x_in, timestep=t, encoder_hidden_states=cond.tensors["hidden"],
                      pooled_projections=cond.tensors["pooled"]).sample.to(x_t.dtype)
 
-    def error(self, noised: Noised, cond: Cond) -> Tensor:
-        return per_image_mse(self.predict(noised.x_t, noised.t, cond), noised.target)
-
     def _scheduler(self, steps: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         return sched
-
-    def guided(self, x: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> Tensor:
-        if uncond is None or guidance == 1.0:
-            return self.predict(x, t.expand(x.shape[0]), cond)
-        u, c = self.predict(torch.cat([x, x]), t.expand(2 * x.shape[0]), Cond.cat([uncond, cond])).chunk(2)
-        return u + guidance * (c - u)
 
     def sde_mean_std(self, v: Tensor, x: Tensor, sigma: Tensor, sigma_prev: Tensor, eta: float,
                      sigma_max: float) -> tuple[Tensor, Tensor]:
@@ -169,7 +156,7 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
         sched = self._scheduler(steps)
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         s, sp = self._sigma_pair(sched, t)
-        v = self.guided(x_t, t, cond, uncond, guidance) if uncond is not None else self.predict(x_t, t, cond)
+        v = self.guided(x_t, t, cond, uncond, guidance)
         mean, std = self.sde_mean_std(v, x_t, s, sp, eta, float(sched.sigmas[1]))
         return gaussian_logprob_mean(x_prev, mean, std)
 
