@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/visalign demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check visalign tests scripts
