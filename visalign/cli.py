@@ -188,6 +188,7 @@ def _sampling_args(s) -> None:
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, default=3.0)
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (about 2x faster on AMX CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                       ("max-prompts", int), ("repeat-prompts", int), ("threads", int), ("eta", float)):
         s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=typ)
     s.add_argument("--normalise", choices=("zscore", "rank", "none"))
+    s.add_argument("--bf16", action="store_true", default=None, help="sample under bf16 autocast")
     s.add_argument("--pairs", choices=("best-worst", "all"))
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_make_dataset)

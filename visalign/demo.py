@@ -40,7 +40,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     from .models.lora import load_lora
     from .train.loop import train
     from .train.setup import resolve_path
-    from .worlds.shapes.render import prompt_records
 
     t_start = time.time()
     out = Path(out)
@@ -48,15 +47,20 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     if not (Path(base_path) / "unet").exists():
         raise FileNotFoundError(f"no ShapesWorld base model at {base_path}; run "
                                 "`visalign world shapes pretrain --out assets/shapes-base` first")
-    budget = dict(images_per_prompt=4, repeat_prompts=1, steps=20, train_steps=200, eval_samples=4, batch=16)
+    budget = dict(train_per_task=30, images_per_prompt=4, steps=20, train_steps=200, eval_per_task=50, batch=16)
     if quick:
-        budget = dict(images_per_prompt=2, repeat_prompts=1, steps=4, train_steps=3, eval_samples=1, batch=4)
-    print(f"[1/4] make-dataset: ShapesWorld train prompts x {budget['images_per_prompt']} samples, shapes reward")
-    ds_cfg = MakeDatasetConfig(prompts="shapes:train", models=[f"pixel={base_path}"],
+        budget = dict(train_per_task=2, images_per_prompt=2, steps=4, train_steps=3, eval_per_task=2, batch=4)
+    from .worlds.shapes.render import balanced_records
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_prompts = out / "train_prompts.txt"
+    train_prompts.write_text("\n".join(r["prompt"] for r in balanced_records("train", budget["train_per_task"])))
+    print(f"[1/4] make-dataset: {budget['train_per_task']} training prompts per task x "
+          f"{budget['images_per_prompt']} samples, scored by the shapes reward")
+    ds_cfg = MakeDatasetConfig(prompts=str(train_prompts), models=[f"pixel={base_path}"],
                                images_per_prompt=budget["images_per_prompt"], rewards=["shapes"],
                                out=str(out / "data"), steps=budget["steps"], guidance=3.0, seed=0,
-                               batch_size=64, shard_size=64, pairs="best-worst",
-                               max_prompts=12 if quick else 0, repeat_prompts=budget["repeat_prompts"])
+                               batch_size=64, shard_size=64, pairs="best-worst", bf16=not quick)
     ds = make_dataset(ds_cfg, progress=not quick)
     print(f"      {ds['images']} images in {ds['seconds']:.0f}s -> {out / 'data'}")
 
@@ -64,7 +68,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     cfg = load_config("shapes", [], [
         f"model.path={base_path}", f"data.path={out / 'data' / 'pairs'}", f"train.output_dir={out / 'run'}",
         f"train.steps={budget['train_steps']}", f"train.batch_size={budget['batch']}", "train.lr=3e-4",
-        "train.warmup_steps=10", "train.save_every=0", "train.log_every=10", "lora.rank=8", "lora.alpha=8"])
+        "train.warmup_steps=10", "train.save_every=0", "train.log_every=10", "lora.rank=8", "lora.alpha=8",
+        f"train.mixed_precision={'no' if quick else 'bf16'}"])
     summary = train(cfg)
     print(f"      {summary['steps']} steps in {summary['seconds']:.0f}s -> {summary.get('lora')}")
 
@@ -72,18 +77,16 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     from .config import Component
     from .train.setup import build_backbone
 
-    records = prompt_records("eval")
-    if quick:
-        records = records[::15]
+    records = balanced_records("eval", budget["eval_per_task"])
     results = {}
     for name, lora in (("base", None), ("dpo-lora", Path(summary["lora"]))):
         bb = build_backbone(Component("pixel", {"path": base_path}))
         if lora is not None:
             load_lora(bb, lora)
         bb.unwrapped().eval()
+        bb.sample_dtype = None if quick else torch.bfloat16
         with torch.no_grad():
-            results[name] = generate_and_score(bb, records, budget["eval_samples"], seed=1234,
-                                               steps=budget["steps"], guidance=3.0)
+            results[name] = generate_and_score(bb, records, 1, seed=1234, steps=budget["steps"], guidance=3.0)
     metrics = {name: write_results(res, out / "eval" / name, extra={"model": name}) for name, res in results.items()}
     imp = paired_improvement(results["base"], results["dpo-lora"])
     elapsed = time.time() - t_start

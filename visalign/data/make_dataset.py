@@ -40,6 +40,7 @@ class MakeDatasetConfig:
     max_prompts: int = 0
     repeat_prompts: int = 1  # each prompt this many times (different seeds)
     threads: int = 0
+    bf16: bool = False  # sample under bf16 autocast
 
 
 def parse_reward(spec: str) -> tuple[str, float, dict]:
@@ -171,6 +172,9 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
     bar = tqdm(total=total_images, desc=f"make-dataset[{rank}]", unit="img", disable=not progress,
                dynamic_ncols=True)
     backbones = [build_backbone(Component(b, {"path": p})) for b, p in models] if mine else []
+    for bb in backbones:
+        bb.unwrapped().eval()
+        bb.sample_dtype = torch.bfloat16 if cfg.bf16 else None
     t0, made = time.time(), 0
     for j in mine:
         ids = list(range(j * cfg.shard_size, min((j + 1) * cfg.shard_size, len(prompts))))

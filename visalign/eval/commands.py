@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 
-def load_backbone_cli(model: str, backbone: str | None, lora: str | None):
+def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: bool = False):
     """A backbone from a folder (family from model_index.json unless named), with an optional LoRA, in eval mode."""
     from ..config import Component
     from ..models.load import detect_backbone
@@ -21,6 +21,10 @@ def load_backbone_cli(model: str, backbone: str | None, lora: str | None):
 
         load_lora(bb, lora)
     bb.unwrapped().eval()
+    if bf16:
+        import torch
+
+        bb.sample_dtype = torch.bfloat16
     return bb
 
 
@@ -33,7 +37,7 @@ def cmd_eval_geneval(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
-    bb = load_backbone_cli(args.model, args.backbone, args.lora)
+    bb = load_backbone_cli(args.model, args.backbone, args.lora, args.bf16)
     detector = None
     if args.detector == "owlv2":
         from .open_vocab import OpenVocabDetector
@@ -44,6 +48,7 @@ def cmd_eval_geneval(args) -> None:
     metrics = write_results(results, args.out, extra={
         "model": args.model, "lora": args.lora, "metadata": args.metadata or "shapes:eval", "seed": args.seed,
         "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": args.guidance,
+        "bf16": args.bf16,
         "detector": "shapes-exact" if detector is None else f"owlv2:{args.owl} + open_clip:{args.clip_arch}"})
     print(format_table({Path(args.lora or args.model).name: metrics}))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
@@ -90,7 +95,7 @@ def cmd_eval_fid(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     real = real_images(args.real, args.n, seed=args.seed + 1)
-    bb = load_backbone_cli(args.model, args.backbone, args.lora)
+    bb = load_backbone_cli(args.model, args.backbone, args.lora, args.bf16)
     records = prompt_records("eval")
     prompts = [records[i % len(records)]["prompt"] for i in range(args.n)] if args.prompts is None else [
         ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
@@ -124,7 +129,7 @@ def cmd_eval_winrate(args) -> None:
     reward = build_reward(args.reward)
     scores = {}
     for name, model, lora in (("model", args.model, args.lora), ("baseline", args.baseline, args.baseline_lora)):
-        bb = load_backbone_cli(model, args.backbone, lora)
+        bb = load_backbone_cli(model, args.backbone, lora, args.bf16)
         jobs = [(i, k) for i in range(len(prompts)) for k in range(args.samples_per_prompt)]
         out = []
         with torch.no_grad():

@@ -99,6 +99,12 @@ class ReferenceMixin:
     _reference_denoiser: torch.nn.Module | None = None
     _reference_active: bool = False
     uses_lora: bool = False
+    sample_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: sample under autocast (2x on AMX CPUs)
+
+    def sampling_autocast(self):
+        """Autocast for sampling when ``sample_dtype`` is set (training precision is accelerate's business)."""
+        return torch.autocast(self.device.type, dtype=self.sample_dtype or torch.float32,
+                              enabled=self.sample_dtype is not None)
 
     def unwrapped(self) -> torch.nn.Module:
         m = self.denoiser

@@ -27,13 +27,14 @@ class ShapesFeatureNet(nn.Module):
         super().__init__()
         w = width
 
-        def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
-
-        self.body = nn.Sequential(block(3, w), nn.AvgPool2d(2), block(w, 2 * w), nn.AvgPool2d(2),
-                                  block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(4 * w, FEATURES), nn.SiLU())
+        # per-pixel colour features first (1x1 convs), then shape features; global max pooling finds small
+        # objects on the plain background and average pooling keeps how many there are
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 1), nn.ReLU(), nn.Conv2d(w, w, 1), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU())
+        self.proj = nn.Sequential(nn.Linear(9 * w, FEATURES), nn.ReLU())
         self.count_head = nn.Linear(FEATURES, len(SHAPES) * (MAX_COUNT + 1))
         self.color_head = nn.Linear(FEATURES, len(COLORS))
 
@@ -41,7 +42,9 @@ class ShapesFeatureNet(nn.Module):
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if x.shape[-1] != 32:
             x = nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-        return self.body(x * 2 - 1)
+        c = self.stem(x * 2 - 1)
+        h = self.body(c)
+        return self.proj(torch.cat([c.amax((2, 3)), h.amax((2, 3)), h.mean((2, 3)) * 4], 1))
 
     def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.count_head(feats).view(-1, len(SHAPES), MAX_COUNT + 1), self.color_head(feats)
@@ -65,7 +68,7 @@ def render_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x, torch.tensor(counts), torch.tensor(colors)
 
 
-def train_feature_net(out: str | Path, steps: int = 600, batch: int = 128, seed: int = 0, lr: float = 2e-3) -> dict:
+def train_feature_net(out: str | Path, steps: int = 600, batch: int = 128, seed: int = 0, lr: float = 3e-3) -> dict:
     """Train on fresh renders each step; report held-out count/colour accuracy; save safetensors + config."""
     from safetensors.torch import save_file
 

@@ -108,6 +108,21 @@ def prompt_records(split: str = "all", eval_fraction: float = 0.3) -> list[dict]
     return chosen
 
 
+def balanced_records(split: str, per_task: int) -> list[dict]:
+    """``per_task`` records for each of the six tasks, cycling through that task's prompts of ``split``.
+
+    The splits hold very different numbers of prompts per task (3 single-object prompts in all, 216
+    colour-attribution ones); cycling gives every task the same number of samples, so GenEval's
+    unweighted task mean has comparable standard errors across tasks.
+    """
+    records = prompt_records(split)
+    out = []
+    for task in TASKS:
+        recs = [r for r in records if r["tag"] == task]
+        out += [recs[i % len(recs)] for i in range(per_task)]
+    return out
+
+
 def write_metadata(records: Iterable[dict], path: str | Path) -> Path:
     """Write records as GenEval's evaluation_metadata.jsonl (one JSON object per line)."""
     path = Path(path)
