@@ -116,3 +116,17 @@ def test_ranks_and_pairs_views():
     assert len(bw) == 1 and bw[0]["jpg_0"] == b"b" and bw[0]["jpg_1"] == b"a" and bw[0]["margin"] == pytest.approx(0.7)
     assert len(pairs_from_list(row, "all")) == 3
     assert pairs_from_list({"prompt": "p", "images": [b"a", b"b"], "scores": [1.0, 1.0]}, "best-worst") == []
+
+
+def test_min_margin_and_renderer_model(tiny_dir, tmp_path):
+    row = {"prompt": "p", "images": [b"a", b"b", b"c"], "scores": [1.0, 0.95, 0.5]}
+    assert [(p["jpg_0"], p["jpg_1"]) for p in pairs_from_list(row, "all", 0.15)] == [(b"a", b"c"), (b"b", b"c")]
+    assert pairs_from_list({"prompt": "p", "images": [b"a", b"b"], "scores": [1.0, 0.95]}, "best-worst", 0.15) == []
+    out = tmp_path / "mixed"
+    make_dataset(_cfg(tiny_dir("pixel"), out, models=["shapes-render", f"pixel={tiny_dir('pixel')}"],
+                      images_per_prompt=2, normalise="none", pairs="all", min_margin=0.15, max_prompts=4),
+                 progress=False)
+    rows = _rows(out)
+    assert all(len(r["images"]) == 4 and r["sources"][0].startswith("shapes-render#") for r in rows)
+    # one image size per row: the renderer follows the model's 16x16
+    assert all(decode_image(im).size == (16, 16) for r in rows for im in r["images"])

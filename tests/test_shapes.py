@@ -156,3 +156,23 @@ def test_renders_are_seeded_and_varied():
     assert set(SHAPES) == {r["include"][0]["class"] for r in all_records() if r["tag"] == "single_object"}
     assert len(COLORS) == 6
     random.Random(0)
+
+
+def test_balanced_records_and_the_renderer_pipeline():
+    import torch
+
+    from visalign.worlds.shapes.oracle import RenderPipeline
+    from visalign.worlds.shapes.render import balanced_records
+
+    recs = balanced_records("eval", 7)
+    assert len(recs) == 42 and all(sum(r["tag"] == t for r in recs) == 7 for t in TASKS)
+    eval_prompts = {r["prompt"] for r in prompt_records("eval")}
+    assert {r["prompt"] for r in recs} <= eval_prompts
+    pipe = RenderPipeline()
+    prompts = [r["prompt"] for r in recs[:12]]
+    latents = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = pipe.sample(prompts, latents=latents)
+    again = pipe.sample(prompts, latents=latents)
+    assert torch.equal(out.images, again.images)
+    rewards = ShapesReward()(out.images, prompts)
+    assert torch.all(rewards == 1.0)  # renders satisfy their prompts exactly

@@ -132,28 +132,37 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_dir, pairs, tmp_path
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
 
 
-def _two_process_worker(model, pairs, out):
-    from accelerate.state import AcceleratorState
-
-    # the forked worker inherits the parent's single-process accelerate state from earlier tests
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(1)
-    summary = train(_cfg(model, pairs, out, "pixel", ["train.steps=2"]))
-    (Path(out) / f"rank{summary['rank']}.json").write_text(json.dumps(summary))
-
-
-def test_two_cpu_processes(tiny_dir, pairs, tmp_path):
-    from accelerate import debug_launcher
-
+def test_two_cpu_processes_with_accelerate_launch(tiny_dir, pairs, tmp_path):
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m visalign finetune ...` (gloo)."""
     out = tmp_path / "ddp"
-    debug_launcher(_two_process_worker, args=(tiny_dir("pixel"), pairs, out), num_processes=2)
-    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
-    assert [r["world_size"] for r in ranks] == [2, 2]
-    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
-    assert ranks[0]["pairs_seen"] == 2 * 2 * 2  # 2 steps x batch 2 x 2 processes
-    assert "lora" in ranks[0] and "lora" not in ranks[1]  # only the main process writes outputs
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", "29731", "-m", "visalign", "finetune", "shapes",
+           *_overrides(tiny_dir("pixel"), pairs, out), "train.steps=2"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summaries = [json.loads(block) for block in _json_blocks(r.stdout)]
+    assert len(summaries) == 2 and sorted(s["rank"] for s in summaries) == [0, 1]
+    assert all(s["world_size"] == 2 for s in summaries)
+    assert summaries[0]["weights_sha256"] == summaries[1]["weights_sha256"]  # both ranks end identical
+    assert summaries[0]["pairs_seen"] == 2 * 2 * 2  # 2 steps x batch 2 x 2 processes
+    assert sum("lora" in s for s in summaries) == 1  # only the main process writes outputs
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert len(list((out / "lora").iterdir())) == 1
+
+
+def _json_blocks(text: str) -> list[str]:
+    blocks, depth, start = [], 0, None
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+            start = i if depth == 1 else start
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                blocks.append(text[start:i + 1])
+    return [b for b in blocks if '"world_size"' in b]
 
 
 def test_ties_corrupt_rows_and_missing_columns(tmp_path):

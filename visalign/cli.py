@@ -141,9 +141,10 @@ def cmd_world_pretrain(args) -> None:
 
 
 def cmd_world_prompts(args) -> None:
-    from .worlds.shapes.render import prompt_records, write_metadata
+    from .worlds.shapes.render import balanced_records, prompt_records, write_metadata
 
-    print(f"wrote {write_metadata(prompt_records(args.split), args.out)}")
+    records = balanced_records(args.split, args.per_task) if args.per_task else prompt_records(args.split)
+    print(f"wrote {write_metadata(records, args.out)}")
 
 
 def cmd_reward_server(args) -> None:
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--normalise", choices=("zscore", "rank", "none"))
     s.add_argument("--bf16", action="store_true", default=None, help="sample under bf16 autocast")
     s.add_argument("--pairs", choices=("best-worst", "all"))
+    s.add_argument("--min-margin", dest="min_margin", type=float, help="pairs need this score gap at least")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_make_dataset)
 
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_world_features)
     s = shapes.add_parser("prompts", help="write a GenEval-format metadata file for a split")
     s.add_argument("--split", default="eval", choices=("train", "eval", "all"))
+    s.add_argument("--per-task", type=int, default=0, help="N records per task, cycling the split's prompts")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_world_prompts)
 

@@ -47,7 +47,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     if not (Path(base_path) / "unet").exists():
         raise FileNotFoundError(f"no ShapesWorld base model at {base_path}; run "
                                 "`visalign world shapes pretrain --out assets/shapes-base` first")
-    budget = dict(train_per_task=30, images_per_prompt=4, steps=20, train_steps=200, eval_per_task=50, batch=16)
+    budget = dict(train_per_task=40, images_per_prompt=4, steps=20, train_steps=200, eval_per_task=50, batch=16)
     if quick:
         budget = dict(train_per_task=2, images_per_prompt=2, steps=4, train_steps=3, eval_per_task=2, batch=4)
     from .worlds.shapes.render import balanced_records
@@ -56,11 +56,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     train_prompts = out / "train_prompts.txt"
     train_prompts.write_text("\n".join(r["prompt"] for r in balanced_records("train", budget["train_per_task"])))
     print(f"[1/4] make-dataset: {budget['train_per_task']} training prompts per task x "
-          f"{budget['images_per_prompt']} samples, scored by the shapes reward")
+          f"{budget['images_per_prompt']} base samples, scored by the shapes reward; every pair of samples "
+          "that differ by at least one GenEval constraint")
     ds_cfg = MakeDatasetConfig(prompts=str(train_prompts), models=[f"pixel={base_path}"],
                                images_per_prompt=budget["images_per_prompt"], rewards=["shapes"],
                                out=str(out / "data"), steps=budget["steps"], guidance=3.0, seed=0,
-                               batch_size=64, shard_size=64, pairs="best-worst", bf16=not quick)
+                               batch_size=64, shard_size=64, normalise="none", pairs="all", min_margin=0.15,
+                               bf16=not quick)
     ds = make_dataset(ds_cfg, progress=not quick)
     print(f"      {ds['images']} images in {ds['seconds']:.0f}s -> {out / 'data'}")
 

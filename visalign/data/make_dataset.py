@@ -37,6 +37,7 @@ class MakeDatasetConfig:
     shard_size: int = 64  # prompts per shard
     normalise: str = "zscore"  # zscore | rank | none (per prompt, per reward, before the weighted mean)
     pairs: str = ""  # "" | best-worst | all
+    min_margin: float = 0.0  # pairs need at least this aggregate-score gap
     max_prompts: int = 0
     repeat_prompts: int = 1  # each prompt this many times (different seeds)
     threads: int = 0
@@ -62,9 +63,12 @@ def parse_reward(spec: str) -> tuple[str, float, dict]:
 
 
 def parse_model(spec: str) -> tuple[str, str]:
+    """'NAME=PATH', a diffusers folder, or 'shapes-render' (the exact ShapesWorld renderer)."""
     from ..models.load import detect_backbone
     from ..train.setup import resolve_path
 
+    if spec == "shapes-render":
+        return "shapes-render", "shapes-render"
     if "=" in spec:
         name, path = spec.split("=", 1)
         return name, resolve_path(path)
@@ -116,15 +120,15 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return ranks
 
 
-def pairs_from_list(row: dict, how: str) -> list[dict]:
+def pairs_from_list(row: dict, how: str, min_margin: float = 0.0) -> list[dict]:
     """Pick-a-Pic-schema pairs from a ranked row: best vs worst, or every ordered pair with a score gap."""
     s, imgs = row["scores"], row["images"]
     idx = list(range(len(s)))
     if how == "best-worst":
         best, worst = max(idx, key=lambda i: s[i]), min(idx, key=lambda i: s[i])
-        cand = [(best, worst)] if s[best] > s[worst] else []
+        cand = [(best, worst)] if s[best] > s[worst] and s[best] - s[worst] >= min_margin else []
     elif how == "all":
-        cand = [(i, j) for i in idx for j in idx if s[i] > s[j]]
+        cand = [(i, j) for i in idx for j in idx if s[i] > s[j] and s[i] - s[j] >= min_margin]
     else:
         raise ValueError(f"pairs={how!r}: expected best-worst or all")
     return [{"caption": row["prompt"], "jpg_0": imgs[i], "jpg_1": imgs[j], "label_0": 1.0,
@@ -171,7 +175,14 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
     total_images = len(mine) * cfg.shard_size * cfg.images_per_prompt * len(models)
     bar = tqdm(total=total_images, desc=f"make-dataset[{rank}]", unit="img", disable=not progress,
                dynamic_ncols=True)
-    backbones = [build_backbone(Component(b, {"path": p})) for b, p in models] if mine else []
+    from ..worlds.shapes.oracle import RenderPipeline
+
+    backbones = [RenderPipeline() if b == "shapes-render" else build_backbone(Component(b, {"path": p}))
+                 for b, p in models] if mine else []
+    sizes = [bb.resolution for bb in backbones if not isinstance(bb, RenderPipeline)]
+    for bb in backbones:
+        if isinstance(bb, RenderPipeline) and sizes:
+            bb.resize_to(max(sizes))  # one image size per row: the renderer follows the models
     for bb in backbones:
         bb.unwrapped().eval()
         bb.sample_dtype = torch.bfloat16 if cfg.bf16 else None
@@ -217,7 +228,7 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
                    "ranks": ranks_from_scores(scores), "sources": sources[i], "seeds": seeds[i]}
             rows.append(row)
             if cfg.pairs:
-                pair_rows += pairs_from_list(row, cfg.pairs)
+                pair_rows += pairs_from_list(row, cfg.pairs, cfg.min_margin)
         if cfg.pairs:
             # pairs first: the data shard's existence marks the whole shard as done
             _write_parquet(pair_rows, shard_path(out, "pairs", j), schema=_pair_schema())
