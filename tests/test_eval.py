@@ -128,3 +128,16 @@ def test_open_vocab_geneval_plumbing_with_tiny_configs(tiny_dir, tmp_path):
                  "--samples-per-prompt", "2", "--steps", "2", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 4 and m["detector"].startswith("owlv2:")
+
+
+def test_eval_fid_and_winrate_commands(tiny_dir, tmp_path):
+    model = str(tiny_dir("pixel"))
+    assert main(["eval", "fid", "--model", model, "--real", "shapes:eval", "--n", "40", "--steps", "2",
+                 "--out", str(tmp_path / "fid")]) == 0
+    r = json.loads((tmp_path / "fid" / "fid.json").read_text())
+    assert r["fid"] > 0 and r["feature"] == "shapes" and r["n_real"] == 40 and "resize" in r
+    assert main(["eval", "winrate", "--model", model, "--baseline", model, "--reward", "shapes", "--prompts",
+                 "shapes:eval", "--samples-per-prompt", "1", "--steps", "2", "--out", str(tmp_path / "wr")]) == 0
+    w = json.loads((tmp_path / "wr" / "winrate.json").read_text())
+    # a model against itself with the same seeds: every comparison is a tie
+    assert w["win_rate"] == 0.5 and w["ties"] == w["n"] == 90
