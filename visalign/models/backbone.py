@@ -101,6 +101,16 @@ class ReferenceMixin:
     uses_lora: bool = False
     sample_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: sample under autocast (2x on AMX CPUs)
 
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 3.0, *,
+               generator: torch.Generator | None = None, trajectory: bool = False, eta: float = 0.0,
+               latents: Tensor | None = None, image_meta: dict | None = None) -> SampleOutput:
+        """Generate with classifier-free guidance (under ``sample_dtype`` autocast when set); images in [0, 1]."""
+        with self.sampling_autocast():
+            out = self._sample(prompts, steps, guidance, generator, trajectory, eta, latents, image_meta)
+        out.images = out.images.float()
+        return out
+
     def sampling_autocast(self):
         """Autocast for sampling when ``sample_dtype`` is set (training precision is accelerate's business)."""
         return torch.autocast(self.device.type, dtype=self.sample_dtype or torch.float32,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -104,14 +102,6 @@ class DiffusionBackbone(ReferenceMixin):
         return t - self.num_train_timesteps // steps
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 3.0, *,
-               generator: torch.Generator | None = None, trajectory: bool = False, eta: float = 0.0,
-               latents: Tensor | None = None, image_meta: dict | None = None) -> SampleOutput:
-        with self.sampling_autocast():
-            out = self._sample(prompts, steps, guidance, generator, trajectory, eta, latents, image_meta)
-        out.images = out.images.float()
-        return out
-
     def _sample(self, prompts, steps, guidance, generator, trajectory, eta, latents, image_meta) -> SampleOutput:
         """DDIM sampling with classifier-free guidance; with ``trajectory`` also x_t per step and log-probs."""
         n = len(prompts)

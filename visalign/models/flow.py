@@ -124,14 +124,6 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
         return sched.sigmas[idx].to(t.device), sched.sigmas[idx + 1].to(t.device)
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 3.0, *,
-               generator: torch.Generator | None = None, trajectory: bool = False, eta: float = 0.0,
-               latents: Tensor | None = None, image_meta: dict | None = None) -> SampleOutput:
-        with self.sampling_autocast():
-            out = self._sample(prompts, steps, guidance, generator, trajectory, eta, latents, image_meta)
-        out.images = out.images.float()
-        return out
-
     def _sample(self, prompts, steps, guidance, generator, trajectory, eta, latents, image_meta) -> SampleOutput:
         n = len(prompts)
         sched = self._scheduler(steps)
