@@ -130,3 +130,19 @@ def test_min_margin_and_renderer_model(tiny_dir, tmp_path):
     assert all(len(r["images"]) == 4 and r["sources"][0].startswith("shapes-render#") for r in rows)
     # one image size per row: the renderer follows the model's 16x16
     assert all(decode_image(im).size == (16, 16) for r in rows for im in r["images"])
+
+
+def test_two_cpu_processes_with_accelerate_launch(tiny_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes: each writes its shards, together one dataset, no duplicates."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", "29733", "-m", "visalign", "make-dataset",
+           "--prompts", "shapes:eval", "--model", f"pixel={tiny_dir('pixel')}", "--images-per-prompt", "2",
+           "--out", str(out), "--steps", "2", "--shard-size", "2", "--max-prompts", "8", "--threads", "1"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count('"written": 2') == 2  # 4 shards split over 2 processes
+    rows = _rows(out)
+    assert sorted(row["prompt_index"] for row in rows) == list(range(8))

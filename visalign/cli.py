@@ -108,9 +108,10 @@ def cmd_make_dataset(args) -> None:
     cfg = _dataclass_from_args(MakeDatasetConfig, args, args.overrides)
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())
         rank, world = state.process_index, state.num_processes
     summary = make_dataset(cfg, rank, world)
     print(json.dumps(summary))
