@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 
@@ -55,4 +54,4 @@ def as_float(t: Tensor | float) -> float:
     return float(t.detach().float().mean()) if isinstance(t, Tensor) else float(t)
 
 
-__all__ = ["PreferenceBatch", "StepOutput", "as_float", "torch"]
+__all__ = ["PreferenceBatch", "StepOutput", "as_float"]

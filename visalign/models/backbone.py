@@ -92,6 +92,19 @@ def gaussian_logprob_mean(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return lp.flatten(1).mean(1)
 
 
+def gaussian_step(mean: Tensor, std: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """x ~ N(mean, std²) and its per-image mean log-density: the stochastic step of a sampled trajectory."""
+    x = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+    return x, gaussian_logprob_mean(x, mean, std)
+
+
+def sample_output(backbone, x: Tensor, traj: list[Tensor], logps: list[Tensor], timesteps: Tensor,
+                  trajectory: bool) -> SampleOutput:
+    return SampleOutput(images=backbone.decode(x), latents=x, trajectory=traj if trajectory else None,
+                        timesteps=timesteps.clone() if trajectory else None,
+                        log_probs=torch.stack(logps, 1) if logps else None)
+
+
 class ReferenceMixin:
     """The DPO reference: LoRA adapters switched off (no second copy), or a frozen copy for full tuning."""
 

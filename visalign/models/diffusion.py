@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean
+from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
 
 
 class DiffusionBackbone(ReferenceMixin):
@@ -116,16 +116,13 @@ class DiffusionBackbone(ReferenceMixin):
             pred = self.guided(x, t, cond, uncond, guidance)
             if trajectory and eta > 0:
                 mean, std = self.ddim_mean_std(pred, x, t.expand(n), self._prev_t(t, steps).expand(n), eta)
-                z = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-                x = mean + std * z
-                logps.append(gaussian_logprob_mean(x, mean, std))
+                x, logp = gaussian_step(mean, std, generator)
+                logps.append(logp)
             else:
                 x = sched.step(pred, t, x, eta=eta, generator=generator).prev_sample
             if trajectory:
                 traj.append(x)
-        return SampleOutput(images=self.decode(x), latents=x, trajectory=traj if trajectory else None,
-                            timesteps=sched.timesteps.clone() if trajectory else None,
-                            log_probs=torch.stack(logps, 1) if logps else None)
+        return sample_output(self, x, traj, logps, sched.timesteps, trajectory)
 
     def step_logprob(self, x_t: Tensor, x_prev: Tensor, t: Tensor, cond: Cond, *, steps: int,
                      eta: float = 1.0, uncond: Cond | None = None, guidance: float = 1.0) -> Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import BACKBONES
-from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean
+from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
 from .load import load_diffusers, load_transformers
 from .unet import LatentMixin, tokenize
 
@@ -138,15 +138,13 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
             if trajectory and eta > 0:
                 s, sp = sched.sigmas[i].expand(n), sched.sigmas[i + 1].expand(n)
                 mean, std = self.sde_mean_std(v, x, s, sp, eta, sigma_max)
-                x = mean + std * torch.randn(x.shape, generator=generator).to(x)
-                logps.append(gaussian_logprob_mean(x, mean, std))
+                x, logp = gaussian_step(mean, std, generator)
+                logps.append(logp)
             else:
                 x = sched.step(v, t, x).prev_sample
             if trajectory:
                 traj.append(x)
-        return SampleOutput(images=self.decode(x), latents=x, trajectory=traj if trajectory else None,
-                            timesteps=sched.timesteps.clone() if trajectory else None,
-                            log_probs=torch.stack(logps, 1) if logps else None)
+        return sample_output(self, x, traj, logps, sched.timesteps, trajectory)
 
     def step_logprob(self, x_t: Tensor, x_prev: Tensor, t: Tensor, cond: Cond, *, steps: int,
                      eta: float = 0.7, uncond: Cond | None = None, guidance: float = 1.0) -> Tensor:
