@@ -1,11 +1,16 @@
 """Every method (and the main heads) on ShapesWorld from the shipped base, one budget and seed each.
 
-    python scripts/compare_methods.py --out runs/compare [--steps 200] [--methods dpo,ipo,...]
+    python scripts/compare_methods.py --out runs/compare [--steps 200] [--methods dpo,ipo,...] [--threads 2]
     python scripts/compare_methods.py --experiment robustness --out runs/robust
 
-Writes OUT/results.jsonl (one row per finished method; a rerun skips finished ones) and OUT/table.md:
-GenEval-shapes overall and per task with SE, ShapesWorld FID, steps, pairs or samples seen, wall time.
-The robustness experiment flips 30% of the pair labels and compares DPO, rDPO (eps = 0.3) and cDPO.
+Data: the `make demo` recipe (40 training prompts per task x 4 base samples scored by the `shapes`
+reward; every pair differing by >= 0.15 in reward; the ranked lists for RankDPO). Online methods
+(D3PO, DDO) sample their own data from the training prompts. Every model is evaluated like the demo:
+GenEval-shapes on 50 held-out samples per task (same seeds for every model, bf16 sampling, 20 DDIM
+steps, guidance 3), the change against the base with a paired standard error, and ShapesWorld FID
+against held-out renders. Writes OUT/results.jsonl (one row per finished method; a rerun skips
+finished ones, so several processes can split the methods) and OUT/table.md. The robustness
+experiment flips 30% of the pair labels and compares DPO, rDPO (eps = 0.3) and cDPO.
 """
 
 from __future__ import annotations
@@ -26,22 +31,35 @@ METHODS = {
     "kto": ["objective=kto"],
     "mapo": ["objective=mapo", "train.lr=1e-4"],
     "rankdpo": ["objective=rankdpo", "data.format=lists"],
-    "inpo": ["objective=inpo", "objective.steps=10"],
-    "smpo": ["objective=smpo", "objective.steps=5"],
+    "inpo (policy, authors)": ["objective=inpo", "objective.steps=10"],
+    "inpo (reference, cached)": ["objective=inpo", "objective.steps=10", "objective.inversion_model=reference",
+                                 "objective.cache_inversions=true", "objective.eta=0"],
+    "smpo": ["objective=smpo", "objective.steps=5", "objective.inversion_model=reference",
+             "objective.cache_inversions=true"],
     "d3po": ["objective=d3po", "objective.reward=shapes", "objective.steps=10", "data.path=shapes:train"],
     "ddo": ["objective=ddo", "objective.beta=1000", "data.path=shapes:train"],
 }
-ROBUST = {"dpo (30% flipped)": ["objective=diffusion_dpo"],
-          "rdpo eps=0.3": ["objective=diffusion_dpo", "objective.head=robust", "objective.head.eps=0.3"],
-          "cdpo eps=0.3": ["objective=diffusion_dpo", "objective.head=conservative", "objective.head.eps=0.3"]}
+ROBUST = {"base": None,
+          "dpo (clean labels)": ["objective=diffusion_dpo"],
+          "dpo (30% flipped)": ["objective=diffusion_dpo", "flipped"],
+          "rdpo eps=0.3": ["objective=diffusion_dpo", "objective.head=robust", "objective.head.eps=0.3", "flipped"],
+          "cdpo eps=0.3": ["objective=diffusion_dpo", "objective.head=conservative", "objective.head.eps=0.3",
+                           "flipped"]}
+EVAL_PER_TASK, EVAL_SEED, SAMPLE_STEPS, GUIDANCE = 50, 1234, 20, 3.0
 
 
-def build_data(out: Path, base: str, images_per_prompt: int, steps: int) -> Path:
+def build_data(out: Path, base: str, threads: int) -> Path:
+    """The demo's data: 40 balanced training prompts per task x 4 samples, all pairs with margin >= 0.15."""
     from visalign.data.make_dataset import MakeDatasetConfig, make_dataset
+    from visalign.worlds.shapes.render import balanced_records
 
-    make_dataset(MakeDatasetConfig(prompts="shapes:train", models=[f"pixel={base}"], rewards=["shapes"],
-                                   images_per_prompt=images_per_prompt, out=str(out), steps=steps,
-                                   pairs="best-worst", batch_size=64))
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "train_prompts.txt"
+    prompts.write_text("\n".join(r["prompt"] for r in balanced_records("train", 40)))
+    make_dataset(MakeDatasetConfig(prompts=str(prompts), models=[f"pixel={base}"], rewards=["shapes"],
+                                   images_per_prompt=4, out=str(out), steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=0,
+                                   batch_size=64, shard_size=64, normalise="none", pairs="all", min_margin=0.15,
+                                   bf16=True, threads=threads), progress=False)
     return out
 
 
@@ -49,6 +67,8 @@ def flip_labels(src: Path, dst: Path, rate: float, seed: int = 0) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if (dst / "flipped.json").exists():
+        return dst
     rows = [r for f in sorted(src.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     rng = random.Random(seed)
     flipped = 0
@@ -62,27 +82,51 @@ def flip_labels(src: Path, dst: Path, rate: float, seed: int = 0) -> Path:
     return dst
 
 
-def evaluate(base: str, run: Path | None, samples: int, seed: int, fid_n: int) -> dict:
+def evaluate(base: str, summary: dict) -> tuple[dict, list[dict]]:
     from visalign.config import Component
+    from visalign.eval.commands import real_images
     from visalign.eval.fid import fid
     from visalign.eval.geneval import generate_and_score, summarise
     from visalign.models.lora import load_lora
     from visalign.train.setup import build_backbone
-    from visalign.worlds.shapes.render import prompt_records
+    from visalign.worlds.shapes.render import balanced_records
 
-    bb = build_backbone(Component("pixel", {"path": base}))
-    if run is not None:
-        load_lora(bb, run / "lora")
+    path = summary.get("model", base)
+    bb = build_backbone(Component("pixel", {"path": path}))
+    if summary.get("lora"):
+        load_lora(bb, Path(summary["lora"]))
     bb.unwrapped().eval()
-    records = prompt_records("eval")
+    bb.sample_dtype = torch.bfloat16
     with torch.no_grad():
-        res = generate_and_score(bb, records, samples, seed=seed)
+        res = generate_and_score(bb, balanced_records("eval", EVAL_PER_TASK), 1, seed=EVAL_SEED, steps=SAMPLE_STEPS,
+                                 guidance=GUIDANCE)
     metrics = summarise(res)
-    from visalign.eval.commands import real_images as renders  # as `visalign eval fid --real shapes:eval`
+    fakes = torch.stack([r["image"] for r in res])
+    metrics["fid"] = fid(real_images("shapes:eval", len(fakes), seed=EVAL_SEED + 1), fakes)
+    return metrics, [{k: v for k, v in r.items() if k != "image"} for r in res]
 
-    fakes = torch.stack([r["image"] for r in res])[:fid_n]
-    metrics["fid"] = fid(renders("shapes:eval", len(fakes), seed=seed + 1), fakes)
-    return metrics
+
+def write_table(out: Path, experiment: str, steps: int) -> str:
+    from visalign.eval.geneval import format_table
+
+    rows = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows[r["method"]] = r
+    order = list(METHODS if experiment == "compare" else ROBUST)
+    rows = {k: rows[k] for k in sorted(rows, key=lambda m: order.index(m) if m in order else len(order))}
+    md = format_table(rows).splitlines()
+    md[0] += " change vs base (paired SE) | FID (shapes) | steps | pairs/samples seen | wall time |"
+    md[1] += "---|---|---|---|---|"
+    for i, r in enumerate(rows.values()):
+        imp = r.get("vs_base")
+        change = "—" if imp is None else f"{imp['delta']:+.3f} ± {imp['se']:.3f} ({imp['z']:+.1f} SE)"
+        md[2 + i] += (f" {change} | {r['fid']:.1f} | {r['steps']} | {r['pairs_seen']} | "
+                      f"{r['seconds'] / 60:.1f} min |")
+    cmd = f"python scripts/compare_methods.py --experiment {experiment} --out {out} --steps {steps}"
+    text = "\n".join(md) + f"\n\nReproduce: `{cmd}`\n"
+    (out / "table.md").write_text(text)
+    return text
 
 
 def main() -> None:
@@ -90,57 +134,68 @@ def main() -> None:
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--experiment", choices=("compare", "robustness"), default="compare")
     ap.add_argument("--base", default="assets/shapes-base")
+    ap.add_argument("--data", default="", help="a make-dataset folder to reuse (default: OUT/data, built once)")
     ap.add_argument("--methods", default="", help="comma-separated subset")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--samples", type=int, default=4, help="eval samples per held-out prompt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
 
     from visalign.cli import _quiet_libraries
     from visalign.config import load_config
-    from visalign.eval.geneval import format_table
+    from visalign.demo import paired_improvement
     from visalign.train.loop import train
     from visalign.train.setup import resolve_path
 
     _quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        print(write_table(out, args.experiment, args.steps))
+        return
     base = resolve_path(args.base)
-    data = out / "data"
-    if not (data / "provenance.json").exists() or not list(data.glob("data-*.parquet")):
-        build_data(data, base, 4, 20)
+    data = Path(args.data) if args.data else out / "data"
+    if not (data / "provenance.json").exists():
+        build_data(data, base, args.threads)
     table = METHODS if args.experiment == "compare" else ROBUST
-    pairs = data / "pairs" if args.experiment == "compare" else flip_labels(data / "pairs", out / "flipped", 0.3)
+    flipped = flip_labels(data / "pairs", out / "flipped", 0.3) if args.experiment == "robustness" else None
     chosen = [m for m in table if not args.methods or m in args.methods.split(",")]
     results_file = out / "results.jsonl"
-    done = {json.loads(x)["method"] for x in results_file.read_text().splitlines()} if results_file.exists() else set()
+    base_file = out / "base_results.jsonl"
     for name in chosen:
+        done = {json.loads(x)["method"] for x in results_file.read_text().splitlines()} if results_file.exists() else ()
         if name in done:
             continue
         t0 = time.time()
-        summary, run = {"steps": 0, "pairs_seen": 0}, None
-        if table[name] is not None:
-            run = out / "runs" / name.replace(" ", "_").replace("=", "")
-            over = [f"model.path={base}", f"data.path={pairs}", f"train.output_dir={run}", f"train.steps={args.steps}",
-                    f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.seed={args.seed}",
-                    "train.save_every=0", "train.warmup_steps=10", *table[name]]
-            summary = train(load_config("shapes", [], over))
-        metrics = evaluate(base, run, args.samples, 1234, 2000)
-        row = {"method": name, "overrides": table[name], **metrics, "steps": summary["steps"],
+        summary: dict = {"steps": 0, "pairs_seen": 0}
+        over = table[name]
+        if over is not None:
+            run = out / "runs" / "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            pairs = flipped if "flipped" in over else data / ("." if "data.format=lists" in over else "pairs")
+            settings = [f"model.path={base}", f"data.path={pairs}", f"train.output_dir={run}",
+                        f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
+                        f"train.seed={args.seed}",
+                        "train.save_every=0", "train.warmup_steps=10", "train.mixed_precision=bf16",
+                        f"train.threads={args.threads}", *[o for o in over if o != "flipped"]]
+            summary = train(load_config("shapes", [], settings))
+        metrics, per_image = evaluate(base, summary)
+        if over is None:
+            base_file.write_text("".join(json.dumps(r) + "\n" for r in per_image))
+        elif base_file.exists():
+            metrics["vs_base"] = paired_improvement([json.loads(x) for x in base_file.read_text().splitlines()],
+                                                    per_image)
+        row = {"method": name, "overrides": over, **metrics, "steps": summary["steps"],
                "pairs_seen": summary["pairs_seen"], "seconds": time.time() - t0}
         with open(results_file, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{name}: overall {metrics['overall']:.3f} ± {metrics['overall_se']:.3f}, FID {metrics['fid']:.2f}")
-    rows = {json.loads(x)["method"]: json.loads(x) for x in results_file.read_text().splitlines()}
-    md = format_table(rows).splitlines()
-    md[0] += " FID (shapes) | steps | pairs/samples seen | wall time |"
-    md[1] += "---|---|---|---|"
-    for i, r in enumerate(rows.values()):
-        md[2 + i] += f" {r['fid']:.2f} | {r['steps']} | {r['pairs_seen']} | {r['seconds'] / 60:.1f} min |"
-    cmd = f"python scripts/compare_methods.py --experiment {args.experiment} --out {args.out} --steps {args.steps}"
-    (out / "table.md").write_text("\n".join(md) + f"\n\nReproduce: `{cmd}`\n")
-    print("\n".join(md))
+        print(f"{name}: overall {metrics['overall']:.3f} ± {metrics['overall_se']:.3f}, FID {metrics['fid']:.1f}",
+              flush=True)
+    print(write_table(out, args.experiment, args.steps))
 
 
 if __name__ == "__main__":

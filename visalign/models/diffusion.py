@@ -136,8 +136,8 @@ class DiffusionBackbone(ReferenceMixin):
 
     @torch.no_grad()
     def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: Tensor | int | None = None,
-               eta: float = 0.0, renoise: int = 0, generator: torch.Generator | None = None
-               ) -> tuple[Tensor, Tensor]:
+               eta: float = 0.0, renoise: int = 0, generator: torch.Generator | None = None,
+               path: list | None = None) -> tuple[Tensor, Tensor]:
         """DDIM inversion x0 → x_t up the sampling grid of ``steps`` (the exact reverse of ``sample``'s grid).
 
         Each step evaluates the active model at the current latent with the target timestep (as in
@@ -146,6 +146,7 @@ class DiffusionBackbone(ReferenceMixin):
         grid). ``renoise`` > 0 refines each step's ε by that many fixed-point iterations, averaging the
         predictions at the provisional next latent (ReNoise, Garibi et al. 2024). ``eta`` > 0 adds
         InPO's noise η·z·σ after each step. Returns (x_t, t): the latent and grid timestep reached per image.
+        ``path``, when given, receives each grid step's latent (one inversion yields every grid point).
         """
         sched = self.sampling_scheduler(steps)
         grid = sched.timesteps.flip(0).tolist()  # ascending
@@ -174,6 +175,8 @@ class DiffusionBackbone(ReferenceMixin):
             mask = active.to(x.device).view(shape)
             x = torch.where(mask, x_new, x)
             reached = torch.where(active, torch.full_like(reached, t), reached)
+            if path is not None:
+                path.append(x)
             a_prev = a_t
         return x, reached.to(x0.device)
 

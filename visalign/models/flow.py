@@ -158,12 +158,13 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
 
     @torch.no_grad()
     def invert(self, x0: Tensor, cond: Cond, steps: int = 10, until: Tensor | float | None = None,
-               eta: float = 0.0, renoise: int = 0, generator: torch.Generator | None = None
-               ) -> tuple[Tensor, Tensor]:
+               eta: float = 0.0, renoise: int = 0, generator: torch.Generator | None = None,
+               path: list | None = None) -> tuple[Tensor, Tensor]:
         """Euler inversion of the flow ODE from σ = 0 up the sampling grid (reverse of ``sample``).
 
         ``until`` (per image or one value, in timestep units 1000σ) stops each image early;
-        ``renoise`` averages velocities at the provisional next point (ReNoise); ``eta`` adds noise.
+        ``renoise`` averages velocities at the provisional next point (ReNoise); ``eta`` adds noise;
+        ``path``, when given, receives each grid step's latent.
         """
         sched = self._scheduler(steps)
         sigmas = sched.sigmas.flip(0).cpu()  # ascending: 0, ..., σ_max
@@ -185,6 +186,8 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
                 x_new = x_new + eta * float(s_next - s) ** 0.5 * torch.randn(x.shape, generator=generator).to(x)
             x = torch.where(active.to(x.device).view(shape), x_new, x)
             reached = torch.where(active, torch.full_like(reached, float(s_next) * self.num_train_timesteps), reached)
+            if path is not None:
+                path.append(x)
         return x, reached.to(x0.device)
 
     def inversion_grid(self, steps: int) -> Tensor:

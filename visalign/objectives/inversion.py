@@ -47,18 +47,22 @@ def inverted_errors(backbone, batch: PreferenceBatch, steps: int, eta: float, re
 
 def _cached_inversion(backbone, flat: Tensor, cond, t: Tensor, steps: int, renoise: int, cache: dict,
                       prompts: list[str]) -> tuple[Tensor, Tensor]:
+    """Reference inversions looked up per (image, prompt); a miss inverts the image up the whole grid once
+    and stores every grid point, so each image costs one full inversion over the whole run."""
     import hashlib
 
+    grid = backbone.inversion_grid(steps).float()
+    level = (grid.view(1, -1) - t.float().cpu().view(-1, 1)).abs().argmin(1)  # grid index of each image's t
     keys = [hashlib.sha1(flat[i].detach().float().cpu().numpy().tobytes()).hexdigest()
-            + f"/{float(t[i])}/{steps}/{renoise}/{prompts[i]}" for i in range(len(flat))]
-    missing = [i for i, key in enumerate(keys) if key not in cache]
+            + f"/{steps}/{renoise}/{prompts[i]}" for i in range(len(flat))]
+    missing = sorted({key: i for i, key in enumerate(keys) if key not in cache}.values())
     if missing:
         idx = torch.tensor(missing)
+        path: list[Tensor] = []
         with torch.no_grad(), backbone.reference():
-            x_new, t_new = backbone.invert(flat[idx], cond[idx.to(flat.device)], steps=steps, until=t[idx],
-                                           renoise=renoise)
+            backbone.invert(flat[idx], cond[idx.to(flat.device)], steps=steps, renoise=renoise, path=path)
+        stacked = torch.stack(path, 1).detach()  # [n_missing, levels, ...]
         for j, i in enumerate(missing):
-            cache[keys[i]] = (x_new[j].detach(), t_new[j].detach())
-    x_inv = torch.stack([cache[key][0] for key in keys])
-    reached = torch.stack([cache[key][1] for key in keys])
-    return x_inv, reached
+            cache[keys[i]] = stacked[j]
+    x_inv = torch.stack([cache[key][int(lv)] for key, lv in zip(keys, level)])
+    return x_inv, grid[level].to(t)

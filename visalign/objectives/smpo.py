@@ -37,8 +37,11 @@ class SmPO(Method):
     needs = ("invert", "eps_from_xt", "inversion_grid")
 
     def __init__(self, beta: float = 5000.0, steps: int = 5, renoise: int = 1, normalise: str = "minmax",
-                 temperature: float = 1.0, inversion_model: str = "policy", head: str | dict = "smpo"):
+                 temperature: float = 1.0, inversion_model: str = "policy", cache_inversions: bool = False,
+                 head: str | dict = "smpo"):
+        """``inversion_model=reference cache_inversions=true``: ReNoise-invert once with the reference, reuse."""
         self.beta, self.steps, self.renoise = beta, steps, renoise
+        self.cache = {} if cache_inversions else None
         self.normalise, self.temperature, self.inversion_model = normalise, temperature, inversion_model
         self.head = build_head(head)
 
@@ -46,7 +49,8 @@ class SmPO(Method):
         if batch.scores is None:
             raise ValueError("smpo needs reward scores per pair (score_0/score_1; make-dataset --pairs writes them)")
         p = smoothed_preference(batch.scores, self.normalise, self.temperature)
-        err, ref = inverted_errors(backbone, batch, self.steps, 0.0, self.renoise, self.inversion_model)
+        err, ref = inverted_errors(backbone, batch, self.steps, 0.0, self.renoise, self.inversion_model,
+                                   self.cache)
         h = dpo_logit(err[:, 0], err[:, 1], ref[:, 0], ref[:, 1], self.beta)
         loss = weighted_mean(self.head(h, p.to(h)), batch.weights)
         return StepOutput(loss, pair_metrics(h, err, ref) | {"p_mean": as_float(p)})
