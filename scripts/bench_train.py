@@ -15,6 +15,7 @@ Each measurement runs in its own process (so peak RSS is that measurement's own)
    by the frozen reference, computed once and cached.
 4. D3PO: a training step with a reference forward per denoising step against reusing the sampler's
    own log-probs (valid while the sampling policy is the reference).
+5. Diffusion-DPO with channels_last and with torch.compile against the plain step (kept only on a win).
 ``--size real-latent`` (sd15 only): SD1.5's real latent size (512x512 images, 64x64 latents) with a
 real-size VAE (random init): the cache on against the cache off (VAE and text encoders every step).
 """
@@ -65,7 +66,7 @@ def _median_time(fn, steps: int, warmup: int = 3) -> float:
 
 
 # ---------------------------------------------------------------- fixtures (model folder + data), built once
-def build_fixture(model: str, size: str, tmp: Path) -> dict:
+def build_fixture(model: str, size: str, tmp: Path, batch_size: int) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import write_pairs
 
@@ -79,7 +80,9 @@ def build_fixture(model: str, size: str, tmp: Path) -> dict:
         model_dir, image_size = ROOT / "assets/shapes-base", 32  # the real ShapesWorld base
     else:
         model_dir, image_size = build_tiny(model, tmp / model), 32
-    data = write_pairs(tmp / "pairs.parquet", n=64, size=image_size, scores=True)
+    # at real size the cache (VAE on every row) is the slow part on a CPU: one batch of rows is enough
+    rows = batch_size if size == "real-latent" else 64
+    data = write_pairs(tmp / "pairs.parquet", n=rows, size=image_size, scores=True)
     return {"model_dir": str(model_dir), "data": str(data), "tmp": str(tmp)}
 
 
@@ -122,6 +125,10 @@ def _setup(job: dict):
     cfg = load_config(preset, [], over)
     bb = build_backbone(cfg.model)
     params = prepare_trainable(bb, cfg)
+    if job.get("channels_last"):
+        bb.unwrapped().to(memory_format=torch.channels_last)
+    if job.get("compile"):
+        bb.denoiser = torch.compile(bb.denoiser)
     opt = build_optimizer(params, cfg)
     method = build_method(cfg.objective)
     ds = PreferenceDataset(job["data"], resolution=bb.resolution)
@@ -237,7 +244,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sections", default="limit,curves,inversion,d3po")
+    ap.add_argument("--sections", default="limit,options,curves,inversion,d3po")
     ap.add_argument("--json", default="", help="also write every figure to this JSON file")
     ap.add_argument("--job", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -250,7 +257,7 @@ def main() -> None:
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="visalign-bench-"))
-    fx = build_fixture(args.model, args.size, tmp)
+    fx = build_fixture(args.model, args.size, tmp, args.batch_size)
     base = {**fx, "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads}
     precisions = args.precision.split(",")
     sections = args.sections.split(",")
@@ -281,6 +288,20 @@ def main() -> None:
             if f"diffusion_dpo_{prec}" in report and f"sft_{prec}" in report:
                 d, s = report[f"diffusion_dpo_{prec}"], report[f"sft_{prec}"]
                 print(f"  {prec}: LoRA Diffusion-DPO / LoRA SFT peak RSS {d['peak_rss_mb'] / s['peak_rss_mb']:.3f}")
+
+    if "options" in sections:
+        prec = precisions[-1]
+        plain = report.get(f"diffusion_dpo_{prec}") or run_job(base | {"method": "diffusion_dpo", "precision": prec})
+        print(f"\n{'Diffusion-DPO, ' + prec:<28}{'step ms':>9}{'vs plain':>10}{'start-up s':>11}")
+        print(f"{'plain (SDPA)':<28}{plain['step_ms']:>9.1f}{'':>10}{plain['startup_s']:>11.1f}")
+        for option in ("channels_last", "compile"):
+            try:
+                r = run_job(base | {"method": "diffusion_dpo", "precision": prec, option: True})
+            except SystemExit as e:
+                print(f"{option:<28}failed: {str(e).splitlines()[-1][:80]}")
+                continue
+            report[f"diffusion_dpo_{prec}_{option}"] = r
+            print(f"{option:<28}{r['step_ms']:>9.1f}{plain['step_ms'] / r['step_ms']:>9.2f}x{r['startup_s']:>11.1f}")
 
     if "curves" in sections and len(precisions) > 1:
         curves = {p: run_job(base | {"method": "diffusion_dpo", "precision": p, "curve": 30})["losses"]

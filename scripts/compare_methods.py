@@ -36,7 +36,8 @@ METHODS = {
                                  "objective.cache_inversions=true", "objective.eta=0"],
     "smpo": ["objective=smpo", "objective.steps=5", "objective.inversion_model=reference",
              "objective.cache_inversions=true"],
-    "d3po": ["objective=d3po", "objective.reward=shapes", "objective.steps=10", "data.path=shapes:train"],
+    "d3po": ["objective=d3po", "objective.reward=shapes", "objective.steps=10", "objective.timestep_fraction=0.2",
+             "data.path=shapes:train"],
     "ddo": ["objective=ddo", "objective.beta=1000", "data.path=shapes:train"],
 }
 ROBUST = {"base": None,

@@ -23,7 +23,7 @@ def test_paired_improvement_by_hand():
 def test_quick_demo_runs_end_to_end(tiny_dir, tmp_path, capsys):
     report = run_demo(tmp_path / "demo", quick=True, base=str(tiny_dir("pixel")))
     out = capsys.readouterr().out
-    assert "| model | overall |" in out and "overall improvement:" in out
+    assert "| model | overall |" in out and "overall improvement:" in out and "held-out pairs" in out
     assert set(report["metrics"]) == {"base", "dpo-lora"}
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved["train"]["steps"] == 3 and (tmp_path / "demo" / "eval" / "base" / "grid.png").exists()
