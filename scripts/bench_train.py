@@ -55,18 +55,26 @@ def _rss_mb() -> float:
 
 
 def _median_time(fn, steps: int, warmup: int = 3) -> float:
+    return _median_times([fn], steps, warmup)[0]
+
+
+def _median_times(fns, steps: int, warmup: int = 3) -> list[float]:
+    """Median time of each function, calls interleaved (f1, f2, f1, f2, ...) so that drift in the
+    machine's speed (shared cores, clocks) hits every function alike and cancels in their ratio."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 # ---------------------------------------------------------------- fixtures (model folder + data), built once
-def build_fixture(model: str, size: str, tmp: Path, batch_size: int) -> dict:
+def build_fixture(model: str, size: str, tmp: Path, batch_size: int, data: str = "") -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import write_pairs
 
@@ -82,7 +90,7 @@ def build_fixture(model: str, size: str, tmp: Path, batch_size: int) -> dict:
         model_dir, image_size = build_tiny(model, tmp / model), 32
     # at real size the cache (VAE on every row) is the slow part on a CPU: one batch of rows is enough
     rows = batch_size if size == "real-latent" else 64
-    data = write_pairs(tmp / "pairs.parquet", n=rows, size=image_size, scores=True)
+    data = data or write_pairs(tmp / "pairs.parquet", n=rows, size=image_size, scores=True)
     return {"model_dir": str(model_dir), "data": str(data), "tmp": str(tmp)}
 
 
@@ -185,9 +193,11 @@ def measure(job: dict) -> dict:
     rss_before = _rss_mb()
     step_fn(method, bb, batch, opt, ctx)
     startup = time.time() - T_PROCESS
-    t_step = _median_time(lambda: step_fn(method, bb, batch, opt, ctx), job["steps"])
-    peak = _rss_mb()
-    t_limit = _median_time(lambda: _limit_step(method, bb, batch, opt, ctx), job["steps"])
+    for _ in range(2):
+        step_fn(method, bb, batch, opt, ctx)
+    peak = _rss_mb()  # the method's own steps only: the limit's passes below are not counted
+    t_step, t_limit = _median_times([lambda: step_fn(method, bb, batch, opt, ctx),
+                                     lambda: _limit_step(method, bb, batch, opt, ctx)], job["steps"])
     return {"step_ms": t_step * 1e3, "limit_ms": t_limit * 1e3, "ratio": t_step / t_limit,
             "pairs_s": job["batch_size"] / t_step, "peak_rss_mb": peak, "step_mem_mb": peak - rss_before,
             "startup_s": startup}
@@ -213,12 +223,14 @@ def measure_d3po(job: dict) -> dict:
     with torch.no_grad():
         items = method.make_round(bb, prompts, gen)
     batch = method.take(items, torch.arange(job["batch_size"]))
-    out = {}
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=job["precision"] == "bf16")
-    for reuse in (False, True):
+
+    def step(reuse: bool) -> None:
         batch.extras["reuse_ref"] = torch.tensor(reuse)
-        out["reuse" if reuse else "reference"] = _median_time(
-            lambda: _train_step(method, bb, batch, opt, ctx), job["steps"]) * 1e3
+        _train_step(method, bb, batch, opt, ctx)
+
+    t_ref, t_reuse = _median_times([lambda: step(False), lambda: step(True)], job["steps"])
+    out = {"reference": t_ref * 1e3, "reuse": t_reuse * 1e3}
     out["pairs"] = len(batch.prompts)
     return out
 
@@ -245,6 +257,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sections", default="limit,options,curves,inversion,d3po")
+    ap.add_argument("--data", default="", help="pairs to train on (default: synthetic random-image pairs)")
     ap.add_argument("--json", default="", help="also write every figure to this JSON file")
     ap.add_argument("--job", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -257,7 +270,7 @@ def main() -> None:
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="visalign-bench-"))
-    fx = build_fixture(args.model, args.size, tmp, args.batch_size)
+    fx = build_fixture(args.model, args.size, tmp, args.batch_size, args.data)
     base = {**fx, "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads}
     precisions = args.precision.split(",")
     sections = args.sections.split(",")
