@@ -31,9 +31,9 @@ METHODS = {
     "kto": ["objective=kto"],
     "mapo": ["objective=mapo", "train.lr=1e-4"],
     "rankdpo": ["objective=rankdpo", "data.format=lists"],
-    "inpo (policy, authors)": ["objective=inpo", "objective.steps=10"],
-    "inpo (reference, cached)": ["objective=inpo", "objective.steps=10", "objective.inversion_model=reference",
-                                 "objective.cache_inversions=true", "objective.eta=0"],
+    "inpo-policy": ["objective=inpo", "objective.steps=10"],
+    "inpo-cached": ["objective=inpo", "objective.steps=10", "objective.inversion_model=reference",
+                    "objective.cache_inversions=true", "objective.eta=0"],
     "smpo": ["objective=smpo", "objective.steps=5", "objective.inversion_model=reference",
              "objective.cache_inversions=true"],
     "d3po": ["objective=d3po", "objective.reward=shapes", "objective.steps=10", "objective.timestep_fraction=0.2",
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--experiment", choices=("compare", "robustness"), default="compare")
     ap.add_argument("--base", default="assets/shapes-base")
     ap.add_argument("--data", default="", help="a make-dataset folder to reuse (default: OUT/data, built once)")
-    ap.add_argument("--methods", default="", help="comma-separated subset")
+    ap.add_argument("--methods", default="", help="comma-separated subset of: " + ", ".join(METHODS))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -165,7 +165,11 @@ def main() -> None:
         build_data(data, base, args.threads)
     table = METHODS if args.experiment == "compare" else ROBUST
     flipped = flip_labels(data / "pairs", out / "flipped", 0.3) if args.experiment == "robustness" else None
-    chosen = [m for m in table if not args.methods or m in args.methods.split(",")]
+    asked = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in asked if m not in table]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; expected some of: {', '.join(table)}")
+    chosen = [m for m in table if not asked or m in asked]
     results_file = out / "results.jsonl"
     base_file = out / "base_results.jsonl"
     for name in chosen:
