@@ -41,7 +41,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"pixel": ("shapes", "pixel"), "sd15": ("sd15", "sd"), "sdxl": ("sdxl", "sdxl"), "sd3": ("sd3", "sd3")}
 METHOD_OVERRIDES = {
-    "sft": ["objective=diffusion_dpo"],  # the model set-up of a pair method; the step is SFT (see _sft_step)
+    "sft": ["objective=diffusion_dpo"],  # the model set-up of a pair method; the step is SFT (see _policy_step)
     "inpo": ["objective=inpo", "objective.inversion_model=reference", "objective.cache_inversions=true",
              "objective.eta=0"],
     "inpo-policy": ["objective=inpo"],
@@ -52,10 +52,6 @@ METHOD_OVERRIDES = {
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _median_time(fn, steps: int, warmup: int = 3) -> float:
-    return _median_times([fn], steps, warmup)[0]
 
 
 def _median_times(fns, steps: int, warmup: int = 3) -> list[float]:
@@ -158,36 +154,30 @@ def _train_step(method, bb, batch, opt, ctx) -> float:
     return float(out.loss)
 
 
-def _sft_step(method, bb, batch, opt, ctx) -> float:
-    """LoRA SFT on the same 2B images: policy forward + backward, no reference."""
+def _policy_step(bb, batch, opt, ctx, reference: bool) -> float:
+    """Policy forward + backward on the 2B images (+ the reference forward on 2B under no_grad when asked)
+    and the optimizer step: a pair method's limit, or, without the reference, a LoRA SFT step."""
     from visalign.objectives.base import errors, model_inputs
 
     with ctx:
         x0, cond = model_inputs(bb, batch)
-        err, _ = errors(bb, x0, cond, reference=False)
+        err, _ = errors(bb, x0, cond, reference=reference)
     err.mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(err.mean())
 
 
-def _limit_step(method, bb, batch, opt, ctx) -> None:
-    """What a pair method cannot avoid: policy forward+backward on 2B, reference forward on 2B, optimizer step."""
-    from visalign.objectives.base import errors, model_inputs
-
-    with ctx:
-        x0, cond = model_inputs(bb, batch)
-        err, _ = errors(bb, x0, cond, reference=getattr(method, "uses_reference", True))
-    err.mean().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def measure(job: dict) -> dict:
     """Step, limit, memory and start-up for one (method, precision), or a loss curve (job['curve'])."""
     torch.set_num_threads(job["threads"])
     bb, method, batch, opt, ctx = _setup(job)
-    step_fn = _sft_step if job["method"] == "sft" else _train_step
+    if job["method"] == "sft":
+        def step_fn(method, bb, batch, opt, ctx):
+            return _policy_step(bb, batch, opt, ctx, reference=False)
+    else:
+        step_fn = _train_step
+    uses_reference = getattr(method, "uses_reference", True)
     if job.get("curve"):
         return {"losses": [step_fn(method, bb, batch, opt, ctx) for _ in range(job["curve"])]}
     rss_before = _rss_mb()
@@ -197,7 +187,7 @@ def measure(job: dict) -> dict:
         step_fn(method, bb, batch, opt, ctx)
     peak = _rss_mb()  # the method's own steps only: the limit's passes below are not counted
     t_step, t_limit = _median_times([lambda: step_fn(method, bb, batch, opt, ctx),
-                                     lambda: _limit_step(method, bb, batch, opt, ctx)], job["steps"])
+                                     lambda: _policy_step(bb, batch, opt, ctx, uses_reference)], job["steps"])
     return {"step_ms": t_step * 1e3, "limit_ms": t_limit * 1e3, "ratio": t_step / t_limit,
             "pairs_s": job["batch_size"] / t_step, "peak_rss_mb": peak, "step_mem_mb": peak - rss_before,
             "startup_s": startup}

@@ -46,22 +46,7 @@ ROBUST = {"base": None,
           "rdpo eps=0.3": ["objective=diffusion_dpo", "objective.head=robust", "objective.head.eps=0.3", "flipped"],
           "cdpo eps=0.3": ["objective=diffusion_dpo", "objective.head=conservative", "objective.head.eps=0.3",
                            "flipped"]}
-EVAL_PER_TASK, EVAL_SEED, SAMPLE_STEPS, GUIDANCE = 50, 1234, 20, 3.0
-
-
-def build_data(out: Path, base: str, threads: int) -> Path:
-    """The demo's data: 40 balanced training prompts per task x 4 samples, all pairs with margin >= 0.15."""
-    from visalign.data.make_dataset import MakeDatasetConfig, make_dataset
-    from visalign.worlds.shapes.render import balanced_records
-
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = out / "train_prompts.txt"
-    prompts.write_text("\n".join(r["prompt"] for r in balanced_records("train", 40)))
-    make_dataset(MakeDatasetConfig(prompts=str(prompts), models=[f"pixel={base}"], rewards=["shapes"],
-                                   images_per_prompt=4, out=str(out), steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=0,
-                                   batch_size=64, shard_size=64, normalise="none", pairs="all", min_margin=0.15,
-                                   bf16=True, threads=threads), progress=False)
-    return out
+EVAL_PER_TASK = 50
 
 
 def flip_labels(src: Path, dst: Path, rate: float, seed: int = 0) -> Path:
@@ -84,23 +69,13 @@ def flip_labels(src: Path, dst: Path, rate: float, seed: int = 0) -> Path:
 
 
 def evaluate(base: str, summary: dict) -> tuple[dict, list[dict]]:
-    from visalign.config import Component
+    """The demo's held-out GenEval-shapes evaluation plus ShapesWorld FID against held-out renders."""
+    from visalign.demo import EVAL_SEED, generate_heldout
     from visalign.eval.commands import real_images
     from visalign.eval.fid import fid
-    from visalign.eval.geneval import generate_and_score, summarise
-    from visalign.models.lora import load_lora
-    from visalign.train.setup import build_backbone
-    from visalign.worlds.shapes.render import balanced_records
+    from visalign.eval.geneval import summarise
 
-    path = summary.get("model", base)
-    bb = build_backbone(Component("pixel", {"path": path}))
-    if summary.get("lora"):
-        load_lora(bb, Path(summary["lora"]))
-    bb.unwrapped().eval()
-    bb.sample_dtype = torch.bfloat16
-    with torch.no_grad():
-        res = generate_and_score(bb, balanced_records("eval", EVAL_PER_TASK), 1, seed=EVAL_SEED, steps=SAMPLE_STEPS,
-                                 guidance=GUIDANCE)
+    _, res = generate_heldout(summary.get("model", base), summary.get("lora"), per_task=EVAL_PER_TASK)
     metrics = summarise(res)
     fakes = torch.stack([r["image"] for r in res])
     metrics["fid"] = fid(real_images("shapes:eval", len(fakes), seed=EVAL_SEED + 1), fakes)
@@ -159,16 +134,18 @@ def main() -> None:
     if args.table_only:
         print(write_table(out, args.experiment, args.steps))
         return
-    base = resolve_path(args.base)
-    data = Path(args.data) if args.data else out / "data"
-    if not (data / "provenance.json").exists():
-        build_data(data, base, args.threads)
     table = METHODS if args.experiment == "compare" else ROBUST
-    flipped = flip_labels(data / "pairs", out / "flipped", 0.3) if args.experiment == "robustness" else None
     asked = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in asked if m not in table]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; expected some of: {', '.join(table)}")
+    base = resolve_path(args.base)
+    data = Path(args.data) if args.data else out / "data"
+    if not (data / "provenance.json").exists():
+        from visalign.demo import build_demo_data
+
+        build_demo_data(data, base, threads=args.threads, progress=False)
+    flipped = flip_labels(data / "pairs", out / "flipped", 0.3) if args.experiment == "robustness" else None
     chosen = [m for m in table if not asked or m in asked]
     results_file = out / "results.jsonl"
     base_file = out / "base_results.jsonl"

@@ -34,12 +34,49 @@ def paired_improvement(base: list[dict], tuned: list[dict]) -> dict:
     return {"delta": delta, "se": se, "z": delta / se if se > 0 else float("inf")}
 
 
+SAMPLE_STEPS, GUIDANCE, EVAL_SEED = 20, 3.0, 1234
+
+
+def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_per_prompt: int = 4,
+                    steps: int = SAMPLE_STEPS, bf16: bool = True, threads: int = 0, progress: bool = True) -> dict:
+    """The demo's preference data: ``per_task`` balanced training prompts per task x ``images_per_prompt``
+    base samples scored by the shapes reward; every pair at least 0.15 apart (one GenEval constraint)."""
+    from .data.make_dataset import MakeDatasetConfig, make_dataset
+    from .worlds.shapes.render import balanced_records
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    prompts = data_dir.with_name("train_prompts.txt")
+    prompts.write_text("\n".join(r["prompt"] for r in balanced_records("train", per_task)))
+    return make_dataset(MakeDatasetConfig(
+        prompts=str(prompts), models=[f"pixel={base_path}"], images_per_prompt=images_per_prompt, rewards=["shapes"],
+        out=str(data_dir), steps=steps, guidance=GUIDANCE, seed=0, batch_size=64, shard_size=64, normalise="none",
+        pairs="all", min_margin=0.15, bf16=bf16, threads=threads), progress=progress)
+
+
+def generate_heldout(model_path: str, lora: str | Path | None = None, per_task: int = 50, steps: int = SAMPLE_STEPS,
+                     bf16: bool = True):
+    """(backbone, GenEval-shapes results) on ``per_task`` held-out samples per task, the demo's fixed seeds."""
+    from .config import Component
+    from .eval.geneval import generate_and_score
+    from .models.lora import load_lora
+    from .train.setup import build_backbone
+    from .worlds.shapes.render import balanced_records
+
+    bb = build_backbone(Component("pixel", {"path": model_path}))
+    if lora is not None:
+        load_lora(bb, Path(lora))
+    bb.unwrapped().eval()
+    bb.sample_dtype = torch.bfloat16 if bf16 else None
+    with torch.no_grad():
+        results = generate_and_score(bb, balanced_records("eval", per_task), 1, seed=EVAL_SEED, steps=steps,
+                                     guidance=GUIDANCE)
+    return bb, results
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "assets/shapes-base") -> dict:
     from .config import load_config
-    from .data.make_dataset import MakeDatasetConfig, make_dataset
-    from .eval.geneval import format_table, generate_and_score, write_results
+    from .eval.geneval import format_table, write_results
     from .eval.implicit import implicit_accuracy, pairs_from_results
-    from .models.lora import load_lora
     from .train.loop import train
     from .train.setup import resolve_path
 
@@ -52,20 +89,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     budget = dict(train_per_task=40, images_per_prompt=4, steps=20, train_steps=200, eval_per_task=50, batch=16)
     if quick:
         budget = dict(train_per_task=2, images_per_prompt=2, steps=4, train_steps=3, eval_per_task=2, batch=4)
-    from .worlds.shapes.render import balanced_records
-
-    out.mkdir(parents=True, exist_ok=True)
-    train_prompts = out / "train_prompts.txt"
-    train_prompts.write_text("\n".join(r["prompt"] for r in balanced_records("train", budget["train_per_task"])))
     print(f"[1/4] make-dataset: {budget['train_per_task']} training prompts per task x "
           f"{budget['images_per_prompt']} base samples, scored by the shapes reward; every pair of samples "
           "that differ by at least one GenEval constraint")
-    ds_cfg = MakeDatasetConfig(prompts=str(train_prompts), models=[f"pixel={base_path}"],
-                               images_per_prompt=budget["images_per_prompt"], rewards=["shapes"],
-                               out=str(out / "data"), steps=budget["steps"], guidance=3.0, seed=0,
-                               batch_size=64, shard_size=64, normalise="none", pairs="all", min_margin=0.15,
-                               bf16=not quick)
-    ds = make_dataset(ds_cfg, progress=not quick)
+    ds = build_demo_data(out / "data", base_path, budget["train_per_task"], budget["images_per_prompt"],
+                         budget["steps"], bf16=not quick, progress=not quick)
     print(f"      {ds['images']} images in {ds['seconds']:.0f}s -> {out / 'data'}")
 
     print(f"[2/4] finetune: Diffusion-DPO + LoRA, {budget['train_steps']} steps")
@@ -78,24 +106,15 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     print(f"      {summary['steps']} steps in {summary['seconds']:.0f}s -> {summary.get('lora')}")
 
     print("[3/4] GenEval-shapes on held-out prompts, same seeds for both models")
-    from .config import Component
-    from .train.setup import build_backbone
-
-    records = balanced_records("eval", budget["eval_per_task"])
+    heldout_args = dict(per_task=budget["eval_per_task"], steps=budget["steps"], bf16=not quick)
     results = {}
-    for name, lora in (("base", None), ("dpo-lora", Path(summary["lora"]))):
-        bb = build_backbone(Component("pixel", {"path": base_path}))
-        if lora is not None:
-            load_lora(bb, lora)
-        bb.unwrapped().eval()
-        bb.sample_dtype = None if quick else torch.bfloat16
-        with torch.no_grad():
-            results[name] = generate_and_score(bb, records, 1, seed=1234, steps=budget["steps"], guidance=3.0)
+    _, results["base"] = generate_heldout(base_path, None, **heldout_args)
+    tuned, results["dpo-lora"] = generate_heldout(base_path, summary["lora"], **heldout_args)
     # held-out pairs: two base samples of one held-out prompt that differ by >= 0.15 in constraints met
     # (at most 256 of them, 4 (t, ε) draws each: about 20 s here)
     pairs = pairs_from_results(results["base"])
     pairs = [pairs[i] for i in sorted(random.Random(0).sample(range(len(pairs)), min(256, len(pairs))))]
-    heldout = implicit_accuracy(bb, pairs, beta=cfg.objective.kwargs.get("beta", 5000.0), draws=4)
+    heldout = implicit_accuracy(tuned, pairs, beta=cfg.objective.kwargs.get("beta", 5000.0), draws=4)
     metrics = {name: write_results(res, out / "eval" / name, extra={"model": name}) for name, res in results.items()}
     imp = paired_improvement(results["base"], results["dpo-lora"])
     elapsed = time.time() - t_start
