@@ -36,6 +36,9 @@ class PretrainConfig:
     text_hidden: int = 64
     text_layers: int = 2
     max_tokens: int = 16
+    init_from: str = ""  # a ShapesWorld model folder to continue from (its weights; a fresh optimizer)
+    save_raw: bool = False  # also write the raw (non-EMA) weights to OUT-raw, to compare the two
+    step_offset: int = 0  # continue the data stream here (init_from's steps_done), so no batch repeats
 
 
 def build_components(cfg: PretrainConfig):
@@ -96,6 +99,25 @@ def save_pipeline_folder(out: Path, unet, text_encoder, tokenizer, scheduler, ex
     tmp.rename(out)
 
 
+def _load_weights(unet, text_encoder, folder: Path) -> None:
+    """Copy a saved ShapesWorld model's weights (safetensors) into freshly built components of the same shape."""
+    from safetensors.torch import load_file
+
+    for module, sub in ((unet, "unet"), (text_encoder, "text_encoder")):
+        files = sorted((folder / sub).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"pretrain.init_from={folder}: no {sub}/*.safetensors there")
+        state = {k: v for f in files for k, v in load_file(f).items()}
+        try:
+            missing, unexpected = module.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"pretrain.init_from={folder}: {sub} does not match this architecture "
+                             f"({str(e).splitlines()[1].strip()})") from None
+        if missing or unexpected:
+            raise ValueError(f"pretrain.init_from={folder}: {sub} does not match this architecture "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
     """Train the base from scratch and write it (EMA weights) to ``out`` every ``save_every`` steps."""
     import copy
@@ -109,6 +131,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     unet, text_encoder, tokenizer, scheduler = build_components(cfg)
+    if cfg.init_from:
+        _load_weights(unet, text_encoder, Path(cfg.init_from))
     unet.train()
     text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -128,7 +152,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="pretrain shapes-base", dynamic_ncols=True)
     for step in bar:
-        x0, prompts = render_batch(step, cfg)
+        x0, prompts = render_batch(cfg.step_offset + step, cfg)
         drop = torch.rand(len(prompts), generator=gen) < cfg.caption_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         ids = tokenizer(prompts, padding="max_length", max_length=cfg.max_tokens, truncation=True,
@@ -150,13 +174,19 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         ema_unet.step(unet.parameters())
         ema_te.step(text_encoder.parameters())
         if step % log_every == 0:
-            log.append({"step": step, "loss": float(loss), "lr": lr_at(step), "seconds": time.time() - t0})
-            bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{(step + 1) * cfg.batch_size / (time.time() - t0):.0f}")
+            value = float(loss.detach())
+            log.append({"step": step, "loss": value, "lr": lr_at(step), "seconds": time.time() - t0})
+            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{(step + 1) * cfg.batch_size / (time.time() - t0):.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             eu, et = copy.deepcopy(unet), copy.deepcopy(text_encoder)
             ema_unet.copy_to(eu.parameters())
             ema_te.copy_to(et.parameters())
-            cfg_dict = asdict(cfg) | {"steps_done": step + 1}
+            cfg_dict = asdict(cfg) | {"steps_done": cfg.step_offset + step + 1}
             save_pipeline_folder(out, eu.eval(), et.eval(), tokenizer, scheduler,
                                  extra={"visalign_pretrain.json": cfg_dict, "training_log.json": log})
+            if cfg.save_raw:
+                save_pipeline_folder(out.with_name(out.name + "-raw"), unet, text_encoder, tokenizer, scheduler,
+                                     extra={"visalign_pretrain.json": cfg_dict | {"raw": True}})
+                unet.train()
+                text_encoder.train()
     return out
