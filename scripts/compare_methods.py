@@ -55,17 +55,54 @@ def flip_labels(src: Path, dst: Path, rate: float, seed: int = 0) -> Path:
 
     if (dst / "flipped.json").exists():
         return dst
-    rows = [r for f in sorted(src.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    rows = _pair_rows(src)
     rng = random.Random(seed)
-    flipped = 0
-    for r in rows:
+    flipped = []
+    for i, r in enumerate(rows):
         if rng.random() < rate:
             r["label_0"] = 1.0 - r["label_0"]
-            flipped += 1
+            flipped.append(i)
     dst.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), dst / "pairs-flipped.parquet")
-    (dst / "flipped.json").write_text(json.dumps({"rate": rate, "flipped": flipped, "rows": len(rows)}))
+    (dst / "flipped.json").write_text(json.dumps({"rate": rate, "flipped": len(flipped), "rows": len(rows),
+                                                  "indices": flipped}))
     return dst
+
+
+def _pair_rows(src: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted(src.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def true_label_accuracy(base: str, summary: dict, clean_pairs: Path, flipped: Path) -> dict:
+    """Implicit accuracy of the tuned model on the TRUE labels of the training pairs, split into the pairs
+    whose label was flipped (a model that fits the noise ranks these wrong) and the untouched ones."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from visalign.config import Component
+    from visalign.eval.implicit import implicit_accuracy
+    from visalign.models.lora import load_lora
+    from visalign.train.setup import build_backbone
+
+    def image(png: bytes) -> torch.Tensor:
+        arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
+    rows = _pair_rows(clean_pairs)  # label_0 = 1: image 0 is the true winner
+    idx = set(json.loads((flipped / "flipped.json").read_text())["indices"])
+    bb = build_backbone(Component("pixel", {"path": summary.get("model", base)}))
+    if summary.get("lora"):
+        load_lora(bb, summary["lora"])
+    bb.unwrapped().eval()
+    out = {}
+    for name, keep in (("flipped", lambda i: i in idx), ("unflipped", lambda i: i not in idx)):
+        pairs = [(r["caption"], image(r["jpg_0"]), image(r["jpg_1"])) for i, r in enumerate(rows) if keep(i)]
+        out[name] = implicit_accuracy(bb, pairs, draws=4)
+    return out
 
 
 def evaluate(base: str, summary: dict) -> tuple[dict, list[dict]]:
@@ -94,11 +131,19 @@ def write_table(out: Path, experiment: str, steps: int) -> str:
     md = format_table(rows).splitlines()
     md[0] += " change vs base (paired SE) | FID (shapes) | steps | pairs/samples seen | wall time |"
     md[1] += "---|---|---|---|---|"
+    robust = experiment == "robustness"
+    if robust:
+        md[0] += " implicit acc., true labels: flipped pairs | unflipped pairs |"
+        md[1] += "---|---|"
     for i, r in enumerate(rows.values()):
         imp = r.get("vs_base")
         change = "—" if imp is None else f"{imp['delta']:+.3f} ± {imp['se']:.3f} ({imp['z']:+.1f} SE)"
         md[2 + i] += (f" {change} | {r['fid']:.1f} | {r['steps']} | {r['pairs_seen']} | "
                       f"{r['seconds'] / 60:.1f} min |")
+        if robust:
+            acc = r.get("true_label_acc")
+            md[2 + i] += " — | — |" if acc is None else "".join(
+                f" {acc[k]['accuracy']:.3f} ± {acc[k]['se']:.3f} (n={acc[k]['n']}) |" for k in ("flipped", "unflipped"))
     cmd = f"python scripts/compare_methods.py --experiment {experiment} --out {out} --steps {steps}"
     text = "\n".join(md) + f"\n\nReproduce: `{cmd}`\n"
     (out / "table.md").write_text(text)
@@ -166,6 +211,8 @@ def main() -> None:
                         f"train.threads={args.threads}", *[o for o in over if o != "flipped"]]
             summary = train(load_config("shapes", [], settings))
         metrics, per_image = evaluate(base, summary)
+        if flipped is not None and over is not None:
+            metrics["true_label_acc"] = true_label_accuracy(base, summary, data / "pairs", flipped)
         if over is None:
             base_file.write_text("".join(json.dumps(r) + "\n" for r in per_image))
         elif base_file.exists():
