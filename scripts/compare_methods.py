@@ -69,6 +69,10 @@ def flip_labels(src: Path, dst: Path, rate: float, seed: int = 0) -> Path:
     return dst
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def _pair_rows(src: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -202,7 +206,7 @@ def main() -> None:
         summary: dict = {"steps": 0, "pairs_seen": 0}
         over = table[name]
         if over is not None:
-            run = out / "runs" / "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            run = out / "runs" / _slug(name)
             pairs = flipped if "flipped" in over else data / ("." if "data.format=lists" in over else "pairs")
             settings = [f"model.path={base}", f"data.path={pairs}", f"train.output_dir={run}",
                         f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
@@ -213,6 +217,9 @@ def main() -> None:
         metrics, per_image = evaluate(base, summary)
         if flipped is not None and over is not None:
             metrics["true_label_acc"] = true_label_accuracy(base, summary, data / "pairs", flipped)
+        per_image_file = out / "per_image" / f"{_slug(name)}.jsonl"
+        per_image_file.parent.mkdir(exist_ok=True)
+        per_image_file.write_text("".join(json.dumps(r) + "\n" for r in per_image))
         if over is None:
             base_file.write_text("".join(json.dumps(r) + "\n" for r in per_image))
         elif base_file.exists():
