@@ -44,3 +44,17 @@ def test_init_from_a_different_architecture_is_one_clear_error(tmp_path):
                  tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="init_from"):
         pretrain(PretrainConfig(**TINY, init_from=str(tmp_path / "missing")), tmp_path / "c")
+
+
+def test_caption_noise_draws_near_misses_of_the_caption():
+    from visalign.worlds.shapes.detector import detect, evaluate_objects, record_for_prompt
+
+    def share_correct(noise: float) -> float:
+        x, prompts = render_batch(5, PretrainConfig(batch_size=48, caption_noise=noise))
+        images = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return sum(evaluate_objects(detect(im).objects, record_for_prompt(p))[0]
+                   for im, p in zip(images, prompts)) / len(prompts)
+
+    assert share_correct(0.0) == 1.0
+    assert share_correct(1.0) == 0.0
+    assert 0.2 < share_correct(0.5) < 0.8

@@ -36,6 +36,7 @@ class PretrainConfig:
     text_hidden: int = 64
     text_layers: int = 2
     max_tokens: int = 16
+    caption_noise: float = 0.0  # share of images drawn as a near miss of their caption (noisy alt-text)
     init_from: str = ""  # a ShapesWorld model folder to continue from (its weights; a fresh optimizer)
     save_raw: bool = False  # also write the raw (non-EMA) weights to OUT-raw, to compare the two
     step_offset: int = 0  # continue the data stream here (init_from's steps_done), so no batch repeats
@@ -70,9 +71,25 @@ def render_batch(step: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str
     """Batch ``step`` of the pretraining stream: images in [-1, 1] and captions, fixed by (seed, step)."""
     records = sample_records(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
     base = (cfg.seed * 1_000_003 + step) * cfg.batch_size
-    images = np.stack([render(r, base + i, cfg.size)[0] for i, r in enumerate(records)])
+    images = np.stack([_noisy_render(r, base + i, cfg) if cfg.caption_noise else render(r, base + i, cfg.size)[0]
+                       for i, r in enumerate(records)])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, [r["prompt"] for r in records]
+
+
+def _noisy_render(record: dict, seed: int, cfg: PretrainConfig) -> np.ndarray:
+    """With probability ``caption_noise`` the image is a near miss of its caption (one attribute wrong),
+    as web alt-text often is; else a correct render."""
+    import random
+
+    from .contrast import near_miss
+    from .render import draw, scene_for
+
+    rng = random.Random(seed)
+    objects = scene_for(record, rng, cfg.size)
+    if rng.random() < cfg.caption_noise:
+        objects = near_miss(record, objects, rng) or objects
+    return draw(objects, cfg.size)
 
 
 def save_pipeline_folder(out: Path, unet, text_encoder, tokenizer, scheduler, extra: dict | None = None) -> None:
