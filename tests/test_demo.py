@@ -27,3 +27,11 @@ def test_quick_demo_runs_end_to_end(tiny_dir, tmp_path, capsys):
     assert set(report["metrics"]) == {"base", "dpo-lora"}
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved["train"]["steps"] == 3 and (tmp_path / "demo" / "eval" / "base" / "grid.png").exists()
+
+
+def test_demo_cli_names_a_missing_base(tmp_path, capsys):
+    from visalign.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--base", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no ShapesWorld base model at" in err and "nowhere" in err

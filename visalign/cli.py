@@ -181,7 +181,7 @@ def cmd_export_lora(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, base=args.base)
 
 
 def _sampling_args(s) -> None:
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="ShapesWorld end to end: data -> Diffusion-DPO -> GenEval before/after")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="a tiny budget (for tests)")
+    s.add_argument("--base", default="assets/shapes-base", help="the ShapesWorld base model folder to align")
     s.set_defaults(fn=cmd_demo)
     return p
 
