@@ -1,6 +1,7 @@
 """GPU check (one command, <= 8 minutes): real-size SDXL UNet and SD3-medium transformer, random init.
 
     bash scripts/gpu_check.sh            # writes gpu_check.json
+    python scripts/gpu_check.py --device cpu --size tiny --steps 1 --out /tmp/check.json  # same code path, tiny
 
 LoRA Diffusion-DPO steps in bf16 with gradient checkpointing: step time and peak memory, with PyTorch
 SDPA and (when it loads) xformers. SDXL at 1024x1024 (latents 128x128); SD3-medium at 1024 (latents 128).
@@ -8,15 +9,42 @@ SDPA and (when it loads) xformers. SDXL at 1024x1024 (latents 128x128); SD3-medi
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import statistics
 import sys
 import time
 
 import torch
 
+# the real architectures, and tiny ones with the same structure for a CPU run of the same code path
+SDXL = {
+    "real": dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+    "tiny": dict(sample_size=16, layers_per_block=1, block_out_channels=(32, 32, 64),
+                 transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4), cross_attention_dim=32,
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, norm_num_groups=16),
+}
+SDXL_POOLED = {"real": 1280, "tiny": 32}
+SD3 = {
+    "real": dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                 joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                 pos_embed_max_size=384, dual_attention_layers=tuple(range(13))),
+    "tiny": dict(sample_size=16, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                 caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+                 dual_attention_layers=(0,)),
+}
+TOKENS = {"real": (77, 333), "tiny": (8, 8)}
 
-def _bench(model, make_inputs, steps: int = 6) -> dict:
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bench(model, make_inputs, device: str, steps: int = 6) -> dict:
     from peft import LoraConfig
 
     model.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -24,12 +52,13 @@ def _bench(model, make_inputs, steps: int = 6) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    times = []
-    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 2):
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             x, kw, target = make_inputs()
             err = ((model(x, **kw).sample.float() - target) ** 2).flatten(1).mean(1)  # policy on [w; l]
             with torch.no_grad():
@@ -42,74 +71,88 @@ def _bench(model, make_inputs, steps: int = 6) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _sync(device)
+        losses.append(float(loss.detach()))
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {"step_s": statistics.median(times), "peak_gib": peak, "losses": losses,
+            "trainable_m": sum(p.numel() for p in params) / 1e6}
 
 
-def sdxl(attention: str) -> dict:
+def sdxl(attention: str, device: str = "cuda", size: str = "real", steps: int = 6) -> dict:
     from diffusers import UNet2DConditionModel
 
-    cfg = dict(  # the SDXL base UNet's architecture (2.6 B parameters)
-            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816)
-    unet = UNet2DConditionModel(**cfg).cuda()
+    arch = SDXL[size]  # real: the SDXL base UNet's architecture (2.6 B parameters)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+        addition_embed_type="text_time", **arch).to(device)
     if attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
-    b = 2
+    b, side, tokens = 2, arch["sample_size"], TOKENS[size][0]
+    pixels = side * 8
 
     def inputs():
-        x = torch.randn(2 * b, 4, 128, 128, device="cuda")
-        kw = {"timestep": torch.randint(0, 1000, (2 * b,), device="cuda"),
-              "encoder_hidden_states": torch.randn(2 * b, 77, 2048, device="cuda"),
-              "added_cond_kwargs": {"text_embeds": torch.randn(2 * b, 1280, device="cuda"),
-                                    "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * 2 * b, device="cuda")}}
+        x = torch.randn(2 * b, 4, side, side, device=device)
+        kw = {"timestep": torch.randint(0, 1000, (2 * b,), device=device),
+              "encoder_hidden_states": torch.randn(2 * b, tokens, arch["cross_attention_dim"], device=device),
+              "added_cond_kwargs": {"text_embeds": torch.randn(2 * b, SDXL_POOLED[size], device=device),
+                                    "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * 2 * b,
+                                                             device=device)}}
         return x, kw, torch.randn_like(x)
 
-    return _bench(unet, inputs) | {"pairs": b, "params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
+    return _bench(unet, inputs, device, steps) | {"pairs": b,
+                                                  "params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
 
 
-def sd3(attention: str) -> dict:
+def sd3(attention: str, device: str = "cuda", size: str = "real", steps: int = 6) -> dict:
     from diffusers import SD3Transformer2DModel
 
-    model = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                                  attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                                  caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                                  dual_attention_layers=tuple(range(13)), qk_norm="rms_norm").cuda()
+    arch = SD3[size]
+    model = SD3Transformer2DModel(patch_size=2, in_channels=16, out_channels=16, qk_norm="rms_norm", **arch).to(device)
     if attention == "xformers":
         model.enable_xformers_memory_efficient_attention()
-    b = 2
+    b, side, tokens = 2, arch["sample_size"], TOKENS[size][1]
 
     def inputs():
-        x = torch.randn(2 * b, 16, 128, 128, device="cuda")
-        kw = {"timestep": torch.rand(2 * b, device="cuda") * 1000,
-              "encoder_hidden_states": torch.randn(2 * b, 333, 4096, device="cuda"),
-              "pooled_projections": torch.randn(2 * b, 2048, device="cuda")}
+        x = torch.randn(2 * b, 16, side, side, device=device)
+        kw = {"timestep": torch.rand(2 * b, device=device) * 1000,
+              "encoder_hidden_states": torch.randn(2 * b, tokens, arch["joint_attention_dim"], device=device),
+              "pooled_projections": torch.randn(2 * b, arch["pooled_projection_dim"], device=device)}
         return x, kw, torch.randn_like(x)
 
-    return _bench(model, inputs) | {"pairs": b, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return _bench(model, inputs, device, steps) | {"pairs": b,
+                                                   "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def main() -> None:
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check needs a CUDA GPU")
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    for name, fn in (("sdxl_1024", sdxl), ("sd3_medium_1024", sd3)):
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--size", default="real", choices=tuple(SDXL))
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--out", default="gpu_check.json")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check needs a CUDA GPU (or --device cpu --size tiny for a check of the code path)")
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    results = {"device": device_name, "size": args.size, "torch": torch.__version__}
+    for name, fn in (("sdxl", sdxl), ("sd3_medium", sd3)):
         for attention in ("sdpa", "xformers"):
+            key = f"{name}_{'1024' if args.size == 'real' else args.size}/{attention}"
             try:
-                results[f"{name}/{attention}"] = fn(attention)
-            except Exception as e:  # xformers may not load for this torch build
-                results[f"{name}/{attention}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            torch.cuda.empty_cache()
-            print(name, attention, results[f"{name}/{attention}"], flush=True)
-    with open("gpu_check.json", "w") as f:
+                results[key] = fn(attention, args.device, args.size, args.steps)
+                if not all(math.isfinite(v) for v in results[key]["losses"]):
+                    results[key]["error"] = "non-finite loss"
+            except Exception as e:  # xformers may not load for this torch build (and never on a CPU)
+                results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            print(key, results[key], flush=True)
+    with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
