@@ -82,26 +82,17 @@ def _pair_rows(src: Path) -> list[dict]:
 def true_label_accuracy(base: str, summary: dict, clean_pairs: Path, flipped: Path) -> dict:
     """Implicit accuracy of the tuned model on the TRUE labels of the training pairs, split into the pairs
     whose label was flipped (a model that fits the noise ranks these wrong) and the untouched ones."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from visalign.config import Component
+    from visalign.data.pairs import decode_image, prepare_image
+    from visalign.demo import sampling_backbone
     from visalign.eval.implicit import implicit_accuracy
-    from visalign.models.lora import load_lora
-    from visalign.train.setup import build_backbone
-
-    def image(png: bytes) -> torch.Tensor:
-        arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0
-        return torch.from_numpy(arr).permute(2, 0, 1)
 
     rows = _pair_rows(clean_pairs)  # label_0 = 1: image 0 is the true winner
     idx = set(json.loads((flipped / "flipped.json").read_text())["indices"])
-    bb = build_backbone(Component("pixel", {"path": summary.get("model", base)}))
-    if summary.get("lora"):
-        load_lora(bb, summary["lora"])
-    bb.unwrapped().eval()
+    bb = sampling_backbone(summary.get("model", base), summary.get("lora"), bf16=False)
+
+    def image(png: bytes) -> torch.Tensor:
+        return prepare_image(decode_image(png), bb.resolution).tensor
+
     out = {}
     for name, keep in (("flipped", lambda i: i in idx), ("unflipped", lambda i: i not in idx)):
         pairs = [(r["caption"], image(r["jpg_0"]), image(r["jpg_1"])) for i, r in enumerate(rows) if keep(i)]

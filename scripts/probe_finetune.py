@@ -82,18 +82,9 @@ def train_lora(args, base: str) -> Path:
 
 
 def evaluate(base: str, lora: Path | None, split: str, uncond: str, per_task: int = 50) -> list[dict]:
-    from visalign.config import Component
-    from visalign.demo import EVAL_SEED, GUIDANCE, SAMPLE_STEPS
-    from visalign.eval.geneval import generate_and_score
-    from visalign.models.lora import load_lora
-    from visalign.train.setup import build_backbone
-    from visalign.worlds.shapes.render import balanced_records
+    from visalign.demo import heldout_results, sampling_backbone
 
-    bb = build_backbone(Component("pixel", {"path": base}))
-    if lora is not None:
-        load_lora(bb, lora)
-    bb.unwrapped().eval()
-    bb.sample_dtype = torch.bfloat16
+    bb = sampling_backbone(base, lora)
     if uncond == "reference":
         def guided(x, t, cond, uncond_cond, guidance):
             t = t.expand(x.shape[0]) if t.ndim == 0 else t
@@ -103,10 +94,7 @@ def evaluate(base: str, lora: Path | None, split: str, uncond: str, per_task: in
             return u + guidance * (c - u)
 
         bb.guided = guided
-    with torch.no_grad():
-        res = generate_and_score(bb, balanced_records(split, per_task), 1, seed=EVAL_SEED, steps=SAMPLE_STEPS,
-                                 guidance=GUIDANCE)
-    return [{k: v for k, v in r.items() if k != "image"} for r in res]
+    return [{k: v for k, v in r.items() if k != "image"} for r in heldout_results(bb, per_task, split=split)]
 
 
 def main() -> None:

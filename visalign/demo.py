@@ -53,24 +53,35 @@ def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_p
         pairs="all", min_margin=0.15, bf16=bf16, threads=threads), progress=progress)
 
 
-def generate_heldout(model_path: str, lora: str | Path | None = None, per_task: int = 50, steps: int = SAMPLE_STEPS,
-                     bf16: bool = True):
-    """(backbone, GenEval-shapes results) on ``per_task`` held-out samples per task, the demo's fixed seeds."""
+def sampling_backbone(model_path: str, lora: str | Path | None = None, bf16: bool = True):
+    """The model (with its LoRA, if any) ready to sample as the demo does: eval mode, bf16 sampling."""
     from .config import Component
-    from .eval.geneval import generate_and_score
     from .models.lora import load_lora
     from .train.setup import build_backbone
-    from .worlds.shapes.render import balanced_records
 
     bb = build_backbone(Component("pixel", {"path": model_path}))
     if lora is not None:
         load_lora(bb, Path(lora))
     bb.unwrapped().eval()
     bb.sample_dtype = torch.bfloat16 if bf16 else None
+    return bb
+
+
+def heldout_results(bb, per_task: int = 50, steps: int = SAMPLE_STEPS, split: str = "eval") -> list[dict]:
+    """GenEval-shapes results of ``per_task`` samples per task of ``split``'s prompts, the demo's fixed seeds."""
+    from .eval.geneval import generate_and_score
+    from .worlds.shapes.render import balanced_records
+
     with torch.no_grad():
-        results = generate_and_score(bb, balanced_records("eval", per_task), 1, seed=EVAL_SEED, steps=steps,
-                                     guidance=GUIDANCE)
-    return bb, results
+        return generate_and_score(bb, balanced_records(split, per_task), 1, seed=EVAL_SEED, steps=steps,
+                                  guidance=GUIDANCE)
+
+
+def generate_heldout(model_path: str, lora: str | Path | None = None, per_task: int = 50, steps: int = SAMPLE_STEPS,
+                     bf16: bool = True):
+    """(backbone, GenEval-shapes results) on ``per_task`` held-out samples per task, the demo's fixed seeds."""
+    bb = sampling_backbone(model_path, lora, bf16)
+    return bb, heldout_results(bb, per_task, steps)
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "assets/shapes-base") -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -12,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .render import render, sample_records
+from .contrast import near_miss
+from .render import draw, sample_records, scene_for
 from .vocab import caption_words
 
 
@@ -71,23 +73,17 @@ def render_batch(step: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str
     """Batch ``step`` of the pretraining stream: images in [-1, 1] and captions, fixed by (seed, step)."""
     records = sample_records(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
     base = (cfg.seed * 1_000_003 + step) * cfg.batch_size
-    images = np.stack([_noisy_render(r, base + i, cfg) if cfg.caption_noise else render(r, base + i, cfg.size)[0]
-                       for i, r in enumerate(records)])
+    images = np.stack([_render_for_caption(r, base + i, cfg) for i, r in enumerate(records)])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, [r["prompt"] for r in records]
 
 
-def _noisy_render(record: dict, seed: int, cfg: PretrainConfig) -> np.ndarray:
-    """With probability ``caption_noise`` the image is a near miss of its caption (one attribute wrong),
-    as web alt-text often is; else a correct render."""
-    import random
-
-    from .contrast import near_miss
-    from .render import draw, scene_for
-
+def _render_for_caption(record: dict, seed: int, cfg: PretrainConfig) -> np.ndarray:
+    """The render of ``record`` from ``seed`` (as ``render``); with probability ``caption_noise`` a near miss
+    of it instead (one attribute wrong, as web alt-text often is)."""
     rng = random.Random(seed)
     objects = scene_for(record, rng, cfg.size)
-    if rng.random() < cfg.caption_noise:
+    if cfg.caption_noise and rng.random() < cfg.caption_noise:
         objects = near_miss(record, objects, rng) or objects
     return draw(objects, cfg.size)
 
@@ -129,7 +125,7 @@ def _load_weights(unet, text_encoder, folder: Path) -> None:
             missing, unexpected = module.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches
             raise ValueError(f"pretrain.init_from={folder}: {sub} does not match this architecture "
-                             f"({str(e).splitlines()[1].strip()})") from None
+                             f"({str(e).strip().splitlines()[-1].strip()})") from None
         if missing or unexpected:
             raise ValueError(f"pretrain.init_from={folder}: {sub} does not match this architecture "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
