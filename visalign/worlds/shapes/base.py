@@ -84,7 +84,7 @@ def _render_for_caption(record: dict, seed: int, cfg: PretrainConfig) -> np.ndar
     rng = random.Random(seed)
     objects = scene_for(record, rng, cfg.size)
     if cfg.caption_noise and rng.random() < cfg.caption_noise:
-        objects = near_miss(record, objects, rng) or objects
+        objects = near_miss(record, objects, rng, size=cfg.size) or objects
     return draw(objects, cfg.size)
 
 

@@ -1,7 +1,8 @@
 """Minimal contrast pairs: a render that satisfies a prompt and the same scene with one attribute wrong.
 
 The near miss changes exactly one thing a text-to-image model typically gets wrong for that task
-(GenEval's failure modes): the shape class, the colour, a count (one object dropped), the relative
+(GenEval's failure modes): the shape class, the colour, a count (one object dropped, or one added: a
+base model over-counts as often as it under-counts), the relative
 position (the two objects swap places) or the colour binding (the two objects swap colours). Both
 images share layout, sizes and every other attribute, so the pair differs only in what the prompt asks.
 """
@@ -21,14 +22,14 @@ from .vocab import COLORS, SHAPES
 EDITS: dict[str, tuple[str, ...]] = {
     "single_object": ("class",),
     "two_object": ("class", "drop"),
-    "counting": ("drop", "drop", "class"),
+    "counting": ("add", "add", "drop", "class"),
     "colors": ("color",),
     "position": ("swap_places",),
     "color_attr": ("swap_colors", "swap_colors", "color"),
 }
 
 
-def edit(objects: list[ShapeObject], kind: str, rng: random.Random) -> list[ShapeObject] | None:
+def edit(objects: list[ShapeObject], kind: str, rng: random.Random, size: int = 32) -> list[ShapeObject] | None:
     """One edit of a scene, or None where it does not apply (e.g. swapping colours that are equal)."""
     out = list(objects)
     i = rng.randrange(len(out))
@@ -38,6 +39,11 @@ def edit(objects: list[ShapeObject], kind: str, rng: random.Random) -> list[Shap
         out[i] = replace(out[i], color=rng.choice([c for c in COLORS if c != out[i].color]))
     elif kind == "drop" and len(out) > 1:
         del out[i]
+    elif kind == "add":
+        extra = _copy_elsewhere(out[i], out, rng, size)
+        if extra is None:
+            return None
+        out.append(extra)
     elif kind == "swap_places" and len(out) == 2:
         out = [replace(out[0], box=out[1].box), replace(out[1], box=out[0].box)]
     elif kind == "swap_colors" and len(out) == 2 and out[0].color != out[1].color:
@@ -47,11 +53,23 @@ def edit(objects: list[ShapeObject], kind: str, rng: random.Random) -> list[Shap
     return out
 
 
-def near_miss(record: dict, objects: list[ShapeObject], rng: random.Random,
-              tries: int = 20) -> list[ShapeObject] | None:
+def _copy_elsewhere(obj: ShapeObject, scene: list[ShapeObject], rng: random.Random,
+                    size: int = 32, tries: int = 60) -> ShapeObject | None:
+    """``obj`` again (same class, colour and size) in free space, one pixel clear of every object."""
+    s = obj.box[2] - obj.box[0]
+    for _ in range(tries):
+        x0, y0 = rng.randint(1, size - s - 1), rng.randint(1, size - s - 1)
+        box = (x0, y0, x0 + s, y0 + s)
+        if all(box[0] > b[2] or box[2] < b[0] or box[1] > b[3] or box[3] < b[1] for b in (o.box for o in scene)):
+            return replace(obj, box=box)
+    return None
+
+
+def near_miss(record: dict, objects: list[ShapeObject], rng: random.Random, tries: int = 20,
+              size: int = 32) -> list[ShapeObject] | None:
     """A one-edit variant of ``objects`` that fails ``record`` by GenEval's rules (None if none is found)."""
     for _ in range(tries):
-        edited = edit(objects, rng.choice(EDITS[record["tag"]]), rng)
+        edited = edit(objects, rng.choice(EDITS[record["tag"]]), rng, size)
         if edited is not None and not evaluate_objects(edited, record)[0]:
             return edited
     return None
@@ -62,6 +80,6 @@ def contrast_pair(record: dict, seed: int, size: int = 32) -> tuple[np.ndarray, 
     rng = random.Random(seed)
     while True:
         objects = scene_for(record, rng, size)
-        wrong = near_miss(record, objects, rng)
+        wrong = near_miss(record, objects, rng, size=size)
         if wrong is not None:
             return draw(objects, size), draw(wrong, size)
