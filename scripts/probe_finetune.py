@@ -9,6 +9,10 @@ the unconditional branch of classifier-free guidance taken from the reference (a
     python scripts/probe_finetune.py --loss dpo --lr 3e-4 --steps 300 --out runs/probe/dpo
     python scripts/probe_finetune.py --loss sft --lr 5e-4 --eval-split train --out runs/probe/sft
     python scripts/probe_finetune.py --eval-only runs/probe/dpo/lora --uncond reference
+    python scripts/probe_finetune.py --eval-only runs/demo/run/lora --random-adapter 0   # the control
+
+``--random-adapter SEED`` is the control for any trained adapter: each LoRA B matrix is replaced by a
+random one of the same norm, so the update has the trained one's size but no learned direction.
 """
 
 from __future__ import annotations
@@ -81,10 +85,27 @@ def train_lora(args, base: str) -> Path:
     return save_lora(bb, Path(args.out) / "lora").parent
 
 
-def evaluate(base: str, lora: Path | None, split: str, uncond: str, per_task: int = 50) -> list[dict]:
+def randomise_adapter(module: torch.nn.Module, seed: int) -> int:
+    """Replace every LoRA B matrix by a Gaussian one of the same Frobenius norm; returns how many."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                r = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+                p.copy_((r * (p.float().norm() / r.norm())).to(p.dtype))
+                n += 1
+    return n
+
+
+def evaluate(base: str, lora: Path | None, split: str, uncond: str, per_task: int = 50,
+             random_adapter: int | None = None) -> list[dict]:
     from visalign.demo import heldout_results, sampling_backbone
 
     bb = sampling_backbone(base, lora)
+    if random_adapter is not None:
+        if lora is None or not randomise_adapter(bb.unwrapped(), random_adapter):
+            raise SystemExit("--random-adapter needs an adapter: pass --eval-only LORA_FOLDER")
     if uncond == "reference":
         def guided(x, t, cond, uncond_cond, guidance):
             t = t.expand(x.shape[0]) if t.ndim == 0 else t
@@ -113,6 +134,8 @@ def main() -> None:
     ap.add_argument("--uncond", choices=("policy", "reference"), default="policy")
     ap.add_argument("--eval-only", default="", help="evaluate this LoRA folder instead of training one")
     ap.add_argument("--eval-per-task", type=int, default=50)
+    ap.add_argument("--random-adapter", type=int, default=None, metavar="SEED",
+                    help="with --eval-only: score a random adapter of the same per-matrix norm (the control)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -132,9 +155,9 @@ def main() -> None:
         base_rows = evaluate(args.base, None, args.eval_split, "policy", args.eval_per_task)
         base_file.write_text("".join(json.dumps(r) + "\n" for r in base_rows))
     base = [json.loads(x) for x in base_file.read_text().splitlines()]
-    tuned = evaluate(args.base, lora, args.eval_split, args.uncond, args.eval_per_task)
+    tuned = evaluate(args.base, lora, args.eval_split, args.uncond, args.eval_per_task, args.random_adapter)
     s = summarise(tuned)
-    report = {"lora": str(lora), "split": args.eval_split, "uncond": args.uncond,
+    report = {"lora": str(lora), "split": args.eval_split, "uncond": args.uncond, "random_adapter": args.random_adapter,
               "base_overall": summarise(base)["overall"], "overall": s["overall"],
               "tasks": {k: v["accuracy"] for k, v in s["tasks"].items()},
               "change": paired_improvement(base, tuned), "args": vars(args)}
