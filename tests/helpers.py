@@ -1,10 +1,20 @@
-"""Small builders shared by the tests: synthetic Pick-a-Pic-schema parquet files."""
+"""Small builders shared by the tests: synthetic Pick-a-Pic-schema parquet files, scripts as modules."""
 
+import importlib.util
 import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -1,21 +1,15 @@
 """scripts/gpu_check.py's code path on a CPU at tiny size: the same LoRA-DPO step it times on a GPU."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+from helpers import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gpu_check")
 
 
 def test_gpu_check_runs_its_code_path_on_cpu_at_tiny_size(tmp_path):

@@ -1,19 +1,12 @@
 """scripts/probe_finetune.py's control: a random adapter with the trained adapter's per-matrix norms."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from helpers import load_script
 from peft import LoraConfig, inject_adapter_in_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_finetune.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("probe_finetune", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("probe_finetune")
 
 
 class _Block(torch.nn.Module):
