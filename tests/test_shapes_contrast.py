@@ -47,7 +47,7 @@ def test_contrast_pair_is_seeded_and_the_detector_agrees():
 
 
 def test_counting_near_misses_over_and_under_count():
-    """A base model over-counts as often as it under-counts, so the count near misses go both ways."""
+    """Count near misses go both ways: a base model over-counts as well as under-counts."""
     records = [r for r in prompt_records("all") if r["tag"] == "counting"]
     rng = random.Random(1)
     deltas = set()

@@ -1,8 +1,8 @@
 """Minimal contrast pairs: a render that satisfies a prompt and the same scene with one attribute wrong.
 
 The near miss changes exactly one thing a text-to-image model typically gets wrong for that task
-(GenEval's failure modes): the shape class, the colour, a count (one object dropped, or one added: a
-base model over-counts as often as it under-counts), the relative
+(GenEval's failure modes): the shape class, the colour, a count (one object dropped, or one added: the
+shipped base over-counts more often than it under-counts), the relative
 position (the two objects swap places) or the colour binding (the two objects swap colours). Both
 images share layout, sizes and every other attribute, so the pair differs only in what the prompt asks.
 """
@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from .detector import evaluate_objects
-from .render import ShapeObject, draw, scene_for
+from .render import ShapeObject, clear_of, draw, scene_for
 from .vocab import COLORS, SHAPES
 
 # which edits make a near miss for each task (repeats weight the common failure)
@@ -60,7 +60,7 @@ def _copy_elsewhere(obj: ShapeObject, scene: list[ShapeObject], rng: random.Rand
     for _ in range(tries):
         x0, y0 = rng.randint(1, size - s - 1), rng.randint(1, size - s - 1)
         box = (x0, y0, x0 + s, y0 + s)
-        if all(box[0] > b[2] or box[2] < b[0] or box[1] > b[3] or box[3] < b[1] for b in (o.box for o in scene)):
+        if clear_of(box, [o.box for o in scene]):
             return replace(obj, box=box)
     return None
 

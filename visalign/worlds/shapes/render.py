@@ -180,6 +180,12 @@ def draw(objects: list[ShapeObject], size: int = 32) -> np.ndarray:
     return img
 
 
+def clear_of(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> bool:
+    """Whether ``box`` keeps at least a one-pixel gap to every box in ``others`` (so connected components
+    stay separate)."""
+    return all(box[0] > b[2] or box[2] < b[0] or box[1] > b[3] or box[3] < b[1] for b in others)
+
+
 def _place(rng: random.Random, specs: list[tuple[str, str]], size: int) -> list[ShapeObject] | None:
     lo, hi = max(6, size * 7 // 32), max(8, size * 12 // 32)
     if len(specs) >= 3:
@@ -190,9 +196,7 @@ def _place(rng: random.Random, specs: list[tuple[str, str]], size: int) -> list[
             s = rng.randint(lo, hi)
             x0, y0 = rng.randint(1, size - s - 1), rng.randint(1, size - s - 1)
             box = (x0, y0, x0 + s, y0 + s)
-            # a one-pixel gap keeps connected components separate
-            if all(box[0] > b[2] or box[2] < b[0] or box[1] > b[3] or box[3] < b[1]
-                   for b in (p.box for p in placed)):
+            if clear_of(box, [p.box for p in placed]):
                 placed.append(ShapeObject(shape, color, box))
                 break
         else:
