@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from visalign.models.backbone import Cond, per_image_mse
+from visalign.models.backbone import Cond, SampleOutput, per_image_mse
 from visalign.models.flow import FlowBackbone
 from visalign.models.lora import LoraSpec, add_lora, save_lora
 from visalign.models.pixel import PixelBackbone
@@ -320,3 +320,23 @@ def test_cond_helpers():
     assert c.repeat_interleave(2).tensors["hidden"][:, 0].tolist() == [0, 0, 3, 3]
     assert len(Cond.cat([c, c[:1]])) == 3
     assert per_image_mse(torch.ones(2, 3), torch.zeros(2, 3)).tolist() == [1.0, 1.0]
+
+
+def test_sampling_device_follows_the_environment_and_moves_every_module(tiny_dir, monkeypatch):
+    from visalign.train.setup import sampling_device
+
+    monkeypatch.setenv("VISALIGN_DEVICE", "meta")
+    assert sampling_device() == torch.device("meta")
+    monkeypatch.delenv("VISALIGN_DEVICE")
+    assert sampling_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bb = SDBackbone(str(tiny_dir("sd15")))  # its own copy: it ends on the meta device
+    bb.to_device("meta")  # in training the denoiser stays where accelerate's prepare puts it
+    devices = {name: {p.device.type for p in m.parameters()} for name, m in bb.modules().items()}
+    assert devices.pop("denoiser") == {"cpu"} and all(d == {"meta"} for d in devices.values())
+    bb.to_device("meta", include_denoiser=True)
+    assert all(p.device.type == "meta" for m in bb.modules().values() for p in m.parameters())
+    # seeded noise made on the CPU (as eval and make-dataset make it) follows the model to its device
+    seen, empty = [], torch.zeros(1)
+    monkeypatch.setattr(bb, "_sample", lambda *args: seen.append(args[6].device) or SampleOutput(empty, empty))
+    bb.sample(["a red circle"], steps=2, latents=torch.randn(1, *bb.sample_shape))
+    assert seen == [torch.device("meta")]

@@ -57,11 +57,12 @@ def sampling_backbone(model_path: str, lora: str | Path | None = None, bf16: boo
     """The model (with its LoRA, if any) ready to sample as the demo does: eval mode, bf16 sampling."""
     from .config import Component
     from .models.lora import load_lora
-    from .train.setup import build_backbone
+    from .train.setup import build_backbone, sampling_device
 
     bb = build_backbone(Component("pixel", {"path": model_path}))
     if lora is not None:
         load_lora(bb, Path(lora))
+    bb.to_device(sampling_device(), include_denoiser=True)
     bb.unwrapped().eval()
     bb.sample_dtype = torch.bfloat16 if bf16 else None
     return bb

@@ -143,7 +143,7 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
     from ..data.prompts import read_prompts
     from ..registry import load_all
     from ..rewards.base import build_reward, ensemble_scores
-    from ..train.setup import build_backbone
+    from ..train.setup import build_backbone, sampling_device
 
     load_all()
     if cfg.threads:
@@ -184,6 +184,8 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
         if isinstance(bb, RenderPipeline) and sizes:
             bb.resize_to(max(sizes))  # one image size per row: the renderer follows the models
     for bb in backbones:
+        if not isinstance(bb, RenderPipeline):  # the renderer draws on the CPU
+            bb.to_device(sampling_device(), include_denoiser=True)
         bb.unwrapped().eval()
         bb.sample_dtype = torch.bfloat16 if cfg.bf16 else None
     t0, made = time.time(), 0

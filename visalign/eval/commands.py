@@ -11,7 +11,7 @@ def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: 
     from ..config import Component
     from ..models.load import detect_backbone
     from ..registry import load_all
-    from ..train.setup import build_backbone, resolve_path
+    from ..train.setup import build_backbone, resolve_path, sampling_device
 
     load_all()
     path = resolve_path(model)
@@ -20,6 +20,7 @@ def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: 
         from ..models.lora import load_lora
 
         load_lora(bb, lora)
+    bb.to_device(sampling_device(), include_denoiser=True)
     bb.unwrapped().eval()
     if bf16:
         import torch

@@ -61,7 +61,7 @@ def plot_curves(rows: list[dict], out: Path, gold: list[dict]) -> list[Path]:
 def before_after_grid(run: Path, cfg: dict, out: Path, prompts: list[str], seed: int = 0) -> Path | None:
     """Base vs tuned on the same prompts and seeds (rows: base, tuned)."""
     from ..config import Component
-    from ..train.setup import build_backbone
+    from ..train.setup import build_backbone, sampling_device
     from .grid import image_grid, save_png
 
     model = cfg["model"]
@@ -78,6 +78,7 @@ def before_after_grid(run: Path, cfg: dict, out: Path, prompts: list[str], seed:
             bb = build_backbone(Component(model["name"], kwargs | {"path": str(run / "model")}))
         elif tuned:
             return None
+        bb.to_device(sampling_device(), include_denoiser=True)
         bb.unwrapped().eval()
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(prompts), *bb.sample_shape), generator=gen)

@@ -119,6 +119,8 @@ class ReferenceMixin:
                generator: torch.Generator | None = None, trajectory: bool = False, eta: float = 0.0,
                latents: Tensor | None = None, image_meta: dict | None = None) -> SampleOutput:
         """Generate with classifier-free guidance (under ``sample_dtype`` autocast when set); images in [0, 1]."""
+        if latents is not None:  # callers make seeded noise on the CPU so that samples match across devices
+            latents = latents.to(self.device)
         with self.sampling_autocast():
             out = self._sample(prompts, steps, guidance, generator, trajectory, eta, latents, image_meta)
         out.images = out.images.float()
@@ -126,8 +128,9 @@ class ReferenceMixin:
 
     def sampling_autocast(self):
         """Autocast for sampling when ``sample_dtype`` is set (training precision is accelerate's business)."""
-        return torch.autocast(self.device.type, dtype=self.sample_dtype or torch.float32,
-                              enabled=self.sample_dtype is not None)
+        if self.sample_dtype is None:  # no autocast object at all: not every device type has one
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.sample_dtype)
 
     def unwrapped(self) -> torch.nn.Module:
         m = self.denoiser
@@ -167,9 +170,10 @@ class ReferenceMixin:
                 out |= {f"{k}.{i}": m for i, m in enumerate(v)}
         return out
 
-    def to_device(self, device) -> None:
+    def to_device(self, device, include_denoiser: bool = False) -> None:
+        """Move the modules to ``device``; in training the denoiser is left to accelerate's ``prepare``."""
         for name, m in self.modules().items():
-            if name != "denoiser":
+            if include_denoiser or name != "denoiser":
                 m.to(device)
 
     denoiser_subfolder = "unet"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,16 @@ def build_backbone(model: Component, **extra):
     if "path" in kwargs:
         kwargs["path"] = resolve_path(kwargs["path"])
     return BACKBONES.build(model.name, **kwargs)
+
+
+def sampling_device() -> torch.device:
+    """Where sampling (make-dataset, eval, the demo) runs: ``VISALIGN_DEVICE`` if set, else this process's GPU
+    (``LOCAL_RANK`` under ``accelerate launch``), else the CPU."""
+    if os.environ.get("VISALIGN_DEVICE"):
+        return torch.device(os.environ["VISALIGN_DEVICE"])
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def build_method(objective: Component):
