@@ -30,7 +30,7 @@ class LatentMixin:
     def latent_moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of the VAE posterior for images in [0, 1], already scaled to model space."""
         scale, shift = self._vae_scale()
-        dist = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype) * 2 - 1).latent_dist
         return (dist.mean.float() - shift) * scale, dist.std.float() * scale
 
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
