@@ -70,3 +70,27 @@ def test_implicit_accuracy_of_the_base_is_zero_logit(tiny_dir):
              for _ in range(3)]
     out = implicit_accuracy(bb, pairs, draws=2)
     assert out["mean_h"] == 0.0 and out["accuracy"] == 0.0  # policy = reference: no pair is ranked
+
+
+def test_clustered_se_matches_a_hand_calculation_and_ignores_duplication():
+    from visalign.eval.implicit import clustered_se
+
+    values, clusters = [1, 1, 0, 1, 0, 0], ["a", "a", "a", "b", "b", "c"]
+    # by hand: mean 0.5; cluster sums of deviations a: 0.5, b: 0, c: -0.5; G = 3
+    assert clustered_se(values, clusters) == pytest.approx((1.5 * (0.25 + 0 + 0.25)) ** 0.5 / 6)
+    # singleton clusters: the binomial SE with the G/(G-1) correction
+    p = 0.5
+    assert clustered_se(values, range(6)) == pytest.approx((6 / 5 * p * (1 - p) / 6) ** 0.5)
+    # copying every outcome within its own cluster adds no information: the SE must not shrink
+    # (the binomial SE would shrink by sqrt(4))
+    assert clustered_se(values * 4, clusters * 4) == pytest.approx(clustered_se(values, clusters))
+    assert clustered_se([1, 0], ["a", "a"]) != clustered_se([1, 0], ["a", "a"])  # one cluster: nan
+
+
+def test_implicit_accuracy_reports_the_se_clustered_by_prompt():
+    beta = 10.0
+    means = [(0.1, 0.5), (0.2, 0.3), (0.6, 0.4), (0.0, 0.9)]
+    pairs = [(p, torch.full((3, 2, 2), w), torch.full((3, 2, 2), lo)) for p, (w, lo) in zip("aabb", means)]
+    out = implicit_accuracy(AnalyticBackbone(), pairs, beta=beta, draws=1)
+    # right: a, a, b (wrong), b; mean 0.75 -> deviation sums a: +0.5, b: -0.5; G = 2
+    assert out["se_by_prompt"] == pytest.approx((2 * (0.25 + 0.25)) ** 0.5 / 4)

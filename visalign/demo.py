@@ -134,7 +134,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     print(format_table(metrics))
     print(f"\noverall improvement: {imp['delta']:+.3f} ± {imp['se']:.3f} (paired SE; {imp['z']:.1f} SE)")
     print(f"implicit accuracy on {heldout['n']} held-out pairs of base samples: {heldout['accuracy']:.3f} ± "
-          f"{heldout['se']:.3f} (the base ranks none: h = 0)")
+          f"{heldout['se_by_prompt']:.3f} (SE clustered by prompt, as a prompt's pairs share images; "
+          "the base ranks none: h = 0)")
     print(f"grids: {out / 'eval' / 'base' / 'grid.png'}  {out / 'eval' / 'dpo-lora' / 'grid.png'}")
     print(f"logs:  {out / 'run' / 'metrics.jsonl'} (TensorBoard: {out / 'run' / 'logs'})")
     print(f"total time: {elapsed / 60:.1f} min")

@@ -39,7 +39,8 @@ def implicit_accuracy(backbone, pairs: Sequence[tuple[str, object, object]], bet
     from ..types import PreferenceBatch
 
     if not pairs:
-        return {"accuracy": float("nan"), "se": float("nan"), "mean_h": float("nan"), "n": 0}
+        return {"accuracy": float("nan"), "se": float("nan"), "se_by_prompt": float("nan"), "mean_h": float("nan"),
+                "n": 0}
     torch.manual_seed(seed)
     h_all = []
     for start in range(0, len(pairs), batch_size):
@@ -53,5 +54,25 @@ def implicit_accuracy(backbone, pairs: Sequence[tuple[str, object, object]], bet
             h = h + dpo_logit(err[:, 0], err[:, 1], ref[:, 0], ref[:, 1], beta).float()
         h_all.append(h / draws)
     h = torch.cat(h_all)
-    acc = float((h > 0).float().mean())
-    return {"accuracy": acc, "se": math.sqrt(acc * (1 - acc) / len(h)), "mean_h": float(h.mean()), "n": len(h)}
+    right = (h > 0).float().tolist()
+    acc = sum(right) / len(right)
+    return {"accuracy": acc, "se": math.sqrt(acc * (1 - acc) / len(h)),
+            "se_by_prompt": clustered_se(right, [p for p, _, _ in pairs]), "mean_h": float(h.mean()), "n": len(h)}
+
+
+def clustered_se(values: Sequence[float], clusters: Sequence[object]) -> float:
+    """SE of the mean of ``values`` when those sharing a cluster are correlated (CR1 sandwich):
+    sqrt(G/(G−1) · Σ_c (Σ_{i∈c} (x_i − x̄))²) / n over G clusters.
+
+    Held-out pairs are all pairs of a prompt's samples, so one image sits in many pairs and the pairs of
+    a prompt are not independent draws; the binomial SE treats them as if they were.
+    """
+    n = len(values)
+    mean = sum(values) / n
+    sums: dict[object, float] = {}
+    for x, c in zip(values, clusters):
+        sums[c] = sums.get(c, 0.0) + (x - mean)
+    g = len(sums)
+    if g < 2:
+        return float("nan")
+    return math.sqrt(g / (g - 1) * sum(v * v for v in sums.values())) / n
