@@ -35,8 +35,12 @@ def build_backbone(model: Component, **extra):
 def sampling_device() -> torch.device:
     """Where sampling (make-dataset, eval, the demo) runs: ``VISALIGN_DEVICE`` if set, else this process's GPU
     (``LOCAL_RANK`` under ``accelerate launch``), else the CPU."""
-    if os.environ.get("VISALIGN_DEVICE"):
-        return torch.device(os.environ["VISALIGN_DEVICE"])
+    if name := os.environ.get("VISALIGN_DEVICE"):
+        try:
+            return torch.device(name)
+        except RuntimeError as e:
+            raise ConfigError(f"VISALIGN_DEVICE={name!r} is not a torch device "
+                              "(expected e.g. cpu, cuda, cuda:1)") from e
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
