@@ -50,6 +50,12 @@ def test_schema_provenance_and_pairs(tiny_dir, tmp_path):
         assert p["label_0"] == 1.0 and p["score_0"] > p["score_1"]
 
 
+def test_progress_bar_counts_the_short_last_shard(tiny_dir, tmp_path, capsys):
+    make_dataset(_cfg(tiny_dir("pixel"), tmp_path / "ds"), progress=True)  # shards of 4, 4 and 2 prompts
+    err = capsys.readouterr().err
+    assert "30/30" in err and "/36" not in err
+
+
 def test_same_seeds_same_images_and_sharding_over_ranks(tiny_dir, tmp_path):
     one = tmp_path / "one"
     make_dataset(_cfg(tiny_dir("pixel"), one), progress=False)

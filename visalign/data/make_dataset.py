@@ -172,7 +172,8 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
         (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     mine = [j for j in range(n_shards) if j % world == rank and not shard_path(out, "data", j).exists()]
-    total_images = len(mine) * cfg.shard_size * cfg.images_per_prompt * len(models)
+    rows_in = [min(cfg.shard_size, len(prompts) - j * cfg.shard_size) for j in mine]  # the last shard is short
+    total_images = sum(rows_in) * cfg.images_per_prompt * len(models)
     bar = tqdm(total=total_images, desc=f"make-dataset[{rank}]", unit="img", disable=not progress,
                dynamic_ncols=True)
     from ..worlds.shapes.oracle import RenderPipeline
