@@ -138,7 +138,8 @@ def write_table(out: Path, experiment: str, steps: int) -> str:
         if robust:
             acc = r.get("true_label_acc")
             md[2 + i] += " — | — |" if acc is None else "".join(
-                f" {acc[k]['accuracy']:.3f} ± {acc[k]['se']:.3f} (n={acc[k]['n']}) |" for k in ("flipped", "unflipped"))
+                f" {acc[k]['accuracy']:.3f} ± {acc[k].get('se_by_prompt', acc[k]['se']):.3f} (n={acc[k]['n']}) |"
+                for k in ("flipped", "unflipped"))  # SE clustered by prompt: a prompt's pairs share images
     cmd = f"python scripts/compare_methods.py --experiment {experiment} --out {out} --steps {steps}"
     text = "\n".join(md) + f"\n\nReproduce: `{cmd}`\n"
     (out / "table.md").write_text(text)
