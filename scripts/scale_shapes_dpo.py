@@ -10,7 +10,8 @@ Every run is the demo's recipe (`visalign finetune shapes`, Diffusion-DPO, LoRA 
 overrides. Runs get a wall-clock budget rather than a step count: a short calibration run measures the step
 time while all runs share the device, and the real run takes as many steps as fit in ``--budget-s``.
 Evaluation is the demo's (GenEval-shapes, 20 DDIM steps, guidance 3, the demo's seeds) with ``--per-task``
-samples per task; ``summary.json`` holds each run's change against the base and its paired SE.
+samples per task; ``summary.json`` holds each run's change against the base and its paired SE, and
+``base/`` and ``NAME/eval/`` the per-image results and grids.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from pathlib import Path
 CALIBRATION_STEPS = 30
 
 
-def _results_without_images(results: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "image"} for r in results]
-
-
-def evaluate(base: str, lora: str | None, per_task: int) -> list[dict]:
+def evaluate(base: str, lora: str | None, per_task: int, out: Path) -> list[dict]:
+    """Held-out GenEval-shapes results, written to ``out`` (metrics.json, results.jsonl, grid.png)."""
     from visalign.demo import heldout_results, sampling_backbone
+    from visalign.eval.geneval import write_results
 
-    return _results_without_images(heldout_results(sampling_backbone(base, lora), per_task))
+    results = heldout_results(sampling_backbone(base, lora), per_task)
+    write_results(results, out)
+    return results
 
 
 def _train(base: str, out: Path, steps: int, overrides: list[str]) -> dict:
@@ -58,9 +59,8 @@ def worker(args) -> None:
     step_s = calib["seconds"] / CALIBRATION_STEPS
     steps = max(CALIBRATION_STEPS, int((args.budget_s - (time.time() - t0)) / step_s) // 10 * 10)
     summary = _train(args.base, out / "run", steps, overrides)
-    tuned = evaluate(args.base, summary["lora"], args.per_task)
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tuned))
-    base = [json.loads(line) for line in (Path(args.out) / "base.jsonl").read_text().splitlines()]
+    tuned = evaluate(args.base, summary["lora"], args.per_task, out / "eval")
+    base = [json.loads(line) for line in (Path(args.out) / "base" / "results.jsonl").read_text().splitlines()]
     metrics = summarise(tuned)
     result = {"name": args.worker, "overrides": overrides, "steps": summary["steps"],
               "pairs_seen": summary["pairs_seen"], "train_s": summary["seconds"], "step_s": step_s,
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     for spec in args.make_data:
         make_data(out, args.base, spec)
     t0 = time.time()
-    base = evaluate(args.base, None, args.per_task)
-    (out / "base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    base = evaluate(args.base, None, args.per_task, out / "base")
     from visalign.eval.geneval import summarise
 
     print(f"base {summarise(base)['overall']:.3f} ({len(base)} samples, {time.time() - t0:.0f}s)", flush=True)

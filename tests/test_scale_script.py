@@ -20,9 +20,9 @@ def test_scale_script_trains_within_budget_and_reports_the_paired_change(tmp_pat
     assert row["steps"] == mod.CALIBRATION_STEPS  # a spent budget still trains the calibration's length
     assert row["pairs_seen"] == 2 * row["steps"]
     # the change, recomputed by hand from the per-image files: mean over tasks of the mean paired difference
-    base = {(r["prompt_index"], r["k"]): r["correct"] for r in _jsonl(tmp_path / "base.jsonl")}
+    base = {(r["prompt_index"], r["k"]): r["correct"] for r in _jsonl(tmp_path / "base" / "results.jsonl")}
     by_task = defaultdict(list)
-    for r in _jsonl(tmp_path / "a" / "results.jsonl"):
+    for r in _jsonl(tmp_path / "a" / "eval" / "results.jsonl"):
         by_task[r["tag"]].append(float(r["correct"]) - float(base[(r["prompt_index"], r["k"])]))
     assert len(by_task) == 6 and all(len(v) == 2 for v in by_task.values())
     assert row["delta"] == pytest.approx(sum(sum(v) / 2 for v in by_task.values()) / 6)

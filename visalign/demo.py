@@ -54,18 +54,11 @@ def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_p
 
 
 def sampling_backbone(model_path: str, lora: str | Path | None = None, bf16: bool = True):
-    """The model (with its LoRA, if any) ready to sample as the demo does: eval mode, bf16 sampling."""
-    from .config import Component
-    from .models.lora import load_lora
-    from .train.setup import build_backbone, sampling_device
+    """The ShapesWorld model (with its LoRA, if any) ready to sample as the demo does: eval mode, on the
+    sampling device, bf16 sampling (`visalign eval`'s loader with the pixel backbone)."""
+    from .eval.commands import load_backbone_cli
 
-    bb = build_backbone(Component("pixel", {"path": model_path}))
-    if lora is not None:
-        load_lora(bb, Path(lora))
-    bb.to_device(sampling_device(), include_denoiser=True)
-    bb.unwrapped().eval()
-    bb.sample_dtype = torch.bfloat16 if bf16 else None
-    return bb
+    return load_backbone_cli(model_path, "pixel", str(lora) if lora is not None else None, bf16)
 
 
 def heldout_results(bb, per_task: int = 50, steps: int = SAMPLE_STEPS, split: str = "eval") -> list[dict]:
