@@ -29,6 +29,19 @@ def test_quick_demo_runs_end_to_end(tiny_dir, tmp_path, capsys):
     assert saved["train"]["steps"] == 3 and (tmp_path / "demo" / "eval" / "base" / "grid.png").exists()
 
 
+def test_the_demo_samples_data_training_grids_and_evaluation_at_one_guidance(tiny_dir, tmp_path, monkeypatch):
+    import visalign.demo as demo
+
+    seen = []
+    real = demo.heldout_results
+    monkeypatch.setattr(demo, "heldout_results", lambda *a, **kw: seen.append(kw["guidance"]) or real(*a, **kw))
+    run_demo(tmp_path / "demo", quick=True, base=str(tiny_dir("pixel")), guidance=2.25)
+    provenance = json.loads((tmp_path / "demo" / "data" / "provenance.json").read_text())
+    assert provenance["guidance"] == 2.25
+    assert "guidance: 2.25" in (tmp_path / "demo" / "run" / "config.yaml").read_text()
+    assert seen == [2.25, 2.25]  # base and tuned
+
+
 def test_demo_cli_names_a_missing_base(tmp_path, capsys):
     from visalign.cli import main
 

@@ -1,5 +1,6 @@
 """Continuing ShapesWorld pretraining from a saved model: exact weight hand-over, no repeated batches."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ def test_init_from_hands_over_the_weights_exactly(tmp_path):
     loaded = _unet(second.with_name("b-raw"))
     assert loaded.keys() == _unet(raw).keys()
     assert all(torch.equal(loaded[k], v) for k, v in _unet(raw).items())
+    recipe = json.loads((second / "visalign_pretrain.json").read_text())
+    assert recipe["continued_from"] == json.loads((raw / "visalign_pretrain.json").read_text())
 
 
 def test_step_offset_continues_the_data_stream():
@@ -58,3 +61,29 @@ def test_caption_noise_draws_near_misses_of_the_caption():
     assert share_correct(0.0) == 1.0
     assert share_correct(1.0) == 0.0
     assert 0.2 < share_correct(0.5) < 0.8
+
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_the_saved_base_samples_with_what_it_was_trained_to_predict(tmp_path, prediction_type):
+    from visalign.eval.commands import load_backbone_cli
+    from visalign.worlds.shapes.base import build_components, denoising_target
+
+    cfg = PretrainConfig(**TINY | {"steps": 1}, prediction_type=prediction_type)
+    scheduler = build_components(cfg)[3]
+    x0, eps, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    by_hand = a.sqrt() * eps - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else eps
+    assert torch.allclose(denoising_target(scheduler, x0, eps, t), by_hand, atol=1e-6)
+
+    bb = load_backbone_cli(str(pretrain(cfg, tmp_path / "m", log_every=1)), "pixel", None)
+    assert bb.prediction_type == prediction_type
+    assert torch.allclose(bb.noise(x0, t, eps).target, by_hand, atol=1e-6)  # DPO's target is the same
+    assert int(bb.sampling_scheduler(20).timesteps[0]) == 999  # trailing: sampling starts from pure noise
+
+
+def test_an_unknown_prediction_type_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="prediction_type must be"):
+        pretrain(PretrainConfig(**TINY, prediction_type="sample"), tmp_path / "m")
+    with pytest.raises(ValueError, match="timestep_spacing must be"):
+        pretrain(PretrainConfig(**TINY, timestep_spacing="last"), tmp_path / "m")

@@ -181,7 +181,8 @@ def cmd_export_lora(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, base=args.base)
+    run_demo(args.out, quick=args.quick, base=args.base,
+             **({"guidance": args.guidance} if args.guidance is not None else {}))
 
 
 def _sampling_args(s) -> None:
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="a tiny budget (for tests)")
     s.add_argument("--base", default="assets/shapes-base", help="the ShapesWorld base model folder to align")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance of the data and the evaluation (default: the shipped base's best)")
     s.set_defaults(fn=cmd_demo)
     return p
 

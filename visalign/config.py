@@ -129,7 +129,7 @@ COMPONENT_REGISTRIES: dict[str, Registry] = {"model": BACKBONES, "objective": ME
 PRESETS: dict[str, dict] = {
     "shapes": {"model": {"name": "pixel", "path": "assets/shapes-base"},
                "objective": {"name": "diffusion_dpo", "beta": 5000.0},
-               "train": {"lr": 1e-4, "sample_steps": 20, "guidance": 3.0}},
+               "train": {"lr": 1e-4, "sample_steps": 20, "guidance": 1.5}},
     "sd15": {"model": {"name": "sd", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
              "objective": {"name": "diffusion_dpo", "beta": 5000.0},
              "train": {"lr": 1e-5, "mixed_precision": "bf16", "guidance": 7.5}},

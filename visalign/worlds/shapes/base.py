@@ -20,7 +20,7 @@ from .vocab import caption_words
 
 @dataclass
 class PretrainConfig:
-    """Pretraining of the ShapesWorld base (DDPM, epsilon prediction, classifier-free caption dropout)."""
+    """Pretraining of the ShapesWorld base (DDPM, v or ε prediction, classifier-free caption dropout)."""
 
     seed: int = 0
     size: int = 32  # image side in pixels
@@ -42,6 +42,10 @@ class PretrainConfig:
     init_from: str = ""  # a ShapesWorld model folder to continue from (its weights; a fresh optimizer)
     save_raw: bool = False  # also write the raw (non-EMA) weights to OUT-raw, to compare the two
     step_offset: int = 0  # continue the data stream here (init_from's steps_done), so no batch repeats
+    # v rather than ε: an ε loss barely weighs an image's mean colour at high noise, so ε bases drew tinted
+    # backgrounds and off-palette objects; v with trailing timesteps (sampling starts at t = T−1) fixes both
+    prediction_type: str = "v_prediction"
+    timestep_spacing: str = "trailing"
 
 
 def build_components(cfg: PretrainConfig):
@@ -64,9 +68,20 @@ def build_components(cfg: PretrainConfig):
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
         cross_attention_dim=cfg.text_hidden, attention_head_dim=4, norm_num_groups=16)
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {cfg.prediction_type!r}")
+    if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
+        raise ValueError("timestep_spacing must be 'leading', 'trailing' or 'linspace', "
+                         f"got {cfg.timestep_spacing!r}")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              prediction_type="epsilon", clip_sample=True)
+                              prediction_type=cfg.prediction_type, timestep_spacing=cfg.timestep_spacing,
+                              clip_sample=True)
     return unet, text_encoder, tokenizer, scheduler
+
+
+def denoising_target(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser learns to predict: ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022, Eq. 13)."""
+    return eps if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
 
 
 def render_batch(step: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
@@ -144,8 +159,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     unet, text_encoder, tokenizer, scheduler = build_components(cfg)
+    # the whole recipe travels with the weights: a continued run records the config of the run it continues
+    history: dict = {}
     if cfg.init_from:
         _load_weights(unet, text_encoder, Path(cfg.init_from))
+        earlier = Path(cfg.init_from) / "visalign_pretrain.json"
+        if earlier.exists():
+            history = {"continued_from": json.loads(earlier.read_text())}
     unet.train()
     text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -179,7 +199,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             cond = text_encoder(ids).last_hidden_state
             pred = unet(x_t, t, cond).sample
-        loss = ((pred.float() - eps) ** 2).mean()
+        loss = ((pred.float() - denoising_target(scheduler, x0, eps, t)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -194,7 +214,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
             eu, et = copy.deepcopy(unet), copy.deepcopy(text_encoder)
             ema_unet.copy_to(eu.parameters())
             ema_te.copy_to(et.parameters())
-            cfg_dict = asdict(cfg) | {"steps_done": cfg.step_offset + step + 1}
+            cfg_dict = asdict(cfg) | {"steps_done": cfg.step_offset + step + 1} | history
             save_pipeline_folder(out, eu.eval(), et.eval(), tokenizer, scheduler,
                                  extra={"visalign_pretrain.json": cfg_dict, "training_log.json": log})
             if cfg.save_raw:
