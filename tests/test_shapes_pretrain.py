@@ -63,7 +63,6 @@ def test_caption_noise_draws_near_misses_of_the_caption():
     assert 0.2 < share_correct(0.5) < 0.8
 
 
-
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
 def test_the_saved_base_samples_with_what_it_was_trained_to_predict(tmp_path, prediction_type):
     from visalign.eval.commands import load_backbone_cli
