@@ -7,7 +7,7 @@ Data: the `make demo` recipe (40 training prompts per task x 4 base samples scor
 reward; every pair differing by >= 0.15 in reward; the ranked lists for RankDPO). Online methods
 (D3PO, DDO) sample their own data from the training prompts. Every model is evaluated like the demo:
 GenEval-shapes on 50 held-out samples per task (same seeds for every model, bf16 sampling, 20 DDIM
-steps, guidance 3), the change against the base with a paired standard error, and ShapesWorld FID
+steps, the demo's guidance), the change against the base with a paired standard error, and ShapesWorld FID
 against held-out renders. Writes OUT/results.jsonl (one row per finished method; a rerun skips
 finished ones, so several processes can split the methods) and OUT/table.md. The robustness
 experiment flips 30% of the pair labels and compares DPO, rDPO (eps = 0.3) and cDPO.
