@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .config import PRESETS
+
 
 def paired_improvement(base: list[dict], tuned: list[dict]) -> dict:
     """Overall improvement and its standard error from per-image pairs (same prompt, same seed).
@@ -34,9 +36,8 @@ def paired_improvement(base: list[dict], tuned: list[dict]) -> dict:
     return {"delta": delta, "se": se, "z": delta / se if se > 0 else float("inf")}
 
 
-# The shipped base's best guidance on the demo's held-out set (overall 0.553 at 1, 0.603 at 1.5, 0.523 at 2,
-# 0.397 at 3): a v-prediction model oversaturates colours off the palette under strong guidance
-SAMPLE_STEPS, GUIDANCE, EVAL_SEED = 20, 1.5, 1234
+SAMPLE_STEPS, EVAL_SEED = 20, 1234
+GUIDANCE = PRESETS["shapes"]["train"]["guidance"]  # the shipped base's best (see the preset)
 
 
 def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_per_prompt: int = 4,
