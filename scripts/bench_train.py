@@ -134,7 +134,7 @@ def _setup(job: dict):
     if job.get("compile"):
         bb.denoiser = torch.compile(bb.denoiser)
     opt = build_optimizer(params, cfg)
-    method = build_method(cfg.objective)
+    method = build_method(cfg.objective, guidance=cfg.train.guidance)
     ds = PreferenceDataset(job["data"], resolution=bb.resolution)
     if job.get("cache", True):
         cached = CachedDataset(build_cache(bb, ds, cache_dir_for(ds, bb, str(Path(job["tmp"]) / "cache"))), ds)

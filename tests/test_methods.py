@@ -196,6 +196,21 @@ def test_d3po_round_log_probs_equal_step_logprob_and_training_runs(tiny_dir, tmp
     assert summary["steps"] == 4
 
 
+def test_d3po_samples_at_the_runs_guidance_unless_its_config_says_otherwise(tiny_dir):
+    from visalign.config import Component
+    from visalign.objectives.d3po import D3PO
+    from visalign.train.setup import build_method
+
+    run = build_method(Component("d3po", {"reward": "test_brightness"}), guidance=1.5)
+    assert run.guidance == 1.5
+    own = build_method(Component("d3po", {"reward": "test_brightness", "guidance": 4.0}), guidance=1.5)
+    assert own.guidance == 4.0
+    assert build_method(Component("ddo", {}), guidance=1.5).guidance == 1.0  # DDO samples unguided by design
+    with pytest.raises(ValueError, match="guidance is unset"):
+        D3PO(steps=2, prompts_per_round=2, reward="test_brightness").make_round(
+            PixelBackbone(str(tiny_dir("pixel"))), ["a photo of a red circle"], torch.Generator().manual_seed(0))
+
+
 def test_ddo_real_and_fake_terms_push_rewards_apart(tiny_dir):
     from visalign.models.lora import LoraSpec, add_lora
     from visalign.objectives.ddo import DDO

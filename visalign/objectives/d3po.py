@@ -13,14 +13,18 @@ from .online import score_and_rank
 
 @METHODS.register("d3po")
 class D3PO(Method):
-    """D3PO: clipped per-step log-ratio DPO on trajectory pairs ranked by a reward (authors: β 0.1, ε 0.1, η 1)."""
+    """D3PO: clipped per-step log-ratio DPO on trajectory pairs ranked by a reward (authors: β 0.1, ε 0.1, η 1).
+
+    ``guidance=None`` samples at the run's ``train.guidance`` (filled in by the trainer): the trajectories
+    must come from the policy as it will be sampled, or the per-step preference is learned off-policy.
+    """
 
     data = "prompts"
     online = True
     needs = ("step_logprob", "sample")
 
     def __init__(self, beta: float = 0.1, clip_eps: float = 0.1, steps: int = 10, eta: float = 1.0,
-                 guidance: float = 3.0, prompts_per_round: int = 32, round_steps: int = 20,
+                 guidance: float | None = None, prompts_per_round: int = 32, round_steps: int = 20,
                  timestep_fraction: float = 1.0, reward: str | dict = "shapes", reset_reference: bool = False):
         from ..rewards.base import build_reward
 
@@ -31,6 +35,9 @@ class D3PO(Method):
 
     def make_round(self, backbone, prompts, gen, round_idx: int = 0) -> dict:
         """2 trajectories per prompt from one shared x_T; winner = higher reward; ties dropped."""
+        if self.guidance is None:
+            raise ValueError("D3PO.guidance is unset: pass guidance=<the classifier-free guidance the model is "
+                             "sampled at> (the trainer passes train.guidance)")
         idx = torch.randint(0, len(prompts), (self.prompts_per_round,), generator=gen).tolist()
         chosen = [prompts[i] for i in idx]
         x_T = torch.randn((len(chosen), *backbone.sample_shape), generator=gen).repeat_interleave(2, 0)

@@ -84,7 +84,7 @@ def train(cfg: RunConfig) -> dict:
                       log_with=tracker, cpu=not torch.cuda.is_available(),
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     set_seed(t.seed)
-    method = build_method(cfg.objective)
+    method = build_method(cfg.objective, guidance=t.guidance)
     from ..registry import BACKBONES
 
     check_capabilities(method, BACKBONES.get(cfg.model.name))

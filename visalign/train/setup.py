@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -46,8 +47,13 @@ def sampling_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_method(objective: Component):
+def build_method(objective: Component, guidance: float | None = None):
+    """The objective; a method that samples with ``guidance=None`` by default (D3PO) gets the run's
+    ``guidance`` unless the config sets it: on-policy data is drawn the way the model will be sampled."""
     kwargs = {k: (v.to_dict() if isinstance(v, Component) else v) for k, v in objective.kwargs.items()}
+    takes = inspect.signature(METHODS.get(objective.name)).parameters.get("guidance")
+    if guidance is not None and "guidance" not in kwargs and takes is not None and takes.default is None:
+        kwargs["guidance"] = guidance
     return METHODS.build(objective.name, **kwargs)
 
 
