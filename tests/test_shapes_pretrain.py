@@ -66,7 +66,8 @@ def test_caption_noise_draws_near_misses_of_the_caption():
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
 def test_the_saved_base_samples_with_what_it_was_trained_to_predict(tmp_path, prediction_type):
     from visalign.eval.commands import load_backbone_cli
-    from visalign.worlds.shapes.base import build_components, denoising_target
+    from visalign.models.diffusion import denoising_target
+    from visalign.worlds.shapes.base import build_components
 
     cfg = PretrainConfig(**TINY | {"steps": 1}, prediction_type=prediction_type)
     scheduler = build_components(cfg)[3]

@@ -8,6 +8,11 @@ from torch import Tensor
 from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
 
 
+def denoising_target(scheduler, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    """What the denoiser learns to predict: ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022, Eq. 13)."""
+    return eps if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
+
+
 class DiffusionBackbone(ReferenceMixin):
     """A denoiser with a DDPM noise schedule predicting ε or v (from the scheduler's ``prediction_type``).
 
@@ -48,8 +53,7 @@ class DiffusionBackbone(ReferenceMixin):
             eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         t = t.to(x0.device)
         x_t = self.train_scheduler.add_noise(x0, eps, t)
-        target = eps if self.prediction_type == "epsilon" else self.train_scheduler.get_velocity(x0, eps, t)
-        return Noised(x_t=x_t, t=t, target=target, eps=eps)
+        return Noised(x_t=x_t, t=t, target=denoising_target(self.train_scheduler, x0, eps, t), eps=eps)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         if t.ndim == 0:

@@ -75,7 +75,7 @@ def prepare_trainable(backbone, cfg: RunConfig) -> list[torch.nn.Parameter]:
     """LoRA adapters (reference = adapters off) or the whole denoiser (reference = frozen copy)."""
     from ..models.lora import LoraSpec, add_lora
 
-    method_uses_ref = getattr(build_method(cfg.objective), "uses_reference", True)
+    method_uses_ref = getattr(METHODS.get(cfg.objective.name), "uses_reference", True)  # a class attribute
     if cfg.lora.enabled:
         add_lora(backbone, LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                     targets=tuple(cfg.lora.targets), init=cfg.lora.init))

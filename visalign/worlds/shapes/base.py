@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...models.diffusion import denoising_target
 from .contrast import near_miss
 from .render import draw, sample_records, scene_for
 from .vocab import caption_words
@@ -77,11 +78,6 @@ def build_components(cfg: PretrainConfig):
                               prediction_type=cfg.prediction_type, timestep_spacing=cfg.timestep_spacing,
                               clip_sample=True)
     return unet, text_encoder, tokenizer, scheduler
-
-
-def denoising_target(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser learns to predict: ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022, Eq. 13)."""
-    return eps if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
 
 
 def render_batch(step: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
