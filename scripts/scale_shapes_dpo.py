@@ -7,10 +7,11 @@ scored on held-out prompts against the base with the same seeds (paired SE).
     python scripts/scale_shapes_dpo.py ... --make-data big16:16   # also build data/big16 (16 samples per prompt)
 
 Every run is the demo's recipe (`visalign finetune shapes`, Diffusion-DPO, LoRA r8, beta 5000) plus its
-overrides. Runs get a wall-clock budget rather than a step count: a short calibration run measures the step
-time while all runs share the device, and the real run takes as many steps as fit in ``--budget-s``.
-Evaluation is the demo's (GenEval-shapes, 20 DDIM steps, guidance 3, the demo's seeds) with ``--per-task``
-samples per task; ``summary.json`` holds each run's change against the base and its paired SE, and
+overrides, which may switch the method (`objective=d3po,objective.steps=20,data.path=shapes:train`).
+Runs get a wall-clock budget rather than a step count: a short calibration run measures the step time
+while all runs share the device, and the real run takes as many steps as fit in ``--budget-s``.
+Evaluation is the demo's (GenEval-shapes, 20 DDIM steps, guidance 1.5, the demo's seeds or ``--seed``)
+with ``--per-task`` samples per task; ``summary.json`` holds each run's change against the base and its paired SE, and
 ``base/`` and ``NAME/eval/`` the per-image results and grids.
 """
 
@@ -27,12 +28,12 @@ from pathlib import Path
 CALIBRATION_STEPS = 30
 
 
-def evaluate(base: str, lora: str | None, per_task: int, out: Path) -> list[dict]:
+def evaluate(base: str, lora: str | None, per_task: int, out: Path, seed: int) -> list[dict]:
     """Held-out GenEval-shapes results, written to ``out`` (metrics.json, results.jsonl, grid.png)."""
     from visalign.demo import heldout_results, sampling_backbone
     from visalign.eval.geneval import write_results
 
-    results = heldout_results(sampling_backbone(base, lora), per_task)
+    results = heldout_results(sampling_backbone(base, lora), per_task, seed=seed)
     write_results(results, out)
     return results
 
@@ -59,7 +60,7 @@ def worker(args) -> None:
     step_s = calib["seconds"] / CALIBRATION_STEPS
     steps = max(CALIBRATION_STEPS, int((args.budget_s - (time.time() - t0)) / step_s) // 10 * 10)
     summary = _train(args.base, out / "run", steps, overrides)
-    tuned = evaluate(args.base, summary["lora"], args.per_task, out / "eval")
+    tuned = evaluate(args.base, summary["lora"], args.per_task, out / "eval", args.seed)
     base = [json.loads(line) for line in (Path(args.out) / "base" / "results.jsonl").read_text().splitlines()]
     metrics = summarise(tuned)
     result = {"name": args.worker, "overrides": overrides, "steps": summary["steps"],
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="NAME:IMAGES_PER_PROMPT[:PROMPTS_PER_TASK] -> OUT/data/NAME/pairs")
     ap.add_argument("--budget-s", type=float, default=240.0, help="training seconds per run (calibration included)")
     ap.add_argument("--per-task", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (the demo's: 1234; fresh: any other)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: cores / runs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="", help=argparse.SUPPRESS)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     for spec in args.make_data:
         make_data(out, args.base, spec)
     t0 = time.time()
-    base = evaluate(args.base, None, args.per_task, out / "base")
+    base = evaluate(args.base, None, args.per_task, out / "base", args.seed)
     from visalign.eval.geneval import summarise
 
     print(f"base {summarise(base)['overall']:.3f} ({len(base)} samples, {time.time() - t0:.0f}s)", flush=True)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         name, _, overrides = spec.partition("=")
         cmd = [sys.executable, __file__, "--out", str(out), "--base", args.base, "--worker", name,
                "--overrides", overrides.replace("{out}", str(out)), "--budget-s", str(args.budget_s),
-               "--per-task", str(args.per_task), "--threads", str(threads)]
+               "--per-task", str(args.per_task), "--seed", str(args.seed), "--threads", str(threads)]
         log = open(out / f"{name}.log", "w")
         procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
     rows = []

@@ -266,6 +266,37 @@ def test_cache_gives_the_same_loss_and_skips_encoders(tiny_dir, tmp_path, family
     assert torch.allclose(again.loss, fast.loss, atol=1e-6)
 
 
+def test_cache_builders_sharing_a_folder_never_see_each_others_files(tiny_dir, tmp_path, monkeypatch):
+    """Two runs of a sweep building one cache at once: each writes a private staging folder; the first to
+    finish publishes, the second finds the cache complete and succeeds; a stale half-built folder is replaced."""
+    import visalign.data.cache as cache
+    from visalign.data.pairs import PreferenceDataset
+    from visalign.train.setup import build_backbone
+
+    cfg = _cfg(tiny_dir("pixel"), write_pairs(tmp_path / "p.parquet", n=6, labels=[1, 0, 1, 0, 1, 0]),
+               tmp_path / "run", "pixel")
+    bb = build_backbone(cfg.model)
+    ds = PreferenceDataset(str(cfg.data.path), resolution=bb.resolution)
+    path = cache.cache_dir_for(ds, bb, str(tmp_path / "cache"))
+    path.mkdir(parents=True)
+    (path / "shard-00000.safetensors").write_bytes(b"half-written by a killed build")
+
+    encode, seen = cache._encode_into, []
+
+    def racing_encode(backbone, dataset, staging, batch_rows):
+        encode(backbone, dataset, staging, batch_rows)
+        seen.append(staging)
+        if len(seen) == 1:  # the other run finishes first, while this one is about to publish
+            cache.build_cache(backbone, dataset, path, batch_rows)
+
+    monkeypatch.setattr(cache, "_encode_into", racing_encode)
+    cache.build_cache(bb, ds, path, batch_rows=4)
+    assert len(seen) == 2 and seen[0] != seen[1] and seen[0].parent == path.parent
+    assert cache.is_complete(path)
+    assert len(cache.CachedDataset(path, ds)) == len(ds)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no staging folder left behind
+
+
 def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path):
     import diffusers
 

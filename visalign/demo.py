@@ -66,13 +66,14 @@ def sampling_backbone(model_path: str, lora: str | Path | None = None, bf16: boo
 
 
 def heldout_results(bb, per_task: int = 50, steps: int = SAMPLE_STEPS, split: str = "eval",
-                    guidance: float = GUIDANCE) -> list[dict]:
-    """GenEval-shapes results of ``per_task`` samples per task of ``split``'s prompts, the demo's fixed seeds."""
+                    guidance: float = GUIDANCE, seed: int = EVAL_SEED) -> list[dict]:
+    """GenEval-shapes results of ``per_task`` samples per task of ``split``'s prompts (the demo's fixed seeds
+    unless ``seed`` says otherwise: re-score a candidate on fresh seeds before believing it)."""
     from .eval.geneval import generate_and_score
     from .worlds.shapes.render import balanced_records
 
     with torch.no_grad():
-        return generate_and_score(bb, balanced_records(split, per_task), 1, seed=EVAL_SEED, steps=steps,
+        return generate_and_score(bb, balanced_records(split, per_task), 1, seed=seed, steps=steps,
                                   guidance=guidance)
 
 

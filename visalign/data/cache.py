@@ -2,8 +2,10 @@
 
 The cache folder is keyed by a dataset fingerprint plus a backbone fingerprint, so a change of
 data, resolution or encoders never reuses stale tensors. Training from a complete cache builds
-the backbone without its VAE and text encoders. Shards are written under a temporary name and
-renamed; ``index.json`` (written last) marks the cache complete.
+the backbone without its VAE and text encoders. A cache is built in a staging folder private to its
+process and published by renaming the whole folder, so two runs that share a cache (a sweep on one
+machine) never see each other's half-written shards: the first to finish publishes, the other keeps
+its copy's work out of the way and reads the published one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -46,12 +50,34 @@ def is_complete(path: Path) -> bool:
     return (path / "index.json").exists()
 
 
-@torch.no_grad()
 def build_cache(backbone, dataset, path: Path, batch_rows: int = 16) -> Path:
-    """Encode every usable row once: latent moments [K, C, h, w] per row and the prompt's conditioning."""
+    """Encode every usable row once into ``path``: latent moments [K, C, h, w] per row and the prompt's
+    conditioning. Built in a private staging folder, then published with one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _encode_into(backbone, dataset, staging, batch_rows)
+        _publish(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _publish(staging: Path, path: Path) -> None:
+    if path.exists() and not is_complete(path):
+        shutil.rmtree(path, ignore_errors=True)  # a folder left by an interrupted build of an older version
+    try:
+        os.rename(staging, path)
+    except OSError:
+        if not is_complete(path):  # not "another process published first": a real failure
+            raise
+
+
+@torch.no_grad()
+def _encode_into(backbone, dataset, path: Path, batch_rows: int) -> None:
     from .pairs import collate
 
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True)
     rows_meta: list[dict] = []
     buf: dict[str, list[torch.Tensor]] = {}
     shard, shards = 0, []
@@ -61,9 +87,7 @@ def build_cache(backbone, dataset, path: Path, batch_rows: int = 16) -> Path:
         if not buf:
             return
         name = f"shard-{shard:05d}.safetensors"
-        tmp = path / f".{name}.tmp"
-        save_file({k: torch.cat(v).contiguous() for k, v in buf.items()}, str(tmp))
-        os.replace(tmp, path / name)
+        save_file({k: torch.cat(v).contiguous() for k, v in buf.items()}, str(path / name))
         shards.append(name)
         shard, buf = shard + 1, {}
 
@@ -98,10 +122,7 @@ def build_cache(backbone, dataset, path: Path, batch_rows: int = 16) -> Path:
     flush()
     index = {"shards": shards, "rows": [r for r in rows_meta if not r.get("skipped")],
              "skipped": sum(1 for r in rows_meta if r.get("skipped")), "family": backbone.family}
-    tmp = path / ".index.json.tmp"
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, path / "index.json")
-    return path
+    (path / "index.json").write_text(json.dumps(index))
 
 
 class CachedDataset(torch.utils.data.Dataset):
