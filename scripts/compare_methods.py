@@ -164,8 +164,8 @@ def main() -> None:
     from visalign.cli import _quiet_libraries
     from visalign.config import load_config
     from visalign.demo import paired_improvement
+    from visalign.models.load import resolve_path
     from visalign.train.loop import train
-    from visalign.train.setup import resolve_path
 
     _quiet_libraries()
     if args.threads:

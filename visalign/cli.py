@@ -189,7 +189,9 @@ def _sampling_args(s) -> None:
     """Options shared by the commands that generate: seed, sampler steps, guidance, threads."""
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance (default: what the model folder declares in visalign_sampling.json, "
+                        "else the family's usual: sd 7.5, sdxl 5, sd3 4.5, pixel 3)")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (about 2x faster on AMX CPUs)")
 

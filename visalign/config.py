@@ -102,7 +102,7 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_every: int = 0  # 0 = off
     sample_steps: int = 20
-    guidance: float = 3.0
+    guidance: float | None = None  # None: what the model folder declares (visalign_sampling.json), else its family's
 
 
 @dataclass
@@ -127,20 +127,20 @@ COMPONENT_REGISTRIES: dict[str, Registry] = {"model": BACKBONES, "objective": ME
 
 # model presets: `visalign config MODEL` / `visalign finetune MODEL` start from these
 PRESETS: dict[str, dict] = {
-    # guidance 1.5: the shipped base's best on the demo's held-out set (overall 0.553 at 1, 0.603 at 1.5,
-    # 0.523 at 2, 0.397 at 3): a v-prediction model oversaturates colours off the palette under strong guidance
+    # sampling guidance (train.guidance) is not set here: it is what the model folder declares in
+    # visalign_sampling.json (the shipped ShapesWorld base: 1.5), else the family's usual (models.load.FAMILY_GUIDANCE)
     "shapes": {"model": {"name": "pixel", "path": "assets/shapes-base"},
                "objective": {"name": "diffusion_dpo", "beta": 5000.0},
-               "train": {"lr": 1e-4, "sample_steps": 20, "guidance": 1.5}},
+               "train": {"lr": 1e-4, "sample_steps": 20}},
     "sd15": {"model": {"name": "sd", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
              "objective": {"name": "diffusion_dpo", "beta": 5000.0},
-             "train": {"lr": 1e-5, "mixed_precision": "bf16", "guidance": 7.5}},
+             "train": {"lr": 1e-5, "mixed_precision": "bf16"}},
     "sdxl": {"model": {"name": "sdxl", "path": "stabilityai/stable-diffusion-xl-base-1.0"},
              "objective": {"name": "diffusion_dpo", "beta": 5000.0},
-             "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True, "guidance": 5.0}},
+             "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True}},
     "sd3": {"model": {"name": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium"},
             "objective": {"name": "diffusion_dpo", "beta": 100.0},
-            "train": {"lr": 1e-5, "mixed_precision": "bf16", "guidance": 4.5}},
+            "train": {"lr": 1e-5, "mixed_precision": "bf16"}},
 }
 
 
@@ -361,6 +361,10 @@ def config_from_dict(tree: dict) -> RunConfig:
         name = getattr(cfg.train, key)
         if name:
             REWARDS.get(name)
+    if cfg.train.guidance is None:
+        from .models.load import default_guidance
+
+        cfg.train.guidance = default_guidance(cfg.model.name, cfg.model.kwargs.get("path"))
     return cfg
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS
-
 
 def paired_improvement(base: list[dict], tuned: list[dict]) -> dict:
     """Overall improvement and its standard error from per-image pairs (same prompt, same seed).
@@ -37,14 +35,14 @@ def paired_improvement(base: list[dict], tuned: list[dict]) -> dict:
 
 
 SAMPLE_STEPS, EVAL_SEED = 20, 1234
-GUIDANCE = PRESETS["shapes"]["train"]["guidance"]  # the shipped base's best (see the preset)
 
 
 def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_per_prompt: int = 4,
                     steps: int = SAMPLE_STEPS, bf16: bool = True, threads: int = 0, progress: bool = True,
-                    guidance: float = GUIDANCE) -> dict:
+                    guidance: float | None = None) -> dict:
     """The demo's preference data: ``per_task`` balanced training prompts per task x ``images_per_prompt``
-    base samples scored by the shapes reward; every pair at least 0.15 apart (one GenEval constraint)."""
+    base samples scored by the shapes reward; every pair at least 0.15 apart (one GenEval constraint).
+    ``guidance=None``: the base folder's declared guidance."""
     from .data.make_dataset import MakeDatasetConfig, make_dataset
     from .worlds.shapes.render import balanced_records
 
@@ -66,31 +64,33 @@ def sampling_backbone(model_path: str, lora: str | Path | None = None, bf16: boo
 
 
 def heldout_results(bb, per_task: int = 50, steps: int = SAMPLE_STEPS, split: str = "eval",
-                    guidance: float = GUIDANCE, seed: int = EVAL_SEED) -> list[dict]:
+                    guidance: float | None = None, seed: int = EVAL_SEED) -> list[dict]:
     """GenEval-shapes results of ``per_task`` samples per task of ``split``'s prompts (the demo's fixed seeds
-    unless ``seed`` says otherwise: re-score a candidate on fresh seeds before believing it)."""
+    unless ``seed`` says otherwise: re-score a candidate on fresh seeds before believing it), at ``guidance``
+    or the model folder's declared one."""
     from .eval.geneval import generate_and_score
+    from .models.load import sampling_guidance
     from .worlds.shapes.render import balanced_records
 
     with torch.no_grad():
         return generate_and_score(bb, balanced_records(split, per_task), 1, seed=seed, steps=steps,
-                                  guidance=guidance)
+                                  guidance=sampling_guidance(bb, guidance))
 
 
 def generate_heldout(model_path: str, lora: str | Path | None = None, per_task: int = 50, steps: int = SAMPLE_STEPS,
-                     bf16: bool = True, guidance: float = GUIDANCE):
+                     bf16: bool = True, guidance: float | None = None):
     """(backbone, GenEval-shapes results) on ``per_task`` held-out samples per task, the demo's fixed seeds."""
     bb = sampling_backbone(model_path, lora, bf16)
     return bb, heldout_results(bb, per_task, steps, guidance=guidance)
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "assets/shapes-base",
-             guidance: float = GUIDANCE) -> dict:
+             guidance: float | None = None) -> dict:
     from .config import load_config
     from .eval.geneval import format_table, write_results
     from .eval.implicit import implicit_accuracy, pairs_from_results
+    from .models.load import default_guidance, resolve_path
     from .train.loop import train
-    from .train.setup import resolve_path
 
     t_start = time.time()
     out = Path(out)
@@ -98,6 +98,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     if not (Path(base_path) / "unet").exists():
         raise FileNotFoundError(f"no ShapesWorld base model at {base_path}; run "
                                 "`visalign world shapes pretrain --out assets/shapes-base` first")
+    guidance = default_guidance("pixel", base_path) if guidance is None else guidance
     budget = dict(train_per_task=40, images_per_prompt=4, steps=20, train_steps=200, eval_per_task=50, batch=16)
     if quick:
         budget = dict(train_per_task=2, images_per_prompt=2, steps=4, train_steps=3, eval_per_task=2, batch=4)

@@ -30,7 +30,7 @@ class MakeDatasetConfig:
     rewards: list[str] = field(default_factory=lambda: ["shapes"])  # NAME[:WEIGHT]
     out: str = "data/synpic"
     steps: int = 20
-    guidance: float = 3.0
+    guidance: float | None = None  # None: each model's declared guidance (visalign_sampling.json), else its family's
     eta: float = 0.0
     seed: int = 0
     batch_size: int = 32  # images per sampling call
@@ -64,8 +64,7 @@ def parse_reward(spec: str) -> tuple[str, float, dict]:
 
 def parse_model(spec: str) -> tuple[str, str]:
     """'NAME=PATH', a diffusers folder, or 'shapes-render' (the exact ShapesWorld renderer)."""
-    from ..models.load import detect_backbone
-    from ..train.setup import resolve_path
+    from ..models.load import detect_backbone, resolve_path
 
     if spec == "shapes-render":
         return "shapes-render", "shapes-render"
@@ -141,6 +140,7 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
 
     from ..config import Component
     from ..data.prompts import read_prompts
+    from ..models.load import default_guidance
     from ..registry import load_all
     from ..rewards.base import build_reward, ensemble_scores
     from ..train.setup import build_backbone, sampling_device
@@ -163,8 +163,10 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
                   for name, _, kw in rewards}
     weights = {name: w for name, w, _ in rewards}
     models = [parse_model(m) for m in cfg.models]
-    provenance = {"models": [{"backbone": b, "path": p} for b, p in models], "sampler": "ddim/flow-euler",
-                  "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
+    guidance = [cfg.guidance if cfg.guidance is not None else default_guidance(b, p) for b, p in models]
+    provenance = {"models": [{"backbone": b, "path": p, "guidance": g} for (b, p), g in zip(models, guidance)],
+                  "sampler": "ddim/flow-euler", "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta,
+                  "seed": cfg.seed,
                   "rewards": [{"name": n, "weight": w, "kwargs": kw, "version": reward_fns[n].version}
                               for n, w, kw in rewards],
                   "normalise": cfg.normalise, "images_per_prompt": cfg.images_per_prompt, "config": asdict(cfg)}
@@ -206,7 +208,7 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
                 noise = torch.stack([torch.randn(bb.sample_shape, generator=torch.Generator().manual_seed(
                     image_seed(cfg.seed, i, m, k))) for i, _, k in part])
                 with torch.no_grad():
-                    res = bb.sample([prompts[i] for i, _, _ in part], steps=cfg.steps, guidance=cfg.guidance,
+                    res = bb.sample([prompts[i] for i, _, _ in part], steps=cfg.steps, guidance=guidance[m],
                                     latents=noise, eta=cfg.eta,
                                     generator=torch.Generator().manual_seed(image_seed(cfg.seed, j, m, start)))
                 for (i, _, k), img in zip(part, res.images.cpu()):

@@ -9,9 +9,9 @@ from pathlib import Path
 def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: bool = False):
     """A backbone from a folder (family from model_index.json unless named), with an optional LoRA, in eval mode."""
     from ..config import Component
-    from ..models.load import detect_backbone
+    from ..models.load import detect_backbone, resolve_path
     from ..registry import load_all
-    from ..train.setup import build_backbone, resolve_path, sampling_device
+    from ..train.setup import build_backbone, sampling_device
 
     load_all()
     path = resolve_path(model)
@@ -33,6 +33,7 @@ def cmd_eval_geneval(args) -> None:
     import torch
 
     from ..eval.geneval import format_table, generate_and_score, write_results
+    from ..models.load import sampling_guidance
     from ..worlds.shapes.render import prompt_records, read_metadata
 
     if args.threads:
@@ -44,11 +45,12 @@ def cmd_eval_geneval(args) -> None:
         from .open_vocab import OpenVocabDetector
 
         detector = OpenVocabDetector(args.owl, args.clip_arch, args.clip_pretrained)
-    results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, args.guidance,
+    guidance = sampling_guidance(bb, args.guidance)
+    results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, guidance,
                                  detector=detector)
     metrics = write_results(results, args.out, extra={
         "model": args.model, "lora": args.lora, "metadata": args.metadata or "shapes:eval", "seed": args.seed,
-        "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": args.guidance,
+        "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": guidance,
         "bf16": args.bf16,
         "detector": "shapes-exact" if detector is None else f"owlv2:{args.owl} + open_clip:{args.clip_arch}"})
     print(format_table({Path(args.lora or args.model).name: metrics}))
@@ -91,6 +93,7 @@ def cmd_eval_fid(args) -> None:
     import torch
 
     from ..eval.fid import fid, protocol
+    from ..models.load import sampling_guidance
     from ..worlds.shapes.render import prompt_records
 
     if args.threads:
@@ -102,16 +105,17 @@ def cmd_eval_fid(args) -> None:
         ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     fakes = []
     gen = torch.Generator().manual_seed(args.seed)
+    guidance = sampling_guidance(bb, args.guidance)
     with torch.no_grad():
         for i in range(0, args.n, 64):
             batch = [prompts[j % len(prompts)] for j in range(i, min(i + 64, args.n))]
-            fakes.append(bb.sample(batch, steps=args.steps, guidance=args.guidance, generator=gen).images.cpu())
+            fakes.append(bb.sample(batch, steps=args.steps, guidance=guidance, generator=gen).images.cpu())
     weights = args.inception_weights if args.feature == "inception" else args.feature_weights
     value = fid(real, torch.cat(fakes), args.feature, weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"fid": value, **protocol(args.feature, weights, len(real), args.n), "model": args.model,
-              "lora": args.lora, "real": args.real, "seed": args.seed, "steps": args.steps, "guidance": args.guidance}
+              "lora": args.lora, "real": args.real, "seed": args.seed, "steps": args.steps, "guidance": guidance}
     (out / "fid.json").write_text(json.dumps(result, indent=2))
     print(f"FID ({args.feature} features, {args.n} vs {len(real)} images): {value:.3f}  -> {out / 'fid.json'}")
 
@@ -122,15 +126,17 @@ def cmd_eval_winrate(args) -> None:
     from ..data.prompts import read_prompts
     from ..eval.geneval import sample_seed
     from ..eval.winrate import win_rate
+    from ..models.load import sampling_guidance
     from ..rewards.base import build_reward
 
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts)
     reward = build_reward(args.reward)
-    scores = {}
+    scores, guidance = {}, {}
     for name, model, lora in (("model", args.model, args.lora), ("baseline", args.baseline, args.baseline_lora)):
         bb = load_backbone_cli(model, args.backbone, lora, args.bf16)
+        guidance[name] = sampling_guidance(bb, args.guidance)  # each model at its own declared guidance
         jobs = [(i, k) for i in range(len(prompts)) for k in range(args.samples_per_prompt)]
         out = []
         with torch.no_grad():
@@ -138,13 +144,14 @@ def cmd_eval_winrate(args) -> None:
                 part = jobs[start:start + 32]
                 noise = torch.stack([torch.randn(bb.sample_shape, generator=torch.Generator().manual_seed(
                     sample_seed(args.seed, i, k))) for i, k in part])
-                imgs = bb.sample([prompts[i] for i, _ in part], steps=args.steps, guidance=args.guidance,
+                imgs = bb.sample([prompts[i] for i, _ in part], steps=args.steps, guidance=guidance[name],
                                  latents=noise).images.cpu()
                 out.append(reward(imgs, [prompts[i] for i, _ in part]))
         scores[name] = torch.cat(out)
     result = win_rate(scores["model"], scores["baseline"]) | {
         "reward": args.reward, "model": args.model, "lora": args.lora, "baseline": args.baseline,
-        "prompts": args.prompts, "samples_per_prompt": args.samples_per_prompt, "seed": args.seed}
+        "prompts": args.prompts, "samples_per_prompt": args.samples_per_prompt, "seed": args.seed,
+        "steps": args.steps, "guidance": guidance}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "winrate.json").write_text(json.dumps(result, indent=2))
     print(f"win rate {result['win_rate']:.3f} [95% CI {result['ci_low']:.3f}, {result['ci_high']:.3f}] "

@@ -28,7 +28,7 @@ def make_fid(feature: str = "shapes", weights: str | None = None):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if feature == "shapes":
-        from ..train.setup import resolve_path
+        from ..models.load import resolve_path
         from ..worlds.shapes.features import load_feature_net
 
         net = load_feature_net(weights or resolve_path("assets/shapes-features"))

@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLING_FILE = "visalign_sampling.json"  # a model folder's own sampling defaults: {"guidance": ..., "note": ...}
+# each family's usual classifier-free guidance, for a folder (or hub id) that declares none
+FAMILY_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 4.5, "pixel": 3.0}
 
 
 class ModelLoadError(RuntimeError):
     """Weights could not be found or read; the message says what to pass instead."""
+
+
+def resolve_path(path: str) -> str:
+    """A relative model path is looked up from the working directory, then from the visalign checkout."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute() or not path.startswith(("assets", "./assets")):
+        return path
+    alt = REPO_ROOT / path
+    return str(alt) if alt.exists() else path
+
+
+def declared_sampling(path: str | None) -> dict:
+    """The sampling defaults a model folder declares in ``visalign_sampling.json`` ({} when it has none)."""
+    f = Path(resolve_path(path)).expanduser() / SAMPLING_FILE if path else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or set(data) - {"guidance", "note"}:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ModelLoadError(f"{f}: expected a mapping with the keys guidance, note; found {found}")
+    g = data.get("guidance")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g <= 0):
+        raise ModelLoadError(f"{f}: guidance={g!r}: expected a positive number")
+    return data
+
+
+def default_guidance(backbone: str, path: str | None) -> float:
+    """The guidance a model is sampled at unless told otherwise: its folder's declaration, else its family's."""
+    declared = declared_sampling(path).get("guidance")
+    return float(declared) if declared is not None else FAMILY_GUIDANCE.get(backbone, 3.0)
+
+
+def sampling_guidance(backbone, requested: float | None) -> float:
+    """``requested`` when given, else the backbone's folder's declared guidance, else its family's usual one."""
+    return requested if requested is not None else default_guidance(backbone.family, getattr(backbone, "path", None))
 
 
 def load_component(cls, path: str, subfolder: str | None = None, *, what: str, key: str = "model.path",
@@ -51,8 +95,6 @@ _PIPELINE_TO_BACKBONE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipe
 
 def detect_backbone(path: str) -> str:
     """The backbone name for a local diffusers folder, from its model_index.json."""
-    import json
-
     index = Path(path) / "model_index.json"
     if not index.exists():
         raise ModelLoadError(f"{path}: no model_index.json; name the backbone explicitly as NAME=PATH "

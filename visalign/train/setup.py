@@ -5,25 +5,15 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import Component, RunConfig
+from ..models.load import resolve_path
 from ..registry import BACKBONES, METHODS, ConfigError
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_path(path: str) -> str:
-    """A relative model path is looked up from the working directory, then from the visalign checkout."""
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute() or not path.startswith(("assets", "./assets")):
-        return path
-    alt = REPO_ROOT / path
-    return str(alt) if alt.exists() else path
 
 
 def build_backbone(model: Component, **extra):
