@@ -74,7 +74,8 @@ def test_eval_and_make_dataset_sample_at_each_models_declared_guidance(declared,
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"guidance": 2.0, "steps": 20}', r"expected a mapping with the keys guidance, note; found \['guidance', 'steps'\]"),
+    ('{"guidance": 2.0, "steps": 20}',
+     r"expected a mapping with the keys guidance, note; found \['guidance', 'steps'\]"),
     ('{"guidance": "high"}', r"guidance='high': expected a positive number"),
     ('{"guidance": 0}', r"guidance=0: expected a positive number"),
     ("guidance: 2", r"not valid JSON"),
