@@ -80,6 +80,10 @@ def test_the_saved_base_samples_with_what_it_was_trained_to_predict(tmp_path, pr
     assert bb.prediction_type == prediction_type
     assert torch.allclose(bb.noise(x0, t, eps).target, by_hand, atol=1e-6)  # DPO's target is the same
     assert int(bb.sampling_scheduler(20).timesteps[0]) == 999  # trailing: sampling starts from pure noise
+    # the folder declares the guidance its recipe samples best at (measured on the shipped bases)
+    from visalign.models.load import sampling_guidance
+
+    assert sampling_guidance(bb, None) == (1.5 if prediction_type == "v_prediction" else 3.0)
 
 
 def test_an_unknown_prediction_type_is_one_clear_error(tmp_path):
