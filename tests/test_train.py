@@ -84,8 +84,12 @@ def test_full_run_changes_only_the_denoiser_and_reloads(tiny_dir, pairs, tmp_pat
     import diffusers
 
     model = tiny_dir(family)
-    summary = _cli_train(model, pairs, tmp_path / "run", family, ["lora.enabled=false", "train.lr=1e-4"])
+    summary = _cli_train(model, pairs, tmp_path / "run", family,
+                         ["lora.enabled=false", "train.lr=1e-4", "train.guidance=2.5"])
     out = Path(summary["model"])
+    from visalign.models.load import default_guidance
+
+    assert default_guidance(family, str(out)) == 2.5  # the fine-tune declares the guidance it was trained at
     sub = "transformer" if family == "sd3" else "unet"
     base, tuned = _tensors(model), _tensors(out)
     assert base.keys() == tuned.keys()

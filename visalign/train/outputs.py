@@ -9,6 +9,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..eval.grid import image_grid, save_png
+from ..models.load import SAMPLING_FILE
 
 
 def save_weights(backbone, cfg: RunConfig, out: Path) -> dict:
@@ -17,7 +18,11 @@ def save_weights(backbone, cfg: RunConfig, out: Path) -> dict:
 
     if cfg.lora.enabled:
         return {"lora": str(save_lora(backbone, out / "lora").parent)}
-    return {"model": str(backbone.save_full(out / "model"))}
+    folder = Path(backbone.save_full(out / "model"))
+    # the fine-tune is sampled as it was trained: its folder declares the run's guidance (see models.load)
+    (folder / SAMPLING_FILE).write_text(json.dumps(
+        {"guidance": cfg.train.guidance, "note": f"train.guidance of the run that made it ({cfg.objective.name})"}))
+    return {"model": str(folder)}
 
 
 def save_outputs(backbone, cfg: RunConfig, out: Path) -> dict:
