@@ -37,6 +37,10 @@ def sampled_guidance(monkeypatch):
 
 def test_the_run_config_takes_the_folders_guidance_unless_set(declared, tiny_dir):
     assert load_config("shapes").train.guidance == 1.5  # the shipped base declares its measured best
+    from visalign.worlds.shapes.base import sampling_declaration
+
+    # ... exactly what `world shapes pretrain` writes for a v base, so a rebuilt base declares the same
+    assert declared_sampling("assets/shapes-base") == sampling_declaration("v_prediction")
     assert load_config("shapes", [], [f"model.path={declared}"]).train.guidance == 2.0
     assert load_config("shapes", [], [f"model.path={declared}", "train.guidance=4"]).train.guidance == 4.0
     assert load_config("shapes", [], [f"model.path={tiny_dir('pixel')}"]).train.guidance == 3.0  # pixel's usual

@@ -178,8 +178,10 @@ class ReferenceMixin:
 
     denoiser_subfolder = "unet"
 
-    def save_full(self, out) -> str:
-        """A full fine-tune as a pipeline folder: the base folder's other parts plus the trained denoiser."""
+    def save_full(self, out, extra: dict[str, dict] | None = None) -> str:
+        """A full fine-tune as a pipeline folder: the base folder's other parts plus the trained denoiser, and
+        ``extra`` JSON files (name -> content); built in a temporary folder, then renamed."""
+        import json
         import shutil
         from pathlib import Path
 
@@ -190,6 +192,8 @@ class ReferenceMixin:
         if src.is_dir():
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(self.denoiser_subfolder))
         self.unwrapped().save_pretrained(tmp / self.denoiser_subfolder, safe_serialization=True)
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         return str(out)

@@ -18,13 +18,10 @@ def save_weights(backbone, cfg: RunConfig, out: Path) -> dict:
 
     if cfg.lora.enabled:
         return {"lora": str(save_lora(backbone, out / "lora").parent)}
-    folder = Path(backbone.save_full(out / "model"))
     # the fine-tune is sampled as it was trained: its folder declares the run's guidance (see models.load)
-    tmp = folder / f".{SAMPLING_FILE}.tmp"
-    tmp.write_text(json.dumps(
-        {"guidance": cfg.train.guidance, "note": f"train.guidance of the run that made it ({cfg.objective.name})"}))
-    tmp.replace(folder / SAMPLING_FILE)
-    return {"model": str(folder)}
+    sampling = {"guidance": cfg.train.guidance,
+                "note": f"train.guidance of the run that made it ({cfg.objective.name})"}
+    return {"model": str(backbone.save_full(out / "model", extra={SAMPLING_FILE: sampling}))}
 
 
 def save_outputs(backbone, cfg: RunConfig, out: Path) -> dict:
