@@ -51,3 +51,31 @@ def test_help(args):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 0
+
+
+def test_overrides_after_options_work_as_the_readme_writes_them(capsys):
+    """`visalign finetune shapes -c FILE key=value`: key=value words may follow options."""
+    assert main(["config", "shapes", "-c", "configs/shapes/dpo.yaml", "train.lr=3e-5", "train.steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 3.0e-05" in out and "steps: 7" in out and "rank: 8" in out
+
+
+def test_a_bug_keeps_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    import visalign.cli as cli
+
+    def broken(args):
+        raise RuntimeError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "cmd_doctor", broken)
+    assert cli.main(["doctor"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an internal invariant broke" in err and "please report it" in err
+
+
+def test_prompt_files_are_read_by_content_whatever_their_name(tmp_path):
+    from visalign.data.prompts import read_prompts
+
+    (tmp_path / "prompts").write_text("a photo of a red circle\n\na photo of two squares\n")
+    assert read_prompts(str(tmp_path / "prompts")) == ["a photo of a red circle", "a photo of two squares"]
+    (tmp_path / "meta.data").write_text('{"prompt": "a photo of a square", "tag": "single_object"}\n')
+    assert read_prompts(str(tmp_path / "meta.data")) == ["a photo of a square"]

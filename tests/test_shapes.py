@@ -176,3 +176,55 @@ def test_balanced_records_and_the_renderer_pipeline():
     assert torch.equal(out.images, again.images)
     rewards = ShapesReward()(out.images, prompts)
     assert torch.all(rewards == 1.0)  # renders satisfy their prompts exactly
+
+
+def test_every_enumerated_caption_parses_back_to_its_record():
+    from visalign.worlds.shapes.captions import parse_caption
+    from visalign.worlds.shapes.render import all_records
+
+    for r in all_records():
+        assert parse_caption(r["prompt"]) == r
+
+
+@pytest.mark.parametrize("text,tag,include", [
+    ("a photo of a square and a circle", "two_object", [("square", None), ("circle", None)]),
+    ("A photo of an orange Triangle.", "colors", [("triangle", "orange")]),
+    ("a blue square and a red circle", "color_attr", [("square", "blue"), ("circle", "red")]),
+    ("a photo of the circle right of a triangle", "position", [("triangle", None), ("circle", None)]),
+    ("a photo of one square", "single_object", [("square", None)]),
+])
+def test_geneval_template_wordings_parse(text, tag, include):
+    from visalign.worlds.shapes.captions import parse_caption
+
+    rec = parse_caption(text)
+    assert rec["tag"] == tag and rec["prompt"] == text
+    assert [(c["class"], c.get("color")) for c in rec["include"]] == include
+
+
+@pytest.mark.parametrize("text,count", [("a photo of 3 circles", 3), ("four triangles", 4), ("two squares", 2)])
+def test_counts_in_words_or_digits_exclude_one_more(text, count):
+    from visalign.worlds.shapes.captions import parse_caption
+
+    rec = parse_caption(text)
+    assert rec["include"][0]["count"] == count and rec["exclude"][0]["count"] == count + 1
+
+
+@pytest.mark.parametrize("text,why", [("a photo of a cat", "'cat'"), ("a photo of a circle and a circle", "two"),
+                                      ("a red circle and a square", "colour or neither"),
+                                      ("a photo of", "nothing after")])
+def test_text_outside_the_templates_is_refused_with_the_reason(text, why):
+    from visalign.worlds.shapes.captions import CaptionError, parse_caption
+
+    with pytest.raises(CaptionError, match="not a ShapesWorld caption") as e:
+        parse_caption(text)
+    assert why in str(e.value)
+
+
+def test_shapes_reward_scores_a_reworded_caption_like_the_canonical_one():
+    from visalign.worlds.shapes.render import render
+    from visalign.worlds.shapes.reward import ShapesReward
+
+    img = torch.from_numpy(render(record_for_prompt("a photo of a circle and a square"), 3)[0]).permute(2, 0, 1)
+    imgs = img.float().div(255).unsqueeze(0).repeat(2, 1, 1, 1)
+    scores = ShapesReward()(imgs, ["a photo of a circle and a square", "a photo of a square and a circle"])
+    assert scores[0] == scores[1] and scores[0] > 0.9

@@ -83,29 +83,12 @@ def cmd_finetune(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def _dataclass_from_args(cls, args, overrides):
-    from .config import _section_from_dict, parse_override
-
-    data = {}
-    if args.config:
-        import yaml
-
-        for f in args.config:
-            data |= yaml.safe_load(Path(f).read_text()) or {}
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            data[f.name] = v
-    for item in overrides:
-        path, value = parse_override(item)
-        data[".".join(path)] = value
-    return _section_from_dict(cls, data, cls.__name__.replace("Config", "").lower())
-
-
 def cmd_make_dataset(args) -> None:
+    from .config import load_section
     from .data.make_dataset import MakeDatasetConfig, make_dataset
 
-    cfg = _dataclass_from_args(MakeDatasetConfig, args, args.overrides)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(MakeDatasetConfig)}
+    cfg = load_section(MakeDatasetConfig, args.config, flags, args.overrides, "make-dataset")
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
@@ -130,14 +113,10 @@ def cmd_world_features(args) -> None:
 
 
 def cmd_world_pretrain(args) -> None:
-    from .config import _section_from_dict, parse_override
+    from .config import load_section
     from .worlds.shapes.base import PretrainConfig, pretrain
 
-    data = {}
-    for item in args.overrides:
-        path, value = parse_override(item)
-        data[".".join(path)] = value
-    cfg = _section_from_dict(PretrainConfig, data, "pretrain")
+    cfg = load_section(PretrainConfig, [], {}, args.overrides, "pretrain")
     print(f"wrote {pretrain(cfg, args.out)}")
 
 
@@ -185,10 +164,19 @@ def cmd_demo(args) -> None:
              **({"guidance": args.guidance} if args.guidance is not None else {}))
 
 
+# how each command spells the config keys its errors name (errors.spelled)
+REWARD_FLAG_SPELLINGS = {f"{r}.{k}": f"--reward {r}:1:{k}=" for r, k in (
+    ("pickscore", "model"), ("hpsv2", "checkpoint"), ("aesthetic", "head"), ("aesthetic", "clip"), ("clip", "model"))}
+EVAL_SPELLINGS = {"model.path": "--model ", "data.path": "--prompts ", "prompts": "--prompts ",
+                  **REWARD_FLAG_SPELLINGS}
+MAKE_DATASET_SPELLINGS = {"model.path": "--model NAME=", "data.path": "--prompts ", "prompts": "--prompts ",
+                          **REWARD_FLAG_SPELLINGS}
+
+
 def _sampling_args(s) -> None:
     """Options shared by the commands that generate: seed, sampler steps, guidance, threads."""
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--steps", type=positive_int, default=20)
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance (default: what the model folder declares in visalign_sampling.json, "
                         "else the family's usual: sd 7.5, sdxl 5, sd3 4.5, pixel 3)")
@@ -216,18 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", action="append", default=[])
     s.add_argument("--prompts")
     s.add_argument("--model", dest="models", action="append", help="NAME=PATH or a diffusers folder (repeatable)")
-    s.add_argument("--images-per-prompt", dest="images_per_prompt", type=int)
+    s.add_argument("--images-per-prompt", dest="images_per_prompt", type=positive_int)
     s.add_argument("--reward", dest="rewards", action="append", help="NAME[:WEIGHT] (repeatable)")
     s.add_argument("--out")
-    for flag, typ in (("steps", int), ("guidance", float), ("seed", int), ("batch-size", int), ("shard-size", int),
-                      ("max-prompts", int), ("repeat-prompts", int), ("threads", int), ("eta", float)):
+    for flag, typ in (("steps", positive_int), ("guidance", float), ("seed", int), ("batch-size", positive_int),
+                      ("shard-size", positive_int), ("max-prompts", int), ("repeat-prompts", positive_int),
+                      ("threads", int), ("eta", float)):
         s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=typ)
     s.add_argument("--normalise", choices=("zscore", "rank", "none"))
     s.add_argument("--bf16", action="store_true", default=None, help="sample under bf16 autocast")
     s.add_argument("--pairs", choices=("best-worst", "all"))
     s.add_argument("--min-margin", dest="min_margin", type=float, help="pairs need this score gap at least")
+    s.add_argument("--overwrite", action="store_true", default=None,
+                   help="start over when --out holds a dataset made with other settings (deletes it)")
     s.add_argument("overrides", nargs="*")
-    s.set_defaults(fn=cmd_make_dataset)
+    s.set_defaults(fn=cmd_make_dataset, spellings=MAKE_DATASET_SPELLINGS)
 
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="what", required=True)
     s = ev.add_parser("geneval", help="GenEval-style accuracy with fixed seeds")
@@ -235,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", help="backbone name when the folder has no model_index.json")
     s.add_argument("--lora")
     s.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl (default: ShapesWorld eval split)")
-    s.add_argument("--samples-per-prompt", type=int, default=4)
+    s.add_argument("--samples-per-prompt", type=positive_int, default=4)
     _sampling_args(s)
     s.add_argument("--detector", default="shapes", choices=("shapes", "owlv2"),
                    help="shapes: ShapesWorld's exact detector; owlv2: open-vocabulary, for real models")
@@ -243,21 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-arch", default="ViT-L-14")
     s.add_argument("--clip-pretrained", default="openai", help="open_clip tag or local checkpoint")
     s.add_argument("--out", required=True)
-    s.set_defaults(fn=lambda a: _eval('cmd_eval_geneval', a))
+    s.set_defaults(fn=lambda a: _eval('cmd_eval_geneval', a), spellings=EVAL_SPELLINGS)
 
     s = ev.add_parser("fid", help="FID against real images with a pinned, documented protocol")
     s.add_argument("--model", required=True)
     s.add_argument("--backbone")
     s.add_argument("--lora")
     s.add_argument("--real", required=True, help="shapes:eval|shapes:train renders, an image folder, or a dataset")
-    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--n", type=positive_int, default=1000)
     s.add_argument("--feature", default="shapes", choices=("shapes", "inception"))
     s.add_argument("--feature-weights", help="ShapesWorld feature net (default assets/shapes-features)")
     s.add_argument("--inception-weights", help="local pt_inception-2015-12-05-6726825d.pth for --feature inception")
     s.add_argument("--prompts", help="a text file of prompts (default: ShapesWorld eval prompts)")
     _sampling_args(s)
     s.add_argument("--out", required=True)
-    s.set_defaults(fn=lambda a: _eval('cmd_eval_fid', a))
+    s.set_defaults(fn=lambda a: _eval('cmd_eval_fid', a), spellings=EVAL_SPELLINGS)
 
     s = ev.add_parser("winrate", help="reward win-rate of a model over a baseline, same prompts and seeds")
     s.add_argument("--model", required=True)
@@ -267,10 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone")
     s.add_argument("--reward", required=True)
     s.add_argument("--prompts", required=True, help="shapes:eval, a .txt or .jsonl file, or a dataset")
-    s.add_argument("--samples-per-prompt", type=int, default=2)
+    s.add_argument("--samples-per-prompt", type=positive_int, default=2)
     _sampling_args(s)
     s.add_argument("--out", required=True)
-    s.set_defaults(fn=lambda a: _eval('cmd_eval_winrate', a))
+    s.set_defaults(fn=lambda a: _eval('cmd_eval_winrate', a), spellings=EVAL_SPELLINGS)
 
     w = sub.add_parser("world", help="embedded worlds").add_subparsers(dest="world", required=True)
     shapes = w.add_parser("shapes", help="ShapesWorld").add_subparsers(dest="action", required=True)
@@ -280,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_world_pretrain)
     s = shapes.add_parser("features", help="train the ShapesWorld FID feature network")
     s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=int, default=600)
+    s.add_argument("--steps", type=positive_int, default=600)
     s.set_defaults(fn=cmd_world_features)
     s = shapes.add_parser("prompts", help="write a GenEval-format metadata file for a split")
     s.add_argument("--split", default="eval", choices=("train", "eval", "all"))
@@ -292,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reward", required=True, help="NAME[:WEIGHT][:key=value,...]")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
-    s.set_defaults(fn=cmd_reward_server)
+    s.set_defaults(fn=cmd_reward_server, spellings=REWARD_FLAG_SPELLINGS)
 
     s = sub.add_parser("report", help="a self-contained report.html with curves, grids, metrics and config")
     s.add_argument("run_dir")
@@ -316,18 +307,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    from .data.pairs import DataError
-    from .models.load import ModelLoadError
-    from .registry import ConfigError
-
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0 (so `--samples-per-prompt 0` stops before any model loads)."""
     try:
-        args.fn(args)
-    except (ConfigError, ModelLoadError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _route(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` words may stand anywhere after the command (``finetune shapes -c F k=v``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The one error boundary: a user's mistake is one ``error:`` line and exit 2; a bug keeps its traceback."""
+    import traceback
+
+    from .errors import UserError, spelling
+
+    args = _route(argv)
+    _quiet_libraries()
+    try:
+        with spelling(getattr(args, "spellings", {})):
+            args.fn(args)
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("visalign: this is a bug, not a problem with your input; please report it with the command you ran "
+              "and the traceback above.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError, read_text, require_positive
 from .registry import BACKBONES, HEADS, METHODS, REWARDS, ConfigError, Registry, closest
 
 # a method/reward argument with one of these names is itself a component of that registry
@@ -36,6 +37,10 @@ class Component:
         return out
 
 
+# peft's init_lora_weights values that need no calibration data ("true": B = 0, the adapter starts as a no-op)
+LORA_INITS = ("gaussian", "true", "false", "pissa", "olora", "orthogonal")
+
+
 @dataclass
 class LoraConfig:
     """LoRA on the denoiser (peft). ``enabled: false`` means full fine-tuning with a frozen reference copy."""
@@ -47,6 +52,16 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init: str = "gaussian"
     reference_dtype: str = "float32"  # full fine-tuning: dtype of the frozen reference copy
+
+    def check(self, where: str = "lora") -> None:
+        require_positive(self.rank, f"{where}.rank")
+        require_positive(self.alpha, f"{where}.alpha")
+        _require_fraction(self.dropout, f"{where}.dropout")
+        if str(self.init).lower() not in LORA_INITS:
+            raise ConfigError(f"{where}.init={self.init!r}: expected one of {', '.join(LORA_INITS)}"
+                              f"{closest(str(self.init), LORA_INITS)}")
+        if self.enabled and not self.targets:
+            raise ConfigError(f"{where}.targets is empty: name the modules to adapt, e.g. to_q,to_k,to_v,to_out.0")
 
 
 @dataclass
@@ -65,6 +80,10 @@ class DataConfig:
     weighting: str = "none"  # none | margin | difficulty (needs score margins in the data)
     weight_scale: float = 1.0
     curriculum: bool = False  # easy-to-hard order by score margin (Curry-DPO)
+
+    def check(self, where: str = "data") -> None:
+        require_positive(self.max_rows, f"{where}.max_rows", allow_zero=True)
+        require_positive(self.weight_scale, f"{where}.weight_scale")
 
 
 @dataclass
@@ -104,6 +123,18 @@ class TrainConfig:
     sample_steps: int = 20
     guidance: float | None = None  # None: what the model folder declares (visalign_sampling.json), else its family's
 
+    def check(self, where: str = "train") -> None:
+        for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "max_nonfinite", "gold_samples",
+                    "sample_steps"):
+            require_positive(getattr(self, key), f"{where}.{key}")
+        for key in ("warmup_steps", "weight_decay", "max_grad_norm", "save_every", "gold_every", "threads",
+                    "validation_every"):
+            require_positive(getattr(self, key), f"{where}.{key}", allow_zero=True)
+        _require_fraction(self.ema_decay, f"{where}.ema_decay")
+        _require_fraction(self.prompt_dropout, f"{where}.prompt_dropout", closed=True)
+        if self.guidance is not None:
+            require_positive(self.guidance, f"{where}.guidance", allow_zero=True)
+
 
 @dataclass
 class RunConfig:
@@ -121,6 +152,13 @@ class RunConfig:
             v = getattr(self, f.name)
             out[f.name] = v.to_dict() if isinstance(v, Component) else dataclasses.asdict(v)
         return out
+
+
+def _require_fraction(value: float, key: str, closed: bool = False) -> None:
+    """``value`` in [0, 1) (``closed``: [0, 1]), else a ConfigError naming ``key``."""
+    require_positive(value, key, allow_zero=True)
+    if value > 1 or (value == 1 and not closed):
+        raise ConfigError(f"{key}={value!r}: expected a number in [0, {'1]' if closed else '1)'}")
 
 
 COMPONENT_REGISTRIES: dict[str, Registry] = {"model": BACKBONES, "objective": METHODS}
@@ -245,7 +283,8 @@ def build_component(section: Any, registry: Registry, where: str) -> Component:
     return Component(name, out)
 
 
-def _section_from_dict(cls, data: dict, where: str):
+def section_from_dict(cls, data: dict, where: str):
+    """A config dataclass from a mapping: unknown keys and wrong types refused, then the class's own ``check``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -255,7 +294,36 @@ def _section_from_dict(cls, data: dict, where: str):
         if k not in fields:
             raise ConfigError(f"unknown key {where}.{k}; valid keys: {', '.join(fields)}{closest(k, fields)}")
         setattr(obj, k, coerce(v, hints[k], f"{where}.{k}"))
+    if hasattr(obj, "check"):
+        obj.check(where)
     return obj
+
+
+def read_yaml_mapping(file: str) -> dict:
+    """A YAML config file's top-level mapping (safe loader: no Python tags), or one error naming the file."""
+    if not Path(file).exists():
+        raise ConfigError(f"config file {file} does not exist")
+    try:
+        data = yaml.safe_load(read_text(file, "config file")) or {}
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of key: value at the top level, found a {type(data).__name__}")
+    return data
+
+
+def load_section(cls, files: list[str], values: dict, overrides: list[str], where: str):
+    """One command's typed config: its YAML files <- its flags (``values``, None = not given) <- key=value."""
+    data: dict = {}
+    for f in files:
+        data |= read_yaml_mapping(f)
+    data |= {k: v for k, v in values.items() if v is not None}
+    for item in overrides:
+        path, value = parse_override(item)
+        data[".".join(path)] = value
+    return section_from_dict(cls, data, where)
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -323,16 +391,7 @@ def load_config(model: str | None = None, files: list[str] | None = None,
             raise ConfigError(f"unknown model {model!r}; valid: {', '.join(PRESETS)}{closest(model, PRESETS)}")
         tree = json.loads(json.dumps(PRESETS[model]))
     for f in files or []:
-        p = Path(f)
-        if not p.exists():
-            raise ConfigError(f"config file {f} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{f}: expected a mapping at the top level")
-        tree = _deep_merge(tree, data)
+        tree = _deep_merge(tree, read_yaml_mapping(f))
     for item in overrides or []:
         path, value = parse_override(item)
         _apply_override(tree, path, value)
@@ -349,12 +408,14 @@ def config_from_dict(tree: dict) -> RunConfig:
             setattr(cfg, key, build_component(value, COMPONENT_REGISTRIES[key], key))
         else:
             section_cls = type(getattr(cfg, key))
-            setattr(cfg, key, _section_from_dict(section_cls, value, key))
+            setattr(cfg, key, section_from_dict(section_cls, value, key))
     if "model" not in tree:
         cfg.model = build_component(cfg.model, BACKBONES, "model")
     if "objective" not in tree:
         cfg.objective = build_component(cfg.objective, METHODS, "objective")
     _check_choices(cfg)
+    for section in (cfg.lora, cfg.data, cfg.train):
+        section.check()
     if cfg.train.select_best == "gold" and not (cfg.train.gold_reward and cfg.train.gold_every):
         raise ConfigError("train.select_best=gold needs train.gold_reward=NAME and train.gold_every=N")
     for key in ("gold_reward", "proxy_reward"):

@@ -147,7 +147,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def margins(self) -> torch.Tensor:
         if "scores" not in self.t:
-            raise ValueError(f"{self.path}: score margins need score_0/score_1 columns in the data")
+            from .pairs import DataError
+
+            raise DataError(f"{self.path}: score margins need score_0/score_1 columns in the data")
         return self.t["scores"][:, 0] - self.t["scores"][:, 1]
 
     @staticmethod

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError, require_positive
 from ..eval.grid import to_pil
 
 
@@ -42,6 +45,30 @@ class MakeDatasetConfig:
     repeat_prompts: int = 1  # each prompt this many times (different seeds)
     threads: int = 0
     bf16: bool = False  # sample under bf16 autocast
+    overwrite: bool = False  # OUT holds a dataset made with other settings: delete it and start over
+
+    def check(self, where: str = "make-dataset") -> None:
+        for key in ("images_per_prompt", "steps", "batch_size", "shard_size", "repeat_prompts"):
+            require_positive(getattr(self, key), f"{where}.{key}")
+        for key in ("max_prompts", "threads", "eta", "min_margin"):
+            require_positive(getattr(self, key), f"{where}.{key}", allow_zero=True)
+        if self.guidance is not None:
+            require_positive(self.guidance, f"{where}.guidance", allow_zero=True)
+        for key, allowed in (("normalise", ("zscore", "rank", "none")), ("pairs", ("", "best-worst", "all"))):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise UserError(f"{where}.{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+        if not self.models:
+            raise UserError(f"{where}.models is empty: pass --model NAME=PATH (or a diffusers folder)")
+        parse_rewards(self.rewards)
+
+
+# settings that do not change what a dataset holds (everything else must match to continue one)
+NOT_CONTENT = ("out", "threads", "overwrite")
+
+
+def content_settings(cfg: MakeDatasetConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_CONTENT}
 
 
 def parse_reward(spec: str) -> tuple[str, float, dict]:
@@ -57,9 +84,29 @@ def parse_reward(spec: str) -> tuple[str, float, dict]:
         key, _, value = item.partition("=")
         kwargs[key.strip()] = yaml.safe_load(value) if value else ""
     try:
-        return name, float(weight) if weight else 1.0, kwargs
+        value = float(weight) if weight else 1.0
     except ValueError:
-        raise ValueError(f"--reward {spec!r}: expected NAME[:WEIGHT][:key=value,...] with a numeric weight") from None
+        raise UserError(f"--reward {spec!r}: expected NAME[:WEIGHT][:key=value,...] with a numeric weight") from None
+    if not name or not math.isfinite(value) or value < 0:
+        raise UserError(f"--reward {spec!r}: expected NAME[:WEIGHT] with a reward name and a weight >= 0")
+    return name, value, kwargs
+
+
+def parse_rewards(specs: list[str]) -> list[tuple[str, float, dict]]:
+    """Every ``--reward`` spec, checked before any model loads: known names, weights summing to > 0."""
+    from ..registry import REWARDS, load_all
+
+    if not specs:
+        raise UserError("no reward: pass --reward NAME[:WEIGHT] (see `visalign list`)")
+    load_all()
+    parsed = [parse_reward(s) for s in specs]
+    for (name, _, kwargs), spec in zip(parsed, specs):
+        if name not in REWARDS:
+            REWARDS.get(name)  # raises the did-you-mean ConfigError
+        REWARDS.check_kwargs(name, kwargs, f"--reward {spec}")
+    if sum(w for _, w, _ in parsed) <= 0:
+        raise UserError(f"--reward {' '.join(specs)}: the weights sum to 0; give at least one a positive weight")
+    return parsed
 
 
 def parse_model(spec: str) -> tuple[str, str]:
@@ -134,6 +181,41 @@ def pairs_from_list(row: dict, how: str, min_margin: float = 0.0) -> list[dict]:
              "score_0": s[i], "score_1": s[j], "margin": s[i] - s[j]} for i, j in cand]
 
 
+def refuse_other_settings(cfg: MakeDatasetConfig, out: Path, rank: int) -> None:
+    """A dataset is a pure function of its settings: continuing one made otherwise is refused, naming what
+    differs, unless ``overwrite`` (then rank 0 deletes it first)."""
+    prov, shards = out / "provenance.json", sorted(out.glob("data-*.parquet"))
+    if not prov.exists() and not shards:
+        return
+    try:
+        old = json.loads(prov.read_text()).get("config") if prov.exists() else None
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        old = None
+    new = content_settings(cfg)
+    if old is None:
+        differs = ["its provenance.json is missing or unreadable"]
+    else:
+        old = {k: v for k, v in old.items() if k not in NOT_CONTENT}
+        differs = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k)]
+    if not differs:
+        return
+    if not cfg.overwrite:
+        raise UserError(f"--out {out}: holds a dataset made with other settings ({'; '.join(differs)}); "
+                        "pass --overwrite to delete it and start over, or choose another --out")
+    if rank == 0:
+        for f in shards:
+            f.unlink()
+        shutil.rmtree(out / "pairs", ignore_errors=True)
+        prov.unlink(missing_ok=True)
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
     """Generate, score and rank; returns counts. Safe to rerun after a kill: finished shards are kept."""
     from tqdm import tqdm
@@ -142,25 +224,26 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
     from ..data.prompts import read_prompts
     from ..models.load import default_guidance
     from ..registry import load_all
-    from ..rewards.base import build_reward, ensemble_scores
+    from ..rewards.base import build_reward, check_prompts, ensemble_scores
     from ..train.setup import build_backbone, sampling_device
 
     load_all()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompts(cfg.prompts)
+    rewards = parse_rewards(cfg.rewards)
+    prompts = read_prompts(cfg.prompts, key="prompts")
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
     prompts = [p for p in prompts for _ in range(cfg.repeat_prompts)]
-    if not prompts:
-        raise ValueError(f"prompts={cfg.prompts!r}: no prompts found")
+    refuse_other_settings(cfg, out, rank)
+    out.mkdir(parents=True, exist_ok=True)
     from ..rewards.cache import CachedReward
 
-    rewards = [parse_reward(r) for r in cfg.rewards]
     reward_fns = {name: CachedReward(build_reward({"name": name, **kw}), out / ".reward_cache.sqlite")
                   for name, _, kw in rewards}
+    for fn in reward_fns.values():
+        check_prompts(fn, prompts)  # e.g. `shapes` on a caption it cannot parse: before any image is sampled
     weights = {name: w for name, w, _ in rewards}
     models = [parse_model(m) for m in cfg.models]
     guidance = [cfg.guidance if cfg.guidance is not None else default_guidance(b, p) for b, p in models]
@@ -170,8 +253,8 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
                   "rewards": [{"name": n, "weight": w, "kwargs": kw, "version": reward_fns[n].version}
                               for n, w, kw in rewards],
                   "normalise": cfg.normalise, "images_per_prompt": cfg.images_per_prompt, "config": asdict(cfg)}
-    if rank == 0:
-        (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    if not (out / "provenance.json").exists():  # every rank: its shards never stand without it
+        _write_json(provenance, out / "provenance.json")
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     mine = [j for j in range(n_shards) if j % world == rank and not shard_path(out, "data", j).exists()]
     rows_in = [min(cfg.shard_size, len(prompts) - j * cfg.shard_size) for j in mine]  # the last shard is short

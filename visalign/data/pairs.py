@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import UserError, spelled
 from ..types import PreferenceBatch
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 LIST_COLUMNS = ("prompt", "images", "scores")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad preference data: names the file, column or row and what was expected."""
 
 
@@ -28,7 +29,7 @@ def load_any(path: str, split: str = "train"):
 
     p = Path(path).expanduser()
     if not path:
-        raise DataError("data.path is empty: pass data.path=<parquet file or folder, or a dataset id>")
+        raise DataError(f"data.path is empty: pass {spelled('data.path')}<parquet file or folder, or a dataset id>")
     try:
         if p.is_file() and p.suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(p), split="train")
@@ -41,14 +42,14 @@ def load_any(path: str, split: str = "train"):
                 return datasets.load_dataset("parquet", data_files=files, split="train")
             return datasets.load_dataset("imagefolder", data_dir=str(p), split=split)
         if path.startswith((".", "/", "~")):
-            raise DataError(f"data.path={path!r}: no such file or folder")
+            raise DataError(f"{spelled('data.path')}{path!r}: no such file or folder")
         return datasets.load_dataset(path, split=split)
     except DataError:
         raise
     except Exception as e:  # offline hub ids, unreadable files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"data.path={path!r}: could not load it ({first}); pass a local parquet file or folder, "
-                        "or a hub dataset id while online") from None
+        raise DataError(f"{spelled('data.path')}{path!r}: could not load it ({first}); pass a local parquet "
+                        "file or folder, or a hub dataset id while online") from None
 
 
 def check_columns(ds, needed, path: str) -> None:
@@ -121,7 +122,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         else:
             self.rows = np.arange(len(ds))
         self.ds = ds
-        self.fingerprint = f"{getattr(ds, '_fingerprint', 'nofp')}-{format}-{resolution}-{drop_ties}-{max_rows}"
+        # every option that changes which rows exist or what their pixels are: a cache built under other
+        # options (e.g. on_error=skip, which drops corrupt rows) is never reused
+        flips = f"hflip{seed}" if hflip else "noflip"
+        self.fingerprint = (f"{getattr(ds, '_fingerprint', 'nofp')}-{format}-{resolution}-{drop_ties}-{max_rows}-"
+                            f"{split}-{on_error}-{flips}")
         if self.ties_dropped:
             log.info("dropped %d tie rows (label_0 = 0.5) from %s", self.ties_dropped, path)
 

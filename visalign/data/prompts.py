@@ -5,32 +5,61 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserError, read_text, spelled
 
-def read_prompts(source: str, column: str = "prompt") -> list[str]:
-    """Prompts from 'shapes:train|eval|all', a .txt file, a .jsonl file (GenEval metadata) or a dataset."""
+
+def read_prompts(source: str, column: str = "prompt", key: str = "data.path") -> list[str]:
+    """Prompts from 'shapes:train|eval|all', a text file (one per line), a GenEval metadata JSONL or a dataset.
+
+    A file's format is told by its suffix (.txt, .jsonl, .json) or, for any other name, by its first line
+    (a JSON object: metadata; else one prompt per line). ``key`` is the setting the user typed, for errors.
+    """
+    where = f"{spelled(key)}{source!r}" if source else spelled(key).rstrip("= ")
+    if not source:
+        raise UserError(f"{where}: no prompt source given; pass a text file, a GenEval .jsonl, shapes:train|eval|all "
+                        "or a dataset")
     if source.startswith("shapes:"):
         from ..worlds.shapes.render import prompt_records
 
-        return [r["prompt"] for r in prompt_records(source.split(":", 1)[1])]
+        split = source.split(":", 1)[1]
+        if split not in ("train", "eval", "all"):
+            raise UserError(f"{where}: unknown ShapesWorld split {split!r}; expected shapes:train, shapes:eval or "
+                            "shapes:all")
+        return [r["prompt"] for r in prompt_records(split)]
     p = Path(source)
-    if p.suffix == ".txt" and p.exists():
-        return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-    if p.suffix in (".jsonl", ".json") and p.exists():
-        out = []
-        for i, ln in enumerate(p.read_text().splitlines(), 1):
-            if ln.strip():
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{source}:{i}: not valid JSON") from None
-                if column not in rec:
-                    raise ValueError(f"{source}:{i}: no {column!r} field")
-                out.append(rec[column])
-        return out
-    from .pairs import load_any
+    if p.is_file() and p.suffix not in (".parquet", ".arrow"):
+        prompts = _from_text(read_text(p, spelled(key).rstrip("= ")), column, where, p.suffix)
+    else:
+        prompts = _from_dataset(source, column)
+    if not prompts:
+        raise UserError(f"{where}: holds no prompts")
+    return prompts
+
+
+def _from_text(text: str, column: str, where: str, suffix: str) -> list[str]:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if suffix not in (".jsonl", ".json") and not (lines and lines[0].lstrip().startswith("{")):
+        return [ln.strip() for ln in lines]
+    out = []
+    for i, ln in enumerate(text.splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} line {i}: not valid JSON ({e.msg}); expected one JSON object per line "
+                            "(GenEval metadata) or one prompt per line") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(column), str):
+            raise UserError(f"{where} line {i}: expected a JSON object with a text {column!r} field")
+        out.append(rec[column])
+    return out
+
+
+def _from_dataset(source: str, column: str) -> list[str]:
+    from .pairs import DataError, load_any
 
     ds = load_any(source)
     for col in (column, "caption", "text"):
         if col in ds.column_names:
             return [str(x) for x in ds[col]]
-    raise ValueError(f"{source}: no prompt column ({column!r}, 'caption' or 'text'); found {ds.column_names}")
+    raise DataError(f"{source}: no prompt column ({column!r}, 'caption' or 'text'); found {ds.column_names}")

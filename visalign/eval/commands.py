@@ -32,13 +32,15 @@ def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: 
 def cmd_eval_geneval(args) -> None:
     import torch
 
-    from ..eval.geneval import format_table, generate_and_score, write_results
+    from ..eval.geneval import check_shapes_records, format_table, generate_and_score, write_results
     from ..models.load import sampling_guidance
     from ..worlds.shapes.render import prompt_records, read_metadata
 
     if args.threads:
         torch.set_num_threads(args.threads)
     records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
+    if args.detector == "shapes":
+        check_shapes_records(records, args.metadata)  # before the model loads
     bb = load_backbone_cli(args.model, args.backbone, args.lora, args.bf16)
     detector = None
     if args.detector == "owlv2":
@@ -92,17 +94,15 @@ def real_images(source: str, n: int, seed: int = 0):
 def cmd_eval_fid(args) -> None:
     import torch
 
+    from ..data.prompts import read_prompts
     from ..eval.fid import fid, protocol
     from ..models.load import sampling_guidance
-    from ..worlds.shapes.render import prompt_records
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    prompts = read_prompts(args.prompts or "shapes:eval", key="prompts")
     real = real_images(args.real, args.n, seed=args.seed + 1)
     bb = load_backbone_cli(args.model, args.backbone, args.lora, args.bf16)
-    records = prompt_records("eval")
-    prompts = [records[i % len(records)]["prompt"] for i in range(args.n)] if args.prompts is None else [
-        ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     fakes = []
     gen = torch.Generator().manual_seed(args.seed)
     guidance = sampling_guidance(bb, args.guidance)
@@ -131,8 +131,13 @@ def cmd_eval_winrate(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = read_prompts(args.prompts)
-    reward = build_reward(args.reward)
+    from ..data.make_dataset import parse_rewards
+    from ..rewards.base import check_prompts
+
+    prompts = read_prompts(args.prompts, key="prompts")
+    [(name, _, kwargs)] = parse_rewards([args.reward])
+    reward = build_reward({"name": name, **kwargs})
+    check_prompts(reward, prompts)  # before any model loads or image is sampled
     scores, guidance = {}, {}
     for name, model, lora in (("model", args.model, args.lora), ("baseline", args.baseline, args.baseline_lora)):
         bb = load_backbone_cli(model, args.backbone, lora, args.bf16)

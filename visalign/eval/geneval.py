@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..worlds.shapes.detector import detect, evaluate_objects
 from ..worlds.shapes.vocab import SHAPES, TASKS
 from .grid import image_grid, save_png
@@ -38,12 +39,15 @@ def summarise(per_image: Sequence[dict]) -> dict:
     return out
 
 
-def check_shapes_records(records: Sequence[dict]) -> None:
+def check_shapes_records(records: Sequence[dict], source: str | None = None) -> None:
+    """Every class must be a ShapesWorld shape for the exact detector; checked before any model loads."""
+    where = f"--metadata {source}: " if source else ""
     for i, r in enumerate(records):
         for clause in r.get("include", []) + r.get("exclude", []):
             if clause["class"] not in SHAPES:
-                raise ValueError(f"record {i} ({r['prompt']!r}): class {clause['class']!r} is not a ShapesWorld "
-                                 f"shape ({', '.join(SHAPES)}); real-model classes need the open-vocabulary detector")
+                raise UserError(f"{where}record {i} ({r['prompt']!r}): class {clause['class']!r} is not a "
+                                f"ShapesWorld shape ({', '.join(SHAPES)}); real-model classes need the "
+                                "open-vocabulary detector (--detector owlv2)")
 
 
 @torch.no_grad()
@@ -80,6 +84,8 @@ def generate_and_score(backbone, records: Sequence[dict], samples_per_prompt: in
 def write_results(results: list[dict], out_dir: str | Path, extra: dict | None = None,
                   grid_per_task: int = 8) -> dict:
     """metrics.json (+ per-image results.jsonl) and a labelled grid (green = correct, red = wrong)."""
+    if not results:
+        raise UserError("no images were scored (no prompts, or zero samples per prompt); nothing written")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = summarise(results) | (extra or {})

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
+from ..files import read_jsonl
+
 CURVES = (("loss", "loss"), ("implicit_acc", "implicit accuracy (h > 0)"), ("logit_mean", "mean logit h"),
           ("errors", "denoising errors"))
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return read_jsonl(path)
 
 
 def plot_curves(rows: list[dict], out: Path, gold: list[dict]) -> list[Path]:

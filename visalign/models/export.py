@@ -7,6 +7,27 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, first_line
+
+
+def read_lora_file(src: Path) -> tuple[dict, dict]:
+    """A LoRA safetensors file's tensors and metadata; one CheckpointError naming the file otherwise."""
+    from safetensors import safe_open
+
+    if not src.exists():
+        raise CheckpointError(f"no LoRA weights at {src} (expected a folder with pytorch_lora_weights.safetensors "
+                              "or a .safetensors file)")
+    try:
+        with safe_open(str(src), "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # not safetensors, truncated, or unreadable
+        raise CheckpointError(f"{src}: not a readable safetensors LoRA ({first_line(e)})") from None
+    if not any(".lora" in k or "lora_" in k for k in state):
+        raise CheckpointError(f"{src}: holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys); "
+                              "is it a base model's weights?")
+    return state, meta
+
 
 def export_kohya(lora_dir: str | Path, out_file: str | Path) -> Path:
     """Convert a visalign/diffusers LoRA to Kohya keys (``lora_unet_*.lora_down/up.weight`` + ``.alpha``).
@@ -15,16 +36,11 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path) -> Path:
     which silently rescales an adapter trained with alpha ≠ rank).
     """
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     src = Path(lora_dir)
     src = src / "pytorch_lora_weights.safetensors" if src.is_dir() else src
-    if not src.exists():
-        raise FileNotFoundError(f"no LoRA weights at {src}")
-    with safe_open(str(src), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
+    state, meta = read_lora_file(src)
     alpha = None
     for key, value in meta.items():
         if key.endswith("lora_adapter_metadata"):  # keys are prefixed: "unet.lora_alpha"

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserError, spelled
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLING_FILE = "visalign_sampling.json"  # a model folder's own sampling defaults: {"guidance": ..., "note": ...}
 # each family's usual classifier-free guidance, for a folder (or hub id) that declares none
 FAMILY_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 4.5, "pixel": 3.0}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """Weights could not be found or read; the message says what to pass instead."""
 
 
@@ -59,7 +61,7 @@ def load_component(cls, path: str, subfolder: str | None = None, *, what: str, k
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not local.exists():
-        raise ModelLoadError(f"{what}: no folder at {path!r}; pass {key}=<a local diffusers folder> "
+        raise ModelLoadError(f"{what}: no folder at {path!r}; pass {spelled(key)}<a local diffusers folder> "
                              "or a hub id such as stabilityai/stable-diffusion-xl-base-1.0")
     extra = {"subfolder": subfolder} if subfolder else {}
     if trust_remote_code:
@@ -70,7 +72,7 @@ def load_component(cls, path: str, subfolder: str | None = None, *, what: str, k
         where = f"{path}/{subfolder}" if subfolder else path
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"{what}: could not load {cls.__name__} from {where!r} ({first[:200]}). Pass {key}=<a local "
+            f"{what}: could not load {cls.__name__} from {where!r} ({first[:200]}). Pass {spelled(key)}<a local "
             "folder with safetensors weights> or a hub id while online (HF_HUB_OFFLINE unset); "
             "pickle (.bin/.ckpt) weights are refused.") from None
 

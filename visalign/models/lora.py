@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, first_line
+
 # which diffusers pipeline writes (and reads) each family's LoRA file, and its key prefix
 _LORA_WRITERS = {
     "sd": ("StableDiffusionPipeline", "unet"),
@@ -69,10 +71,14 @@ def save_lora(backbone, out_dir: str | Path) -> Path:
 def load_lora(backbone, lora_dir: str | Path) -> None:
     """Load a diffusers-format LoRA (as written by ``save_lora``) onto the backbone's denoiser."""
     _, prefix = _LORA_WRITERS[backbone.family]
+    from .export import read_lora_file
+
     path = Path(lora_dir)
     file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"no LoRA weights at {file} (expected pytorch_lora_weights.safetensors)")
+    read_lora_file(file)  # a missing, truncated or non-LoRA file is one error naming it
     model = backbone.unwrapped()
-    model.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name="default")
+    try:
+        model.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name="default")
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"--lora {file}: does not fit this {backbone.family} model ({first_line(e)})") from None
     backbone.uses_lora = True

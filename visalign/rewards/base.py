@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..registry import REWARDS
 
 
@@ -30,6 +31,14 @@ def build_reward(spec) -> Reward:
     return REWARDS.build(spec.name, **spec.kwargs)
 
 
+def check_prompts(reward, prompts: Sequence[str]) -> None:
+    """Let a reward refuse prompts it cannot score (its optional ``check_prompts``), before any image is sampled."""
+    inner = getattr(reward, "reward", reward)  # CachedReward wraps the reward it caches
+    check = getattr(inner, "check_prompts", None)
+    if check is not None:
+        check(prompts)
+
+
 def normalise(scores: Tensor, how: str) -> Tensor:
     """Per-prompt normalisation of [P, N] scores: 'zscore', 'rank' (average rank in [0, 1]) or 'none'."""
     if how == "none":
@@ -42,14 +51,14 @@ def normalise(scores: Tensor, how: str) -> Tensor:
         less = (scores.unsqueeze(-1) > scores.unsqueeze(-2)).sum(-1).float()
         ties = (scores.unsqueeze(-1) == scores.unsqueeze(-2)).sum(-1).float() - 1
         return (less + 0.5 * ties) / max(n - 1, 1)
-    raise ValueError(f"normalisation {how!r}: expected zscore, rank or none")
+    raise UserError(f"normalisation {how!r}: expected zscore, rank or none")
 
 
 def ensemble_scores(per_reward: dict[str, Tensor], weights: dict[str, float], how: str = "zscore") -> Tensor:
     """Weighted mean of per-prompt-normalised [P, N] scores (Syn-Pic averages its reward models)."""
     total = sum(weights.values())
     if total <= 0:
-        raise ValueError("reward weights must sum to a positive number")
+        raise UserError("reward weights must sum to a positive number")
     out = None
     for name, s in per_reward.items():
         term = weights[name] * normalise(s.float(), how)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import spelled
 from ..models.load import ModelLoadError
 from ..registry import REWARDS
 
@@ -40,7 +41,7 @@ def _open_clip(arch: str, pretrained: str | None, reward: str):
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ModelLoadError(f"reward {reward}: could not load open_clip {arch!r} weights {pretrained!r} ({first}); "
-                             f"pass {reward}.pretrained=<a local open_clip checkpoint file>") from None
+                             f"pass {spelled(reward + '.pretrained')}<a local open_clip checkpoint file>") from None
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(arch)
 
 
@@ -76,7 +77,8 @@ class HPSv2:
         from pathlib import Path
 
         if not checkpoint or not Path(checkpoint).exists():
-            raise ModelLoadError(f"reward hpsv2: checkpoint {checkpoint!r} not found; pass hpsv2.checkpoint="
+            raise ModelLoadError(f"reward hpsv2: checkpoint {checkpoint!r} not found; pass "
+                                 f"{spelled('hpsv2.checkpoint')}"
                                  "<local HPS_v2_compressed.pt or HPS_v2.1_compressed.pt>")
         self.model, self.tokenizer = _open_clip(arch, None, "hpsv2")
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -113,7 +115,8 @@ class Aesthetic:
         from pathlib import Path
 
         if not head or not Path(head).exists():
-            raise ModelLoadError(f"reward aesthetic: MLP weights {head!r} not found; pass aesthetic.head="
+            raise ModelLoadError(f"reward aesthetic: MLP weights {head!r} not found; pass "
+                                 f"{spelled('aesthetic.head')}"
                                  "<local sac+logos+ava1-l14-linearMSE.pth or .safetensors>")
         self.model, _ = _open_clip(arch, pretrained, "aesthetic")
         dim = self.model.visual.output_dim

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import UserError, first_line
 from ..registry import REWARDS
 
 MAX_BODY = 512 * 1024 * 1024
@@ -61,7 +62,12 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
                     raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
             except Exception as e:
                 return self._send(400, {"error": f"bad request: {e}"})
-            scores = reward(images, prompts)
+            try:
+                scores = reward(images, prompts)
+            except UserError as e:  # the request's fault (e.g. a caption the reward cannot score): say so
+                return self._send(422, {"error": str(e)})
+            except Exception as e:  # the reward's own failure: answer, and keep serving
+                return self._send(500, {"error": f"reward failed: {type(e).__name__}: {first_line(e)}"})
             self._send(200, {"scores": [float(s) for s in scores], "name": getattr(reward, "name", ""),
                              "version": getattr(reward, "version", "")})
 
@@ -69,6 +75,10 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
             pass
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+class RemoteRewardError(UserError, ConnectionError):
+    """The reward server is down, or refused a request (its message is passed on)."""
 
 
 @REWARDS.register("remote")
@@ -85,11 +95,19 @@ class RemoteReward:
 
         body = json.dumps({"images": encode_images(images), "prompts": list(prompts)}).encode()
         req = urllib.request.Request(f"{self.url}/score", data=body, headers={"Content-Type": "application/json"})
+        import urllib.error
+
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 payload = json.loads(resp.read())
+        except urllib.error.HTTPError as e:  # the server answered with an error: pass its message on
+            try:
+                detail = json.loads(e.read()).get("error", "")
+            except (ValueError, OSError, AttributeError):
+                detail = e.reason
+            raise RemoteRewardError(f"reward server at {self.url} answered {e.code}: {detail}") from None
         except OSError as e:
-            raise ConnectionError(f"reward server at {self.url} did not answer ({e}); start it with "
-                                  "`visalign reward-server --reward NAME --port PORT`") from None
+            raise RemoteRewardError(f"reward server at {self.url} did not answer ({e}); start it with "
+                                    "`visalign reward-server --reward NAME --port PORT`") from None
         self.name, self.version = f"remote:{payload.get('name', '')}", payload.get("version", "")
         return torch.tensor(payload["scores"], dtype=torch.float32)

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from ..errors import CheckpointError, first_line
+
 
 def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None) -> Path:
     """``accelerate.save_state`` (weights as safetensors, optimizer, scheduler, RNG) + the step cursor.
@@ -33,17 +35,40 @@ def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None) -> Path
 
 
 def find_resume(resume: str, out: Path) -> Path | None:
-    """'' -> None; 'latest' -> newest complete checkpoint under out/checkpoints (or None); else that path."""
+    """Which checkpoint to resume from.
+
+    ``''`` -> None (a fresh run); ``latest`` -> the newest complete checkpoint under out/checkpoints, and an
+    error when there is none (a user who asks to resume expects to); ``latest_or_new`` -> the newest, or
+    None to start fresh (for jobs that are restarted blindly); anything else -> that checkpoint folder.
+    """
     if not resume:
         return None
-    if resume == "latest":
+    if resume in ("latest", "latest_or_new"):
         done = sorted(p for p in (out / "checkpoints").glob("step-*")
                       if not p.name.endswith(".tmp") and (p / "visalign_state.json").exists())
+        if not done and resume == "latest":
+            raise CheckpointError(f"train.resume=latest: no checkpoint under {out / 'checkpoints'}; check "
+                                  "train.output_dir, or pass train.resume=latest_or_new to start fresh when none "
+                                  "exists")
         return done[-1] if done else None
     p = Path(resume)
     if not (p / "visalign_state.json").exists():
-        raise FileNotFoundError(f"train.resume={resume!r}: not a visalign checkpoint (no visalign_state.json)")
+        raise CheckpointError(f"train.resume={resume!r}: not a visalign checkpoint (no visalign_state.json); "
+                              "pass latest, latest_or_new or a checkpoints/step-N folder")
     return p
+
+
+def load_checkpoint(acc, ckpt: Path, ema=None) -> tuple[int, int]:
+    """Restore weights, optimizer, scheduler, RNG (and EMA); returns (step, nonfinite). One error if unreadable."""
+    try:
+        acc.load_state(str(ckpt))
+        state = json.loads((ckpt / "visalign_state.json").read_text())
+        if ema is not None:
+            load_ema(ema, ckpt)
+        return int(state["step"]), int(state["nonfinite"])
+    except Exception as e:  # a truncated or foreign file: safetensors, torch, JSON and key errors alike
+        raise CheckpointError(f"train.resume: checkpoint {ckpt} cannot be read ({first_line(e)}); resume from "
+                              "an earlier checkpoints/step-N folder or delete this one") from None
 
 
 def load_ema(ema, ckpt: Path) -> None:
@@ -53,3 +78,43 @@ def load_ema(ema, ckpt: Path) -> None:
         ema.optimization_step = int(f.metadata()["optimization_step"])
         for i, p in enumerate(ema.shadow_params):
             p.data.copy_(f.get_tensor(f"shadow.{i}"))
+
+
+# settings a resumed run may change: they do not alter what the weights are trained on or how
+RESUMABLE_CHANGES = {"train.resume", "train.output_dir", "train.steps", "train.threads", "train.save_every",
+                     "train.log_every", "train.tracker", "train.max_nonfinite", "train.validation_prompts",
+                     "train.validation_every"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def check_same_run(config: dict, out: Path, resuming: bool) -> None:
+    """A run folder holds one run: resuming with other settings, or starting afresh over a run that saved
+    checkpoints, is refused (naming what differs) instead of mixing two runs' weights and logs."""
+    import yaml
+
+    saved_file = out / "config.yaml"
+    has_run = any((out / "checkpoints").glob("step-*")) or (out / "summary.json").exists()
+    if not resuming:
+        if has_run:
+            raise CheckpointError(f"train.output_dir={str(out)!r} already holds a run; pass train.resume=latest to "
+                                  "continue it, or choose another train.output_dir")
+        return
+    if not saved_file.exists():
+        return
+    try:
+        saved = _flatten(yaml.safe_load(saved_file.read_text()) or {})
+    except yaml.YAMLError:
+        return
+    now = _flatten(config)
+    differs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+               if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+    if differs:
+        raise CheckpointError(f"train.resume: {out} was trained with other settings ({'; '.join(differs[:4])}"
+                              f"{'; ...' if len(differs) > 4 else ''}); resume with the same settings or choose "
+                              "another train.output_dir")

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
+from ..data.pairs import DataError
 from ..objectives.weights import curriculum_order, difficulty_weights, margin_weights
 
 
@@ -14,7 +15,7 @@ def pair_weights(cfg: RunConfig, batch) -> torch.Tensor | None:
     if how == "none":
         return None
     if batch.scores is None:
-        raise ValueError(f"data.weighting={how} needs score_0/score_1 columns in the pairs data")
+        raise DataError(f"data.weighting={how} needs score_0/score_1 columns in the pairs data")
     margin = batch.scores[:, 0] - batch.scores[:, 1]
     fn = margin_weights if how == "margin" else difficulty_weights
     return fn(margin, cfg.data.weight_scale)

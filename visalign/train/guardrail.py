@@ -22,7 +22,7 @@ class Guardrail:
         self.cfg, self.out = cfg, out
         self.gold = build_reward(t.gold_reward)
         self.proxy = build_reward(t.proxy_reward) if t.proxy_reward else None
-        prompts = read_prompts(t.gold_prompts)
+        prompts = read_prompts(t.gold_prompts, key="train.gold_prompts")
         self.prompts = [prompts[i % len(prompts)] for i in range(t.gold_samples)]
         self.best, self.best_step = float("-inf"), None
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, write_resolved
+from ..errors import UserError
+from ..files import trim_jsonl
 from ..types import as_float
-from .checkpoint import find_resume, load_ema, save_checkpoint
+from .checkpoint import check_same_run, find_resume, load_checkpoint, save_checkpoint
 from .outputs import save_outputs, save_validation_grid
 from .setup import (
     BatchStream,
@@ -28,7 +30,7 @@ from .setup import (
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive non-finite losses or gradients."""
 
 
@@ -55,6 +57,8 @@ def _backbone_and_data(cfg: RunConfig, acc, method):
     needs_encoders = not cfg.data.cache or samples_during_training
     backbone = build_backbone(cfg.model, load_encoders=needs_encoders)
     dataset = _dataset(cfg, backbone)
+    if cfg.data.weighting != "none" or cfg.data.curriculum:
+        dataset.margins()  # score columns are needed: say so now, not at the first step
     if not cfg.data.cache:
         return backbone, dataset
     path = cache_dir_for(dataset, backbone, cfg.data.cache_dir)
@@ -84,6 +88,8 @@ def train(cfg: RunConfig) -> dict:
                       log_with=tracker, cpu=not torch.cuda.is_available(),
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     set_seed(t.seed)
+    resume_dir = find_resume(t.resume, out)  # before anything loads: `resume=latest` with nothing to resume stops
+    check_same_run(json.loads(json.dumps(cfg.to_dict())), out, resuming=resume_dir is not None)
     method = build_method(cfg.objective, guidance=t.guidance)
     from ..registry import BACKBONES
 
@@ -110,19 +116,17 @@ def train(cfg: RunConfig) -> dict:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=t.ema_decay)
-    if acc.is_main_process:
+    step, nonfinite = 0, 0
+    if resume_dir is not None:
+        step, nonfinite = load_checkpoint(acc, resume_dir, ema)
+        log.info("resumed from %s at step %d", resume_dir, step)
+    if acc.is_main_process:  # logs continue from the resumed step: no torn line, no row logged twice
+        for log_file in ("metrics.jsonl", "gold.jsonl"):
+            trim_jsonl(out / log_file, lambda row: row.get("step", 0) <= step)
+    if acc.is_main_process:  # after the resume has loaded: a failed resume rewrites nothing
         write_resolved(cfg, out)
         if tracker:
             acc.init_trackers("visalign", config=_flat(cfg.to_dict()))
-    step, nonfinite = 0, 0
-    resume_dir = find_resume(t.resume, out)
-    if resume_dir is not None:
-        acc.load_state(str(resume_dir))
-        state = json.loads((resume_dir / "visalign_state.json").read_text())
-        step, nonfinite = state["step"], state["nonfinite"]
-        if ema is not None:
-            load_ema(ema, resume_dir)
-        log.info("resumed from %s at step %d", resume_dir, step)
     metrics_file = out / "metrics.jsonl"
     guard = None
     if t.gold_reward and t.gold_every:
@@ -162,6 +166,7 @@ def train(cfg: RunConfig) -> dict:
             log.warning("step %d: %s, update skipped (%d in a row)", step, why, nonfinite)
         optimizer.zero_grad(set_to_none=True)
         if nonfinite >= t.max_nonfinite:
+            bar.close()
             acc.end_training()
             raise NonFiniteError(f"{nonfinite} consecutive non-finite or empty steps at step {step}; stopping. "
                                  f"Last good checkpoint: {last_good or 'none'}. Try a lower train.lr or beta.")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...errors import UserError, require_positive
 from ...models.diffusion import denoising_target
 from ...models.load import SAMPLING_FILE
 from .contrast import near_miss
@@ -48,6 +49,15 @@ class PretrainConfig:
     # backgrounds and off-palette objects; v with trailing timesteps (sampling starts at t = T−1) fixes both
     prediction_type: str = "v_prediction"
     timestep_spacing: str = "trailing"
+
+    def check(self, where: str = "pretrain") -> None:
+        for key in ("size", "steps", "batch_size", "lr", "text_hidden", "text_layers", "max_tokens"):
+            require_positive(getattr(self, key), f"{where}.{key}")
+        for key in ("warmup_steps", "save_every", "threads", "step_offset", "caption_dropout", "caption_noise",
+                    "final_lr_fraction"):
+            require_positive(getattr(self, key), f"{where}.{key}", allow_zero=True)
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"{where}.ema_decay={self.ema_decay!r}: expected a number in [0, 1)")
 
 
 def build_components(cfg: PretrainConfig):

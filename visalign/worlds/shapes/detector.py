@@ -9,7 +9,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from .render import ShapeObject, all_records, shape_mask
+from .captions import parse_caption
+from .render import ShapeObject, shape_mask
 from .vocab import BACKGROUND, COLORS, SHAPES
 
 # GenEval's relative-position margin: offsets smaller than 0.1 x (sum of box sizes) do not count.
@@ -184,15 +185,6 @@ def shapes_reward_value(image, record: dict) -> float:
     return (1.0 - CLEAN_WEIGHT) * frac + CLEAN_WEIGHT * clean
 
 
-@lru_cache(maxsize=1)
-def _record_by_prompt() -> dict[str, dict]:
-    return {r["prompt"]: r for r in all_records()}
-
-
 def record_for_prompt(prompt: str) -> dict:
-    """The metadata record of a ShapesWorld caption; a clear error for text outside its templates."""
-    try:
-        return _record_by_prompt()[prompt.strip()]
-    except KeyError:
-        raise ValueError(f"prompt {prompt!r} is not a ShapesWorld caption "
-                         "(expected GenEval templates over its shapes and colours)") from None
+    """The metadata record a ShapesWorld caption describes (any GenEval template wording; see captions.py)."""
+    return parse_caption(prompt)

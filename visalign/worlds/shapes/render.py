@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UserError, read_text
 from .vocab import BACKGROUND, COLORS, NUMBERS, PLURALS, RELATIONS, SHAPES, TASKS
 
 
@@ -136,20 +137,35 @@ def write_metadata(records: Iterable[dict], path: str | Path) -> Path:
 
 
 def read_metadata(path: str | Path) -> list[dict]:
-    """Read a GenEval metadata file, naming the line of any malformed record."""
+    """Read a GenEval metadata file, naming the file and line of any malformed record."""
     records = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path, "--metadata").splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        for key in ("tag", "prompt", "include"):
-            if key not in r:
-                raise ValueError(f"{path}:{i}: record lacks the field {key!r} (GenEval metadata format)")
+            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        problem = _record_problem(r)
+        if problem:
+            raise UserError(f"{path}:{i}: {problem} (GenEval metadata format)")
         records.append(r)
+    if not records:
+        raise UserError(f"{path}: holds no records (GenEval metadata: one JSON object per line)")
     return records
+
+
+def _record_problem(r) -> str:
+    if not isinstance(r, dict):
+        return "expected a JSON object"
+    for key in ("tag", "prompt", "include"):
+        if key not in r:
+            return f"record lacks the field {key!r}"
+    for clause in list(r["include"]) + list(r.get("exclude", [])):
+        if not isinstance(clause, dict) or not isinstance(clause.get("class"), str) \
+                or not isinstance(clause.get("count"), int):
+            return f"each include/exclude clause needs a text 'class' and a whole 'count', got {clause!r}"
+    return ""
 
 
 # --- drawing -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ...registry import REWARDS
+from .captions import check_captions
 from .detector import record_for_prompt, shapes_reward_value
 
 
@@ -17,6 +18,10 @@ class ShapesReward:
 
     name = "shapes"
     version = "1"
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Refuse text outside GenEval's templates over ShapesWorld's words before any image is sampled."""
+        check_captions(prompts)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         if len(images) != len(prompts):
