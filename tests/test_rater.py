@@ -5,12 +5,8 @@ import math
 import pytest
 import torch
 
-from visalign.worlds.shapes.rater import (
-    RaterReward,
-    bradley_terry_labels,
-    expected_agreement,
-    temperature_for_agreement,
-)
+from visalign.rewards.labels import bradley_terry_labels, expected_agreement, temperature_for_agreement
+from visalign.worlds.shapes.rater import RaterReward
 from visalign.worlds.shapes.render import ShapeObject, draw
 
 
@@ -92,3 +88,41 @@ def test_bradley_terry_agreement_by_simulation():
 def test_noiseless_labels_follow_the_scores_and_ties_are_half():
     labels = bradley_terry_labels(torch.tensor([0.9, 0.1, 0.5]), torch.tensor([0.2, 0.3, 0.5]), 0.0)
     assert labels.tolist() == [1.0, 0.0, 0.5]
+
+
+def test_pairs_labelled_with_bradley_terry_noise():
+    from visalign.data.make_dataset import pairs_from_list
+
+    row = {"prompt": "p", "images": [b"a", b"b", b"c", b"d"], "scores": [0.9, 0.5, 0.45, 0.1]}
+    assert {p["label_0"] for p in pairs_from_list(row, "all")} == {1.0}
+    coin = [pairs_from_list(row, "all", label_temperature=1e6, generator=torch.Generator().manual_seed(seed))
+            for seed in range(200)]
+    labels = [p["label_0"] for pairs in coin for p in pairs]
+    assert set(labels) == {0.0, 1.0} and abs(sum(labels) / len(labels) - 0.5) < 0.05  # T → ∞: a coin
+    again = pairs_from_list(row, "all", label_temperature=0.1, generator=torch.Generator().manual_seed(3))
+    assert again == pairs_from_list(row, "all", label_temperature=0.1, generator=torch.Generator().manual_seed(3))
+
+
+def test_rater_winrate_and_labelled_make_dataset_from_the_cli(tiny_dir, tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from visalign.cli import main
+
+    model = str(tiny_dir("pixel"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a red circle\na photo of two squares\na photo of a square and a circle\n")
+    assert main(["eval", "winrate", "--model", model, "--baseline", model, "--reward", "rater", "--prompts",
+                 str(prompts), "--steps", "2", "--out", str(tmp_path / "w")]) == 0
+    result = json.loads((tmp_path / "w" / "winrate.json").read_text())
+    assert result["win_rate"] == 0.5 and result["ties"] == 6  # the same model: every pair ties
+    assert set(result["terms"]) == {"prompt", "size", "margin", "crisp", "centre"}
+    assert all(v["change"] == 0 for v in result["terms"].values())
+    assert "paired change" in capsys.readouterr().out
+    out = tmp_path / "ds"
+    assert main(["make-dataset", "--prompts", str(prompts), "--model", f"pixel={model}", "--reward", "rater",
+                 "--images-per-prompt", "4", "--steps", "2", "--pairs", "all", "--normalise", "none",
+                 "--label-temperature", "0.05", "--out", str(out)]) == 0
+    pairs = [r for f in sorted((out / "pairs").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert pairs and all(r["score_0"] > r["score_1"] and r["label_0"] in (0.0, 1.0) for r in pairs)

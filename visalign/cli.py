@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bf16", action="store_true", default=None, help="sample under bf16 autocast")
     s.add_argument("--pairs", choices=("best-worst", "all"))
     s.add_argument("--min-margin", dest="min_margin", type=float, help="pairs need this score gap at least")
+    s.add_argument("--label-temperature", dest="label_temperature", type=float,
+                   help="label pairs like a person: P(first chosen) = sigmoid(score gap / T) (Bradley-Terry)")
     s.add_argument("--overwrite", action="store_true", default=None,
                    help="start over when --out holds a dataset made with other settings (deletes it)")
     s.add_argument("overrides", nargs="*")

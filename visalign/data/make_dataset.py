@@ -41,6 +41,7 @@ class MakeDatasetConfig:
     normalise: str = "zscore"  # zscore | rank | none (per prompt, per reward, before the weighted mean)
     pairs: str = ""  # "" | best-worst | all
     min_margin: float = 0.0  # pairs need at least this aggregate-score gap
+    label_temperature: float = 0.0  # > 0: pairs labelled with Bradley-Terry noise on the score gap (a person's choice)
     max_prompts: int = 0
     repeat_prompts: int = 1  # each prompt this many times (different seeds)
     threads: int = 0
@@ -50,7 +51,7 @@ class MakeDatasetConfig:
     def check(self, where: str = "make-dataset") -> None:
         for key in ("images_per_prompt", "steps", "batch_size", "shard_size", "repeat_prompts"):
             require_positive(getattr(self, key), f"{where}.{key}")
-        for key in ("max_prompts", "threads", "eta", "min_margin"):
+        for key in ("max_prompts", "threads", "eta", "min_margin", "label_temperature"):
             require_positive(getattr(self, key), f"{where}.{key}", allow_zero=True)
         if self.guidance is not None:
             require_positive(self.guidance, f"{where}.guidance", allow_zero=True)
@@ -166,8 +167,16 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return ranks
 
 
-def pairs_from_list(row: dict, how: str, min_margin: float = 0.0) -> list[dict]:
-    """Pick-a-Pic-schema pairs from a ranked row: best vs worst, or every ordered pair with a score gap."""
+def pairs_from_list(row: dict, how: str, min_margin: float = 0.0, label_temperature: float = 0.0,
+                    generator: torch.Generator | None = None) -> list[dict]:
+    """Pick-a-Pic-schema pairs from a ranked row: best vs worst, or every ordered pair with a score gap.
+
+    The higher-scored image stands first. ``label_temperature`` T > 0 labels like a person would:
+    ``label_0`` = 1 with probability σ((s_0 − s_1) / T), else 0 (Bradley-Terry; the rater's docs give T
+    for a chosen agreement rate); T = 0 always prefers the higher score.
+    """
+    from ..rewards.labels import bradley_terry_labels
+
     s, imgs = row["scores"], row["images"]
     idx = list(range(len(s)))
     if how == "best-worst":
@@ -176,9 +185,13 @@ def pairs_from_list(row: dict, how: str, min_margin: float = 0.0) -> list[dict]:
     elif how == "all":
         cand = [(i, j) for i in idx for j in idx if s[i] > s[j] and s[i] - s[j] >= min_margin]
     else:
-        raise ValueError(f"pairs={how!r}: expected best-worst or all")
-    return [{"caption": row["prompt"], "jpg_0": imgs[i], "jpg_1": imgs[j], "label_0": 1.0,
-             "score_0": s[i], "score_1": s[j], "margin": s[i] - s[j]} for i, j in cand]
+        raise UserError(f"pairs={how!r}: expected best-worst or all")
+    labels = [1.0] * len(cand)
+    if cand and label_temperature > 0:
+        labels = bradley_terry_labels(torch.tensor([s[i] for i, _ in cand]), torch.tensor([s[j] for _, j in cand]),
+                                      label_temperature, generator).tolist()
+    return [{"caption": row["prompt"], "jpg_0": imgs[i], "jpg_1": imgs[j], "label_0": label,
+             "score_0": s[i], "score_1": s[j], "margin": s[i] - s[j]} for (i, j), label in zip(cand, labels)]
 
 
 def refuse_other_settings(cfg: MakeDatasetConfig, out: Path, rank: int) -> None:
@@ -316,7 +329,8 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
                    "ranks": ranks_from_scores(scores), "sources": sources[i], "seeds": seeds[i]}
             rows.append(row)
             if cfg.pairs:
-                pair_rows += pairs_from_list(row, cfg.pairs, cfg.min_margin)
+                noise = torch.Generator().manual_seed(image_seed(cfg.seed, i, -1, 0))  # per prompt: resumable
+                pair_rows += pairs_from_list(row, cfg.pairs, cfg.min_margin, cfg.label_temperature, noise)
         if cfg.pairs:
             # pairs first: the data shard's existence marks the whole shard as done
             _write_parquet(pair_rows, shard_path(out, "pairs", j), schema=_pair_schema())

@@ -138,7 +138,7 @@ def cmd_eval_winrate(args) -> None:
     [(name, _, kwargs)] = parse_rewards([args.reward])
     reward = build_reward({"name": name, **kwargs})
     check_prompts(reward, prompts)  # before any model loads or image is sampled
-    scores, guidance = {}, {}
+    scores, guidance, terms = {}, {}, {}
     for name, model, lora in (("model", args.model, args.lora), ("baseline", args.baseline, args.baseline_lora)):
         bb = load_backbone_cli(model, args.backbone, lora, args.bf16)
         guidance[name] = sampling_guidance(bb, args.guidance)  # each model at its own declared guidance
@@ -152,12 +152,33 @@ def cmd_eval_winrate(args) -> None:
                 imgs = bb.sample([prompts[i] for i, _ in part], steps=args.steps, guidance=guidance[name],
                                  latents=noise).images.cpu()
                 out.append(reward(imgs, [prompts[i] for i, _ in part]))
+                if hasattr(reward, "terms"):  # a reward with named parts (the rater): keep each for the table
+                    terms.setdefault(name, []).extend(reward.terms(im, prompts[i]) for im, (i, _) in zip(imgs, part))
         scores[name] = torch.cat(out)
     result = win_rate(scores["model"], scores["baseline"]) | {
         "reward": args.reward, "model": args.model, "lora": args.lora, "baseline": args.baseline,
         "prompts": args.prompts, "samples_per_prompt": args.samples_per_prompt, "seed": args.seed,
         "steps": args.steps, "guidance": guidance}
+    if terms:
+        result["terms"] = paired_term_changes(terms["model"], terms["baseline"])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "winrate.json").write_text(json.dumps(result, indent=2))
+    for term, v in result.get("terms", {}).items():
+        print(f"  {term:<8} {v['baseline']:.3f} -> {v['model']:.3f}  paired change {v['change']:+.4f} ± {v['se']:.4f}")
     print(f"win rate {result['win_rate']:.3f} [95% CI {result['ci_low']:.3f}, {result['ci_high']:.3f}] "
           f"over {result['n']} paired samples ({args.reward})")
+
+
+def paired_term_changes(model: list[dict], baseline: list[dict]) -> dict:
+    """Per named reward term: both means and the paired change (same prompt and seed) with its SE."""
+    import math
+
+    out = {}
+    for term in model[0]:
+        d = [m[term] - b[term] for m, b in zip(model, baseline)]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else float("nan")
+        out[term] = {"model": sum(m[term] for m in model) / len(model),
+                     "baseline": sum(b[term] for b in baseline) / len(baseline),
+                     "change": mean, "se": math.sqrt(var / len(d))}
+    return out
