@@ -158,6 +158,12 @@ def case_winrate_foreign_prompt(t, m):
             "--out", str(t / "w")], ["a photo of a cat"]
 
 
+def case_winrate_pickscore_weights_missing(t, m):
+    return ["eval", "winrate", "--model", MISSING, "--baseline", MISSING, "--reward",
+            f"pickscore:1:model={t / 'no-pickscore'}", "--prompts", "shapes:eval", "--out", str(t / "w")], \
+        ["--reward pickscore:1:model="]
+
+
 def case_geneval_zero_samples(t, m):
     return ["eval", "geneval", "--model", MISSING, "--samples-per-prompt", "0", "--out", str(t / "g")], \
         ["--samples-per-prompt"]
