@@ -373,6 +373,8 @@ def _apply_override(tree: dict, path: list[str], value: Any) -> None:
         node[part] = nxt
         node = nxt
     last = path[-1]
+    if last == "name" and node.get("name") not in (None, value) and len(path) > 1:
+        node.clear()  # `objective.name=grpo`: a new component starts from its own defaults, as in YAML merges
     if isinstance(node.get(last), dict) and "name" in node[last] and not isinstance(value, dict):
         node[last] = {"name": value}  # `objective.head=ipo` replaces the head with a fresh one
     else:

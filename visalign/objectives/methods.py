@@ -1,3 +1,3 @@
 """Imports every method module so each registers itself."""
 
-from . import d3po, ddo, diffusion_dpo, inpo, kto, mapo, pair_heads, rankdpo, smpo  # noqa: F401
+from . import d3po, ddo, diffusion_dpo, disco, grpo, inpo, kto, mapo, pair_heads, rankdpo, smpo  # noqa: F401

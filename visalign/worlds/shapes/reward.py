@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ...registry import REWARDS
 from .captions import check_captions
-from .detector import record_for_prompt, shapes_reward_value
+from .detector import detect, evaluate_objects, record_for_prompt, shapes_reward_value
 
 
 @REWARDS.register("shapes")
@@ -28,3 +28,37 @@ class ShapesReward:
             raise ValueError(f"shapes reward: {len(images)} images but {len(prompts)} prompts")
         vals = [shapes_reward_value(img, record_for_prompt(p)) for img, p in zip(images, prompts)]
         return torch.tensor(vals, dtype=torch.float32)
+
+
+class _RuleReward:
+    """GenEval's rules alone (no cleanliness term): the exact signal for online RL."""
+
+    version = "1"
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        check_captions(prompts)
+
+    def _verdicts(self, images: Tensor, prompts: Sequence[str]) -> list[tuple[bool, float]]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{self.name} reward: {len(images)} images but {len(prompts)} prompts")
+        return [evaluate_objects(detect(img).objects, record_for_prompt(p))[:2] for img, p in zip(images, prompts)]
+
+
+@REWARDS.register("constraints")
+class ConstraintsReward(_RuleReward):
+    """ShapesWorld: the fraction of the prompt's GenEval constraints met (counts, colours, positions), in [0, 1]."""
+
+    name = "constraints"
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return torch.tensor([frac for _, frac in self._verdicts(images, prompts)], dtype=torch.float32)
+
+
+@REWARDS.register("geneval")
+class GenEvalReward(_RuleReward):
+    """ShapesWorld: 1 if the image is GenEval-correct for its prompt, else 0 (the binary reward of DanceGRPO)."""
+
+    name = "geneval"
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return torch.tensor([float(ok) for ok, _ in self._verdicts(images, prompts)], dtype=torch.float32)

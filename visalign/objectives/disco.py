@@ -1,0 +1,50 @@
+"""DisCO (Li et al. 2025) on diffusion rollouts: a discriminative objective with a KL constraint, no clipping."""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import METHODS
+from ..types import PreferenceBatch, StepOutput, as_float
+from .base import Method
+from .policy import disco_objective
+from .rollouts import GroupRollouts
+
+
+@METHODS.register("disco")
+class DisCO(GroupRollouts, Method):
+    """DisCO: raise the score of above-mean rollouts, lower it for below-mean ones, KL(π_old ‖ π_θ) ≤ δ.
+
+    Score s_θ(o) = mean over trained steps of the likelihood ratio π_θ/π_old ('ratio', the authors'
+    L-ratio) or of log π_θ ('log'); the constraint is the squared hinge β·max(KL − δ, 0)² with the
+    authors' δ = 1e-4, β = 1e3. It shares GRPO's rollouts (same round, sampler and window).
+    """
+
+    def __init__(self, group_size: int = 16, prompts_per_round: int = 8, round_steps: int = 8, steps: int = 20,
+                 eta: float = 1.0, window: int = 6, guidance: float | None = None, score: str = "ratio",
+                 delta: float = 1e-4, beta: float = 1e3, shared_noise: bool = False,
+                 reward: str | dict = "constraints"):
+        from ..rewards.base import build_reward
+
+        if score not in ("ratio", "log"):
+            raise ValueError(f"disco.score={score!r}: expected ratio or log")
+        self.group_size, self.prompts_per_round, self.round_steps = group_size, prompts_per_round, round_steps
+        self.steps, self.eta, self.window, self.guidance = steps, eta, window, guidance
+        self.score, self.delta, self.beta, self.shared_noise = score, delta, beta, shared_noise
+        self.adv_scale = "group"  # only the sign of Â is used: positives and negatives of each group
+        self.reward = build_reward(reward)
+
+    def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
+        old = batch.extras["logp"]
+        steps = self.trained_steps(old)
+        logp = self.window_logprobs(backbone, batch, steps)
+        logp_old = old[:, steps].to(logp)
+        log_ratio = logp - logp_old
+        score = (torch.exp(log_ratio) if self.score == "ratio" else logp).mean(1)
+        kl = (-log_ratio).mean()  # KL(π_old ‖ π_θ) estimated on π_old's own samples
+        adv = batch.extras["adv"].to(logp)
+        loss = disco_objective(score, adv, kl, self.delta, self.beta)
+        return StepOutput(loss, {"reward_mean": as_float(batch.extras["reward_mean"][0]), "kl": as_float(kl),
+                                 "score_pos": as_float(score[adv > 0]) if (adv > 0).any() else 0.0,
+                                 "score_neg": as_float(score[adv < 0]) if (adv < 0).any() else 0.0,
+                                 "zero_var_groups": as_float(batch.extras["zero_var_groups"][0])})
