@@ -381,3 +381,30 @@ def test_gold_guardrail_selects_the_best_checkpoint(tiny_dir, pairs, tmp_path):
 
     with pytest.raises(ConfigError, match="select_best=gold needs"):
         load_config("shapes", [], ["train.select_best=gold"])
+
+
+def test_prompt_dropout_changes_what_the_model_sees_with_the_cache_on(tiny_dir, pairs, tmp_path):
+    from visalign.data.cache import CachedDataset, build_cache, cache_dir_for, drop_prompts
+    from visalign.data.pairs import PreferenceDataset
+    from visalign.models.pixel import PixelBackbone
+    from visalign.objectives.diffusion_dpo import DiffusionDPO
+
+    bb = PixelBackbone(str(tiny_dir("pixel")))
+    ds = PreferenceDataset(str(pairs), resolution=bb.resolution)
+    path = build_cache(bb, ds, cache_dir_for(ds, bb, str(tmp_path / "cache")))
+    cached = CachedDataset(path, ds)
+    empty = bb.encode_prompts([""]).tensors["hidden"]
+    method = DiffusionDPO()
+
+    def errors_seen(rate):
+        batch = cached.collate([cached[i] for i in range(4)])
+        torch.manual_seed(0)
+        drop_prompts(batch, rate, cached.empty_text)
+        torch.manual_seed(1)
+        return batch, method(bb, batch).metrics["err_w"]  # policy = reference here: the loss is log 2 either way
+
+    kept, err_kept = errors_seen(0.0)
+    dropped, err_dropped = errors_seen(1.0)
+    assert dropped.prompts == [""] * 4 and torch.equal(dropped.cond.tensors["hidden"], empty.expand(4, -1, -1))
+    assert not torch.equal(kept.cond.tensors["hidden"], dropped.cond.tensors["hidden"])
+    assert err_kept != err_dropped

@@ -24,6 +24,9 @@ from ..models.backbone import Cond
 from ..types import PreferenceBatch
 
 SHARD_ROWS = 256
+CACHE_FORMAT = "2"  # 2: the empty prompt's conditioning is cached beside the rows
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+TEXT_KEYS = ("hidden", "pooled")  # the parts of a Cond that come from the prompt's text (not, e.g., SDXL's time ids)
 
 
 def backbone_fingerprint(backbone) -> str:
@@ -42,7 +45,8 @@ def backbone_fingerprint(backbone) -> str:
 
 def cache_dir_for(dataset, backbone, root: str = "") -> Path:
     base = Path(root) if root else Path(os.environ.get("VISALIGN_CACHE", Path.home() / ".cache" / "visalign"))
-    key = hashlib.sha256(f"{dataset.fingerprint}|{backbone_fingerprint(backbone)}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{dataset.fingerprint}|{backbone_fingerprint(backbone)}".encode())
+    key = key.hexdigest()[:20]
     return base / key
 
 
@@ -120,6 +124,9 @@ def _encode_into(backbone, dataset, path: Path, batch_rows: int) -> None:
         if sum(len(v) for v in buf["mean"]) >= SHARD_ROWS:
             flush()
     flush()
+    # the empty prompt's text conditioning, so prompt dropout works on cached rows (no text encoder then)
+    empty = backbone.encode_prompts([""]).tensors
+    save_file({k: empty[k].cpu().contiguous() for k in TEXT_KEYS if k in empty}, str(path / EMPTY_PROMPT_FILE))
     index = {"shards": shards, "rows": [r for r in rows_meta if not r.get("skipped")],
              "skipped": sum(1 for r in rows_meta if r.get("skipped")), "family": backbone.family}
     (path / "index.json").write_text(json.dumps(index))
@@ -139,6 +146,8 @@ class CachedDataset(torch.utils.data.Dataset):
         self.ties_dropped = getattr(source, "ties_dropped", 0)
         self.corrupt_skipped = index["skipped"]
         self.ds = getattr(source, "ds", None)
+        empty = path / EMPTY_PROMPT_FILE
+        self.empty_text = load_file(str(empty)) if empty.exists() else None
         if source is not None:
             self.rows_source = source.rows
 
@@ -166,3 +175,23 @@ def collate_cached(items: list[dict]) -> PreferenceBatch:
         prompts=[it["prompt"] for it in items], label=t["label"], latent_mean=t["mean"], latent_std=t.get("std"),
         cond=Cond({k[5:]: v for k, v in t.items() if k.startswith("cond.")}), scores=t.get("scores"),
         image_meta={k[5:]: v for k, v in t.items() if k.startswith("meta.")})
+
+
+def drop_prompts(batch: PreferenceBatch, rate: float, empty_text: dict | None) -> None:
+    """Classifier-free-guidance prompt dropout: each row's prompt is blanked with probability ``rate``.
+
+    With cached text conditioning the blanked rows' cached tensors are replaced by the empty prompt's
+    (blanking only ``batch.prompts`` would change nothing the model sees).
+    """
+    keep = torch.rand(batch.size) >= rate
+    batch.prompts = [p if k else "" for p, k in zip(batch.prompts, keep.tolist())]
+    if batch.cond is None or bool(keep.all()):
+        return
+    if empty_text is None:
+        from .pairs import DataError
+
+        raise DataError("train.prompt_dropout needs the empty prompt's cached conditioning; this cache predates "
+                        "it: delete the cache folder (data.cache_dir or VISALIGN_CACHE) to rebuild it")
+    for key, value in empty_text.items():
+        t = batch.cond.tensors[key]
+        t[~keep.to(t.device)] = value.to(t)

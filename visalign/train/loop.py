@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, write_resolved
+from ..data.cache import drop_prompts
 from ..errors import UserError
 from ..files import trim_jsonl
 from ..types import as_float
@@ -145,8 +146,7 @@ def train(cfg: RunConfig) -> dict:
             batch.weights = pair_weights(cfg, batch)
             with acc.accumulate(backbone.denoiser), acc.autocast():
                 if t.prompt_dropout > 0:
-                    keep = torch.rand(batch.size) >= t.prompt_dropout
-                    batch.prompts = [p if k else "" for p, k in zip(batch.prompts, keep.tolist())]
+                    drop_prompts(batch, t.prompt_dropout, getattr(dataset, "empty_text", None))
                 res = method(backbone, batch)
                 if torch.isfinite(res.loss):
                     acc.backward(res.loss)
