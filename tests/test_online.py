@@ -94,7 +94,7 @@ def test_ratio_is_one_before_the_first_update_and_kl_zero_at_init(tiny_dir, meth
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "pixel"])
-@pytest.mark.parametrize("method", ["grpo", "disco"])
+@pytest.mark.parametrize("method", ["grpo", "disco", "online_dpo"])
 def test_online_methods_train_from_the_cli(tiny_dir, tmp_path, family, method, lora):
     import json
 
@@ -104,8 +104,10 @@ def test_online_methods_train_from_the_cli(tiny_dir, tmp_path, family, method, l
                     "pixel": ("shapes", "pixel")}[family]
     out = tmp_path / "run"
     argv = ["finetune", preset, f"model.name={name}", f"model.path={tiny_dir(family)}", "data.path=shapes:train",
-            f"objective.name={method}", "objective.group_size=2", "objective.prompts_per_round=2",
-            "objective.round_steps=2", "objective.steps=3", "objective.window=2", "objective.reward=test_redness",
+            f"objective.name={method}", "objective.prompts_per_round=2", "objective.round_steps=2",
+            "objective.steps=3", "objective.reward=test_redness",
+            *(["objective.samples_per_prompt=3", "objective.min_margin=0"] if method == "online_dpo" else
+              ["objective.group_size=2", "objective.window=2"]),
             f"train.output_dir={out}", "train.steps=3", "train.batch_size=2", "train.lr=1e-3", "train.save_every=0",
             "train.log_every=1", "train.threads=1", "train.tracker=none", "train.mixed_precision=no",
             f"lora.enabled={str(lora).lower()}"]

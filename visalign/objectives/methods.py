@@ -1,3 +1,16 @@
 """Imports every method module so each registers itself."""
 
-from . import d3po, ddo, diffusion_dpo, disco, grpo, inpo, kto, mapo, pair_heads, rankdpo, smpo  # noqa: F401
+from . import (  # noqa: F401
+    d3po,
+    ddo,
+    diffusion_dpo,
+    disco,
+    grpo,
+    inpo,
+    kto,
+    mapo,
+    online_dpo,
+    pair_heads,
+    rankdpo,
+    smpo,
+)
