@@ -23,10 +23,17 @@ def test_paired_improvement_by_hand():
 def test_quick_demo_runs_end_to_end(tiny_dir, tmp_path, capsys):
     report = run_demo(tmp_path / "demo", quick=True, base=str(tiny_dir("pixel")))
     out = capsys.readouterr().out
-    assert "| model | overall |" in out and "overall improvement:" in out and "held-out pairs" in out
+    assert "| model | overall |" in out and "GenEval-shapes change:" in out and "rater win rate" in out
     assert set(report["metrics"]) == {"base", "dpo-lora"}
+    assert set(report["rater"]["terms"]) == {"prompt", "size", "margin", "crisp", "centre"}
+    assert report["rater"]["n"] == 12 and 0 <= report["rater"]["win_rate"] <= 1
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert saved["train"]["steps"] == 3 and (tmp_path / "demo" / "eval" / "base" / "grid.png").exists()
+    page = (tmp_path / "demo" / "run" / "report.html").read_text()
+    assert f"report: {tmp_path / 'demo' / 'run' / 'report.html'}" in out and "rater win rate" in page
+    provenance = json.loads((tmp_path / "demo" / "data" / "provenance.json").read_text())
+    assert provenance["rewards"][0]["name"] == "rater"
+    run_demo(tmp_path / "demo", quick=True, base=str(tiny_dir("pixel")))  # a rerun starts its run over
 
 
 def test_the_demo_samples_data_training_grids_and_evaluation_at_one_guidance(tiny_dir, tmp_path, monkeypatch):

@@ -1,11 +1,12 @@
-"""`make demo`: ShapesWorld base -> synthetic ranked data (shapes reward) -> Diffusion-DPO (LoRA) ->
-GenEval-shapes of base and tuned model on held-out prompts with the same seeds -> a printed table."""
+"""`make demo`: ShapesWorld base -> synthetic ranked data labelled by the rater -> Diffusion-DPO (LoRA) ->
+the rater's win rate and GenEval-shapes of base and tuned model on held-out prompts with the same seeds ->
+printed tables and report.html."""
 
 from __future__ import annotations
 
 import json
 import math
-import random
+import shutil
 import time
 from pathlib import Path
 
@@ -37,12 +38,15 @@ def paired_improvement(base: list[dict], tuned: list[dict]) -> dict:
 SAMPLE_STEPS, EVAL_SEED = 20, 1234
 
 
+DEMO_REWARD, DEMO_MARGIN = "rater", 0.05  # the rater's scale: 0.05 is a visible difference in look or one constraint
+
+
 def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_per_prompt: int = 4,
                     steps: int = SAMPLE_STEPS, bf16: bool = True, threads: int = 0, progress: bool = True,
-                    guidance: float | None = None) -> dict:
+                    guidance: float | None = None, reward: str = DEMO_REWARD, min_margin: float = DEMO_MARGIN) -> dict:
     """The demo's preference data: ``per_task`` balanced training prompts per task x ``images_per_prompt``
-    base samples scored by the shapes reward; every pair at least 0.15 apart (one GenEval constraint).
-    ``guidance=None``: the base folder's declared guidance."""
+    base samples scored by ``reward`` (the rater: what a person would prefer); every pair at least
+    ``min_margin`` apart. ``guidance=None``: the base folder's declared guidance."""
     from .data.make_dataset import MakeDatasetConfig, make_dataset
     from .worlds.shapes.render import balanced_records
 
@@ -50,9 +54,25 @@ def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_p
     prompts = data_dir.with_name("train_prompts.txt")
     prompts.write_text("\n".join(r["prompt"] for r in balanced_records("train", per_task)))
     return make_dataset(MakeDatasetConfig(
-        prompts=str(prompts), models=[f"pixel={base_path}"], images_per_prompt=images_per_prompt, rewards=["shapes"],
+        prompts=str(prompts), models=[f"pixel={base_path}"], images_per_prompt=images_per_prompt, rewards=[reward],
         out=str(data_dir), steps=steps, guidance=guidance, seed=0, batch_size=64, shard_size=64, normalise="none",
-        pairs="all", min_margin=0.15, bf16=bf16, threads=threads), progress=progress)
+        pairs="all", min_margin=min_margin, bf16=bf16, threads=threads), progress=progress)
+
+
+def rater_comparison(base: list[dict], tuned: list[dict]) -> dict:
+    """The rater's win rate of ``tuned`` over ``base`` on the same held-out samples (same prompt and seed,
+    ties half) and each taste term's paired change: the demo's headline, scored from the GenEval images."""
+    from .eval.winrate import paired_term_changes, win_rate, win_rate_z
+    from .worlds.shapes.rater import RaterReward
+
+    rater = RaterReward()
+    key = lambda r: (r["prompt_index"], r["k"])  # noqa: E731
+    terms = {name: [rater.terms(r["image"], r["prompt"]) for r in sorted(res, key=key)]
+             for name, res in (("base", base), ("tuned", tuned))}
+    scores = {name: torch.tensor([rater.combine(t) for t in ts]) for name, ts in terms.items()}
+    result = win_rate(scores["tuned"], scores["base"])
+    return result | {"z": win_rate_z(result), "terms": paired_term_changes(terms["tuned"], terms["base"]),
+                     "weights": rater.weights}
 
 
 def sampling_backbone(model_path: str, lora: str | Path | None = None, bf16: bool = True):
@@ -86,11 +106,9 @@ def generate_heldout(model_path: str, lora: str | Path | None = None, per_task: 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "assets/shapes-base",
              guidance: float | None = None) -> dict:
-    from .config import load_config
-    from .eval.geneval import format_table, write_results
-    from .eval.implicit import implicit_accuracy, pairs_from_results
+    """ShapesWorld end to end: rater-labelled data from the base -> Diffusion-DPO -> rater win rate and
+    GenEval-shapes on held-out prompts (same seeds for both models) -> report.html."""
     from .models.load import default_guidance, resolve_path
-    from .train.loop import train
 
     t_start = time.time()
     out = Path(out)
@@ -103,13 +121,27 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     if quick:
         budget = dict(train_per_task=2, images_per_prompt=2, steps=4, train_steps=3, eval_per_task=2, batch=4)
     print(f"[1/4] make-dataset: {budget['train_per_task']} training prompts per task x "
-          f"{budget['images_per_prompt']} base samples, scored by the shapes reward; every pair of samples "
-          "that differ by at least one GenEval constraint")
+          f"{budget['images_per_prompt']} base samples, scored by the rater (GenEval constraints met + a stated "
+          f"taste: size, margins, crispness, centring); every pair of samples at least {DEMO_MARGIN} apart")
     ds = build_demo_data(out / "data", base_path, budget["train_per_task"], budget["images_per_prompt"],
                          budget["steps"], bf16=not quick, progress=not quick, guidance=guidance)
     print(f"      {ds['images']} images in {ds['seconds']:.0f}s -> {out / 'data'}")
+    summary = _train_demo(out, base_path, budget, guidance, quick)
+    print("[3/4] held-out prompts, the same seeds for both models: the rater's verdict and GenEval-shapes")
+    heldout_args = dict(per_task=budget["eval_per_task"], steps=budget["steps"], bf16=not quick, guidance=guidance)
+    results = {}
+    _, results["base"] = generate_heldout(base_path, None, **heldout_args)
+    _, results["dpo-lora"] = generate_heldout(base_path, summary["lora"], **heldout_args)
+    report = _report(out, results, ds, summary, t_start)
+    return report
+
+
+def _train_demo(out: Path, base_path: str, budget: dict, guidance: float, quick: bool) -> dict:
+    from .config import load_config
+    from .train.loop import train
 
     print(f"[2/4] finetune: Diffusion-DPO + LoRA, {budget['train_steps']} steps")
+    shutil.rmtree(out / "run", ignore_errors=True)  # the demo's own run folder: a rerun starts it over
     cfg = load_config("shapes", [], [
         f"model.path={base_path}", f"data.path={out / 'data' / 'pairs'}", f"train.output_dir={out / 'run'}",
         f"train.steps={budget['train_steps']}", f"train.batch_size={budget['batch']}", "train.lr=3e-4",
@@ -118,30 +150,34 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
         f"train.mixed_precision={'no' if quick else 'bf16'}"])
     summary = train(cfg)
     print(f"      {summary['steps']} steps in {summary['seconds']:.0f}s -> {summary.get('lora')}")
+    return summary
 
-    print("[3/4] GenEval-shapes on held-out prompts, same seeds for both models")
-    heldout_args = dict(per_task=budget["eval_per_task"], steps=budget["steps"], bf16=not quick, guidance=guidance)
-    results = {}
-    _, results["base"] = generate_heldout(base_path, None, **heldout_args)
-    tuned, results["dpo-lora"] = generate_heldout(base_path, summary["lora"], **heldout_args)
-    # held-out pairs: two base samples of one held-out prompt that differ by >= 0.15 in constraints met
-    # (at most 256 of them, 4 (t, ε) draws each: about 20 s here)
-    pairs = pairs_from_results(results["base"])
-    pairs = [pairs[i] for i in sorted(random.Random(0).sample(range(len(pairs)), min(256, len(pairs))))]
-    heldout = implicit_accuracy(tuned, pairs, beta=cfg.objective.kwargs.get("beta", 5000.0), draws=4)
+
+def _report(out: Path, results: dict, ds: dict, summary: dict, t_start: float) -> dict:
+    from .eval.geneval import format_table, write_results
+    from .eval.report import build_report
+
+    rater = rater_comparison(results["base"], results["dpo-lora"])
     metrics = {name: write_results(res, out / "eval" / name, extra={"model": name}) for name, res in results.items()}
+    (out / "eval" / "winrate.json").write_text(json.dumps({**rater, "reward": "rater"}, indent=2))
     imp = paired_improvement(results["base"], results["dpo-lora"])
-    elapsed = time.time() - t_start
-    print("[4/4] results (accuracy ± standard error)\n")
+    print("[4/4] results\n")
+    print(f"rater win rate of the tuned model over the base: {rater['win_rate']:.3f} "
+          f"[95% CI {rater['ci_low']:.3f}, {rater['ci_high']:.3f}], {rater['z']:.1f} SE above 1/2 "
+          f"({rater['wins']} wins, {rater['ties']} ties, {rater['losses']} losses of {rater['n']})")
+    print("| rater term | weight | base | tuned | paired change |\n|---|---|---|---|---|")
+    for term, v in rater["terms"].items():
+        print(f"| {term} | {rater['weights'][term]} | {v['baseline']:.3f} | {v['model']:.3f} | "
+              f"{v['change']:+.4f} ± {v['se']:.4f} |")
+    print("\nGenEval-shapes (accuracy ± standard error)\n")
     print(format_table(metrics))
-    print(f"\noverall improvement: {imp['delta']:+.3f} ± {imp['se']:.3f} (paired SE; {imp['z']:.1f} SE)")
-    print(f"implicit accuracy on {heldout['n']} held-out pairs of base samples: {heldout['accuracy']:.3f} ± "
-          f"{heldout['se_by_prompt']:.3f} (SE clustered by prompt, as a prompt's pairs share images; "
-          "the base ranks none: h = 0)")
+    print(f"\nGenEval-shapes change: {imp['delta']:+.3f} ± {imp['se']:.3f} (paired SE; {imp['z']:.1f} SE)")
+    page = build_report(out / "run", baseline=out / "eval", grid=True)
+    elapsed = time.time() - t_start
     print(f"grids: {out / 'eval' / 'base' / 'grid.png'}  {out / 'eval' / 'dpo-lora' / 'grid.png'}")
-    print(f"logs:  {out / 'run' / 'metrics.jsonl'} (TensorBoard: {out / 'run' / 'logs'})")
+    print(f"report: {page}")
     print(f"total time: {elapsed / 60:.1f} min")
-    report = {"metrics": metrics, "improvement": imp, "heldout_implicit": heldout, "seconds": elapsed,
-              "dataset": ds, "train": summary}
+    report = {"rater": rater, "metrics": metrics, "improvement": imp, "seconds": elapsed, "dataset": ds,
+              "train": summary, "report": str(page)}
     (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
     return report

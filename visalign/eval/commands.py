@@ -125,7 +125,7 @@ def cmd_eval_winrate(args) -> None:
 
     from ..data.prompts import read_prompts
     from ..eval.geneval import sample_seed
-    from ..eval.winrate import win_rate
+    from ..eval.winrate import paired_term_changes, win_rate
     from ..models.load import sampling_guidance
     from ..rewards.base import build_reward
 
@@ -168,17 +168,3 @@ def cmd_eval_winrate(args) -> None:
     print(f"win rate {result['win_rate']:.3f} [95% CI {result['ci_low']:.3f}, {result['ci_high']:.3f}] "
           f"over {result['n']} paired samples ({args.reward})")
 
-
-def paired_term_changes(model: list[dict], baseline: list[dict]) -> dict:
-    """Per named reward term: both means and the paired change (same prompt and seed) with its SE."""
-    import math
-
-    out = {}
-    for term in model[0]:
-        d = [m[term] - b[term] for m, b in zip(model, baseline)]
-        mean = sum(d) / len(d)
-        var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else float("nan")
-        out[term] = {"model": sum(m[term] for m in model) / len(model),
-                     "baseline": sum(b[term] for b in baseline) / len(baseline),
-                     "change": mean, "se": math.sqrt(var / len(d))}
-    return out

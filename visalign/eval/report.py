@@ -95,6 +95,23 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
 
+def _winrate_tables(folder: Path) -> str:
+    """Every winrate.json under ``folder`` (`visalign eval winrate`, the demo): the win rate and each term."""
+    out = ""
+    for f in sorted(folder.rglob("winrate.json")):
+        w = json.loads(f.read_text())
+        out += (f"<p><b>{html.escape(str(w.get('reward', 'reward')))} win rate</b> "
+                f"({html.escape(str(f.parent.relative_to(folder)) or '.')}): {w['win_rate']:.3f} "
+                f"[95% CI {w['ci_low']:.3f}, {w['ci_high']:.3f}] over {w['n']} paired samples</p>")
+        if w.get("terms"):
+            out += "<table><tr><th>term</th><th>base</th><th>tuned</th><th>paired change</th></tr>"
+            for term, v in w["terms"].items():
+                out += (f"<tr><td>{html.escape(term)}</td><td>{v['baseline']:.3f}</td><td>{v['model']:.3f}</td>"
+                        f"<td>{v['change']:+.4f} ± {v['se']:.4f}</td></tr>")
+            out += "</table>"
+    return out
+
+
 def _metric_tables(run: Path) -> str:
     from .geneval import format_table
 
@@ -134,7 +151,7 @@ def build_report(run_dir: str | Path, baseline: str | Path | None = None, prompt
     last = rows[-1] if rows else {}
     key_numbers = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in last.items()
                           if isinstance(v, (int, float)))
-    base_tables = _metric_tables(Path(baseline)) if baseline else ""
+    base_tables = (_winrate_tables(Path(baseline)) + _metric_tables(Path(baseline))) if baseline else ""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>visalign report</title><style>",
         "body{font-family:sans-serif;margin:24px;max-width:1100px} img{margin:4px;border:1px solid #ddd}",

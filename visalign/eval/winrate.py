@@ -20,6 +20,25 @@ def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor, z: float = 1.959964
     mean = float(w.mean())
     var = float(w.var(unbiased=True)) if n > 1 else 0.0
     half = z * math.sqrt(var / n) if n > 1 else float("nan")
-    return {"win_rate": mean, "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half), "n": n,
+    se = math.sqrt(var / n) if n > 1 else float("nan")
+    return {"win_rate": mean, "se": se, "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half), "n": n,
             "wins": int((scores_a > scores_b).sum()), "ties": int((scores_a == scores_b).sum()),
             "losses": int((scores_a < scores_b).sum())}
+
+
+def paired_term_changes(model: list[dict], baseline: list[dict]) -> dict:
+    """Per named reward term: both means and the paired change (same prompt and seed) with its SE."""
+    out = {}
+    for term in model[0]:
+        d = [m[term] - b[term] for m, b in zip(model, baseline)]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else float("nan")
+        out[term] = {"model": sum(m[term] for m in model) / len(model),
+                     "baseline": sum(b[term] for b in baseline) / len(baseline),
+                     "change": mean, "se": math.sqrt(var / len(d))}
+    return out
+
+
+def win_rate_z(result: dict) -> float:
+    """How many standard errors the win rate stands above 1/2."""
+    return (result["win_rate"] - 0.5) / result["se"] if result["se"] > 0 else float("inf")

@@ -91,10 +91,10 @@ class RaterReward:
         return {"prompt": frac, "size": size_term(det, side), "margin": margin_term(det, side),
                 "crisp": det.clean if det.objects else 0.0, "centre": composition_term(det, side)}
 
+    def combine(self, terms: dict[str, float]) -> float:
+        """r(x, c) from its terms: the stated weighted mean."""
+        return sum(self.weights[k] * terms[k] for k in terms) / sum(self.weights.values())
+
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        total = sum(self.weights.values())
-        vals = []
-        for img, p in zip(images, prompts):
-            t = self.terms(img, p)
-            vals.append(sum(self.weights[k] * t[k] for k in t) / total)
-        return torch.tensor(vals, dtype=torch.float32)
+        return torch.tensor([self.combine(self.terms(img, p)) for img, p in zip(images, prompts)],
+                            dtype=torch.float32)
