@@ -24,7 +24,7 @@ class DisCO(GroupRollouts, Method):
                  eta: float = 1.0, window: int = 6, guidance: float | None = None, score: str = "ratio",
                  delta: float = 1e-4, beta: float = 1e3, shared_noise: bool = False,
                  reward: str | dict = "constraints"):
-        from ..rewards.base import build_reward
+        from ..rewards.base import LazyReward
 
         if score not in ("ratio", "log"):
             raise ValueError(f"disco.score={score!r}: expected ratio or log")
@@ -32,7 +32,7 @@ class DisCO(GroupRollouts, Method):
         self.steps, self.eta, self.window, self.guidance = steps, eta, window, guidance
         self.score, self.delta, self.beta, self.shared_noise = score, delta, beta, shared_noise
         self.adv_scale = "group"  # only the sign of Â is used: positives and negatives of each group
-        self.reward = build_reward(reward)
+        self.reward = LazyReward(reward)
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         old = batch.extras["logp"]

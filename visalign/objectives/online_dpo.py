@@ -30,7 +30,7 @@ class OnlineDPO(Method):
                  prompts_per_round: int = 32, round_steps: int = 8, steps: int = 20, guidance: float | None = None,
                  pairs: str = "best-worst", min_margin: float = 0.1, reset_reference: bool = True,
                  reward: str | dict = "constraints"):
-        from ..rewards.base import build_reward
+        from ..rewards.base import LazyReward
 
         if pairs not in ("best-worst", "all"):
             raise ValueError(f"online_dpo.pairs={pairs!r}: expected best-worst or all")
@@ -38,7 +38,7 @@ class OnlineDPO(Method):
         self.k, self.prompts_per_round, self.round_steps = samples_per_prompt, prompts_per_round, round_steps
         self.steps, self.guidance, self.pairs, self.min_margin = steps, guidance, pairs, min_margin
         self.reset_reference = reset_reference
-        self.reward = build_reward(reward)
+        self.reward = LazyReward(reward)
 
     def make_round(self, backbone, prompts, gen: torch.Generator, round_idx: int = 0) -> dict:
         """K samples per prompt with the current policy (the evaluation's sampler), ranked; pairs kept by margin."""

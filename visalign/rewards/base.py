@@ -31,6 +31,23 @@ def build_reward(spec) -> Reward:
     return REWARDS.build(spec.name, **spec.kwargs)
 
 
+class LazyReward:
+    """A reward built on its first use: a method's config names it, but heavy weights (PickScore, a served
+    judge) load only when the first round is scored, not when a config is checked."""
+
+    def __init__(self, spec):
+        self.spec, self._reward = spec, None
+
+    @property
+    def reward(self) -> Reward:
+        if self._reward is None:
+            self._reward = build_reward(self.spec)
+        return self._reward
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.reward(images, prompts)
+
+
 def check_prompts(reward, prompts: Sequence[str]) -> None:
     """Let a reward refuse prompts it cannot score (its optional ``check_prompts``), before any image is sampled."""
     inner = getattr(reward, "reward", reward)  # CachedReward wraps the reward it caches
