@@ -26,3 +26,11 @@ def test_scale_script_trains_within_budget_and_reports_the_paired_change(tmp_pat
         by_task[r["tag"]].append(float(r["correct"]) - float(base[(r["prompt_index"], r["k"])]))
     assert len(by_task) == 6 and all(len(v) == 2 for v in by_task.values())
     assert row["delta"] == pytest.approx(sum(sum(v) / 2 for v in by_task.values()) / 6)
+
+
+def test_online_bench_measures_rollouts_and_updates(tiny_dir, capsys):
+    mod = load_script("bench_online")
+    rows = mod.main(["--base", str(tiny_dir("pixel")), "--methods", "grpo,online_dpo", "--threads", "1"])
+    assert [r["method"] for r in rows] == ["grpo", "online_dpo"]
+    assert all(r["per_rollout_s"] > 0 and r["per_update_s"] > 0 and 0 < r["sampling_share"] < 1 for r in rows)
+    assert "| grpo | 64 |" in capsys.readouterr().out
