@@ -117,3 +117,20 @@ def test_online_methods_train_from_the_cli(tiny_dir, tmp_path, family, method, l
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("reward_mean" in r and math.isfinite(r["loss"]) for r in rows)
     assert (out / ("lora" if lora else "model")).exists()
+
+
+def test_d3po_pairs_need_a_margin_and_rounds_are_fresh(tiny_dir):
+    from visalign.models.pixel import PixelBackbone
+    from visalign.objectives.d3po import D3PO
+
+    bb = PixelBackbone(str(tiny_dir("pixel")))
+    prompts = ["a photo of a red circle", "a photo of two squares"]
+    default = D3PO()
+    assert default.round_steps * 8 <= default.prompts_per_round  # 32 pairs, 4 steps of 8: each about once
+    every = D3PO(steps=3, prompts_per_round=6, guidance=2.0, reward="test_redness")
+    items = every.make_round(bb, prompts, torch.Generator().manual_seed(0))
+    assert len(items["prompts"]) == 6
+    strict = D3PO(steps=3, prompts_per_round=6, guidance=2.0, reward="test_redness", min_margin=1e9)
+    none = strict.make_round(bb, prompts, torch.Generator().manual_seed(0))
+    assert none["prompts"] == [] and strict.take(none, torch.arange(4)) is None
+    assert default.reward.name == "constraints"  # no cleanliness term deciding ties

@@ -17,6 +17,8 @@ class D3PO(Method):
 
     ``guidance=None`` samples at the run's ``train.guidance`` (filled in by the trainer): the trajectories
     must come from the policy as it will be sampled, or the per-step preference is learned off-policy.
+    Pairs need a reward gap of at least ``min_margin`` (the default reward, ``constraints``, has no
+    cleanliness term to decide ties); rounds are fresh (32 pairs, 4 steps of 8: each pair about once).
     """
 
     data = "prompts"
@@ -24,13 +26,14 @@ class D3PO(Method):
     needs = ("step_logprob", "sample")
 
     def __init__(self, beta: float = 0.1, clip_eps: float = 0.1, steps: int = 10, eta: float = 1.0,
-                 guidance: float | None = None, prompts_per_round: int = 32, round_steps: int = 20,
-                 timestep_fraction: float = 1.0, reward: str | dict = "shapes", reset_reference: bool = False):
+                 guidance: float | None = None, prompts_per_round: int = 32, round_steps: int = 4,
+                 timestep_fraction: float = 1.0, reward: str | dict = "constraints", min_margin: float = 0.0,
+                 reset_reference: bool = False):
         from ..rewards.base import build_reward
 
         self.beta, self.clip_eps, self.steps, self.eta, self.guidance = beta, clip_eps, steps, eta, guidance
         self.prompts_per_round, self.round_steps = prompts_per_round, round_steps
-        self.timestep_fraction, self.reset_reference = timestep_fraction, reset_reference
+        self.timestep_fraction, self.reset_reference, self.min_margin = timestep_fraction, reset_reference, min_margin
         self.reward = build_reward(reward)
 
     def make_round(self, backbone, prompts, gen, round_idx: int = 0) -> dict:
@@ -45,7 +48,8 @@ class D3PO(Method):
         out = backbone.sample(doubled, steps=self.steps, guidance=self.guidance, eta=self.eta, trajectory=True,
                               latents=x_T.to(backbone.device), generator=gen)
         scores, _ = score_and_rank(out.images, doubled, {"r": self.reward}, {"r": 1.0}, group=2, normalise="none")
-        keep = scores[:, 0] != scores[:, 1]
+        gap = (scores[:, 0] - scores[:, 1]).abs()
+        keep = (gap > 0) & (gap >= self.min_margin)  # a pair is a preference only with a margin
         order = torch.where(scores[:, 0] >= scores[:, 1], 0, 1)  # index of the winner within each pair
         traj = torch.stack(out.trajectory, 1).view(len(chosen), 2, self.steps + 1, *backbone.sample_shape)
         logp = out.log_probs.view(len(chosen), 2, self.steps)
@@ -85,7 +89,8 @@ class D3PO(Method):
             t = timesteps[s].to(x_t.device)
             kw = dict(steps=self.steps, eta=self.eta, uncond=uncond, guidance=self.guidance)
             logp = backbone.step_logprob(x_t, x_prev, t, cond, **kw).view(b, 2)
-            if bool(batch.extras["reuse_ref"]):
+            # the sampler's log-probs stand for the reference's only when computed in this step's precision
+            if bool(batch.extras["reuse_ref"]) and not torch.is_autocast_enabled(x_t.device.type):
                 ref = batch.extras["logp"][:, :, s].to(logp)
             else:
                 with torch.no_grad(), backbone.reference():
