@@ -79,3 +79,19 @@ def test_prompt_files_are_read_by_content_whatever_their_name(tmp_path):
     assert read_prompts(str(tmp_path / "prompts")) == ["a photo of a red circle", "a photo of two squares"]
     (tmp_path / "meta.data").write_text('{"prompt": "a photo of a square", "tag": "single_object"}\n')
     assert read_prompts(str(tmp_path / "meta.data")) == ["a photo of a square"]
+
+
+def test_geneval_prompt_set_ships_by_name(tmp_path, capsys):
+    from visalign.data.prompts import read_prompts
+    from visalign.worlds.shapes.render import read_metadata
+
+    records = read_metadata("geneval")
+    assert len(records) == 553 and {r["tag"] for r in records} == {
+        "single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert read_prompts("geneval")[0] == records[0]["prompt"]
+    # GenEval's COCO classes need the open-vocabulary detector: said before any model loads
+    assert main(["eval", "geneval", "--model", "/nonexistent", "--metadata", "geneval", "--out", str(tmp_path)]) == 2
+    assert "--detector owlv2" in capsys.readouterr().err
+    assert main(["eval", "winrate", "--model", "/x", "--baseline", "/x", "--reward", "shapes", "--prompts", "genevl",
+                 "--out", str(tmp_path)]) == 2
+    assert "not a named prompt set (geneval" in capsys.readouterr().err

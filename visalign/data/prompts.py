@@ -26,7 +26,12 @@ def read_prompts(source: str, column: str = "prompt", key: str = "data.path") ->
             raise UserError(f"{where}: unknown ShapesWorld split {split!r}; expected shapes:train, shapes:eval or "
                             "shapes:all")
         return [r["prompt"] for r in prompt_records(split)]
-    p = Path(source)
+    from ..prompt_sets import NAMED, named_prompt_set
+
+    p = named_prompt_set(source) or Path(source)
+    if not p.exists() and "/" not in source and not source.startswith("."):
+        raise UserError(f"{where}: no such file, and not a named prompt set ({', '.join(NAMED)}, shapes:train|eval|"
+                        "all) or a hub dataset id (owner/name)")
     if p.is_file() and p.suffix not in (".parquet", ".arrow"):
         prompts = _from_text(read_text(p, spelled(key).rstrip("= ")), column, where, p.suffix)
     else:

@@ -138,6 +138,9 @@ def write_metadata(records: Iterable[dict], path: str | Path) -> Path:
 
 def read_metadata(path: str | Path) -> list[dict]:
     """Read a GenEval metadata file, naming the file and line of any malformed record."""
+    from ...prompt_sets import named_prompt_set
+
+    path = named_prompt_set(str(path)) or path
     records = []
     for i, line in enumerate(read_text(path, "--metadata").splitlines(), 1):
         if not line.strip():
