@@ -95,3 +95,15 @@ def test_geneval_prompt_set_ships_by_name(tmp_path, capsys):
     assert main(["eval", "winrate", "--model", "/x", "--baseline", "/x", "--reward", "shapes", "--prompts", "genevl",
                  "--out", str(tmp_path)]) == 2
     assert "not a named prompt set (geneval" in capsys.readouterr().err
+
+
+def test_a_local_copy_in_the_hubs_layout_loads_with_its_splits(tmp_path):
+    from helpers import write_pairs
+
+    from visalign.data.pairs import load_any
+
+    root = tmp_path / "pickapic-mini"
+    write_pairs(root / "data" / "train-00000-of-00001.parquet", n=6)
+    write_pairs(root / "data" / "test-00000-of-00001.parquet", n=2, seed=1)
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# a dataset card\n")
+    assert len(load_any(str(root), "train")) == 6 and len(load_any(str(root), "test")) == 2

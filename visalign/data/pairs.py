@@ -40,6 +40,8 @@ def load_any(path: str, split: str = "train"):
             files = sorted(str(f) for f in p.glob("*.parquet"))
             if files:
                 return datasets.load_dataset("parquet", data_files=files, split="train")
+            if any(p.rglob("*.parquet")):  # the hub's own layout (data/train-*.parquet, README.md): its splits
+                return datasets.load_dataset(str(p), split=split)
             return datasets.load_dataset("imagefolder", data_dir=str(p), split=split)
         if path.startswith((".", "/", "~")):
             raise DataError(f"{spelled('data.path')}{path!r}: no such file or folder")
