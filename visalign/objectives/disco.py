@@ -24,21 +24,15 @@ class DisCO(GroupRollouts, Method):
                  eta: float = 1.0, window: int = 6, guidance: float | None = None, score: str = "ratio",
                  delta: float = 1e-4, beta: float = 1e3, shared_noise: bool = False,
                  reward: str | dict = "constraints"):
-        from ..rewards.base import LazyReward
-
         if score not in ("ratio", "log"):
             raise ValueError(f"disco.score={score!r}: expected ratio or log")
-        self.group_size, self.prompts_per_round, self.round_steps = group_size, prompts_per_round, round_steps
-        self.steps, self.eta, self.window, self.guidance = steps, eta, window, guidance
-        self.score, self.delta, self.beta, self.shared_noise = score, delta, beta, shared_noise
+        self.configure_rollouts(group_size, prompts_per_round, round_steps, steps, eta, window, guidance,
+                                shared_noise, reward)
+        self.score, self.delta, self.beta = score, delta, beta
         self.adv_scale = "group"  # only the sign of Â is used: positives and negatives of each group
-        self.reward = LazyReward(reward)
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
-        old = batch.extras["logp"]
-        steps = self.trained_steps(old)
-        logp = self.window_logprobs(backbone, batch, steps)
-        logp_old = old[:, steps].to(logp)
+        logp, logp_old, _ = self.policy_and_old(backbone, batch)
         log_ratio = logp - logp_old
         score = (torch.exp(log_ratio) if self.score == "ratio" else logp).mean(1)
         kl = (-log_ratio).mean()  # KL(π_old ‖ π_θ) estimated on π_old's own samples

@@ -26,20 +26,12 @@ class GRPO(GroupRollouts, Method):
                  eta: float = 1.0, window: int = 6, guidance: float | None = None, clip: float = 1e-4,
                  kl_coef: float = 0.0, adv_scale: str = "group", shared_noise: bool = False,
                  reward: str | dict = "constraints"):
-        from ..rewards.base import LazyReward
-
-        if group_size < 2:
-            raise ValueError(f"grpo.group_size={group_size}: a group needs at least 2 rollouts")
-        self.group_size, self.prompts_per_round, self.round_steps = group_size, prompts_per_round, round_steps
-        self.steps, self.eta, self.window, self.guidance = steps, eta, window, guidance
-        self.clip, self.kl_coef, self.adv_scale, self.shared_noise = clip, kl_coef, adv_scale, shared_noise
-        self.reward = LazyReward(reward)
+        self.configure_rollouts(group_size, prompts_per_round, round_steps, steps, eta, window, guidance,
+                                shared_noise, reward)
+        self.clip, self.kl_coef, self.adv_scale = clip, kl_coef, adv_scale
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
-        old = batch.extras["logp"]
-        steps = self.trained_steps(old)
-        logp = self.window_logprobs(backbone, batch, steps)
-        logp_old = old[:, steps].to(logp)
+        logp, logp_old, steps = self.policy_and_old(backbone, batch)
         adv = batch.extras["adv"].to(logp)[:, None]
         loss = clipped_surrogate(logp, logp_old, adv, self.clip).mean()
         metrics = {}

@@ -26,6 +26,17 @@ class GroupRollouts:
     needs = ("step_logprob", "sample")
     reset_reference = False
 
+    def configure_rollouts(self, group_size: int, prompts_per_round: int, round_steps: int, steps: int, eta: float,
+                           window: int, guidance: float | None, shared_noise: bool, reward) -> None:
+        """The sampler and group settings both GRPO and DisCO take (their constructors' shared arguments)."""
+        from ..rewards.base import LazyReward
+
+        if group_size < 2:
+            raise ValueError(f"{type(self).__name__}.group_size={group_size}: a group needs at least 2 rollouts")
+        self.group_size, self.prompts_per_round, self.round_steps = group_size, prompts_per_round, round_steps
+        self.steps, self.eta, self.window, self.guidance = steps, eta, window, guidance
+        self.shared_noise, self.reward = shared_noise, LazyReward(reward)
+
     def make_round(self, backbone, prompts, gen: torch.Generator, round_idx: int = 0) -> dict:
         """P prompts x G rollouts (one shared x_T per group with ``shared_noise``, DanceGRPO), their rewards
         [P, G], advantages, and the sampler's per-step log-densities (the π_old of the ratio)."""
@@ -66,6 +77,13 @@ class GroupRollouts:
         a last deterministic step onto the data has none. ``window`` 0: every such step."""
         usable = torch.nonzero(torch.isfinite(logp_old).all(0)).flatten()
         return usable[: self.window] if self.window else usable
+
+    def policy_and_old(self, backbone, batch: PreferenceBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(log π_θ [B, k] with grad, log π_old [B, k], the k trained step indices) over the batch's window."""
+        old = batch.extras["logp"]
+        steps = self.trained_steps(old)
+        logp = self.window_logprobs(backbone, batch, steps)
+        return logp, old[:, steps].to(logp), steps
 
     def window_logprobs(self, backbone, batch: PreferenceBatch, steps: Tensor, reference: bool = False) -> Tensor:
         """log π_θ(x_{t−1} | x_t, c) [B, len(steps)] of the batch's stored transitions (π_ref with ``reference``)."""
