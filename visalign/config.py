@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .coercion import Raw, type_hints, coerce
 from .errors import UserError, read_text, require_positive
 from .registry import BACKBONES, HEADS, METHODS, REWARDS, ConfigError, Registry, closest
 
@@ -182,82 +182,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# --- typing helpers ------------------------------------------------------------------------------
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-class Raw(str):
-    """A command-line value: its text, plus what YAML makes of it (``no`` stays 'no' for a str field)."""
-
-    def __new__(cls, text: str, parsed: Any):
-        obj = super().__new__(cls, text)
-        obj.parsed = parsed
-        return obj
-
-
-def coerce(value: Any, tp, key: str) -> Any:
-    """Check (and gently convert) ``value`` to the annotated type ``tp``; raise naming ``key`` otherwise."""
-    if isinstance(value, Raw):
-        if tp is str:
-            return str(value)
-        if typing.get_origin(tp) not in (typing.Union, types.UnionType):
-            value = value.parsed
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is typing.Any or tp is None:
-        return value.parsed if isinstance(value, Raw) else value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        items = [coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a mapping")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r}: expected bool (true/false)")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}={value!r}: expected float")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r}: expected int")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}={value!r}: expected str")
-    return value
-
-
-def _hints(obj) -> dict[str, Any]:
-    target = obj.__init__ if isinstance(obj, type) else obj
-    try:
-        return typing.get_type_hints(target)
-    except Exception:
-        return {}
-
-
 def build_component(section: Any, registry: Registry, where: str) -> Component:
     """Validate ``{name, **kwargs}`` (or a bare name) against the registry entry's signature."""
     if isinstance(section, Component):
@@ -270,7 +194,7 @@ def build_component(section: Any, registry: Registry, where: str) -> Component:
     entry = registry.get(name)
     kwargs = {k: v for k, v in section.items() if k != "name"}
     registry.check_kwargs(name, kwargs, where)
-    hints = _hints(entry)
+    hints = type_hints(entry)
     out: dict[str, Any] = {}
     params = registry.parameters(name)
     for k, v in kwargs.items():
