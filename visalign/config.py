@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .coercion import Raw, type_hints, coerce
+from .coercion import Raw, coerce, type_hints
 from .errors import UserError, read_text, require_positive
 from .registry import BACKBONES, HEADS, METHODS, REWARDS, ConfigError, Registry, closest
 
