@@ -184,44 +184,8 @@ def _sampling_args(s) -> None:
     s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (about 2x faster on AMX CPUs)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="visalign", description="Preference alignment for text-to-image diffusion.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("list", help="every registry entry (backbones, methods, heads, rewards)")
-    s.set_defaults(fn=cmd_list)
-    for name, fn, hlp in (("config", cmd_config, "print the resolved config and exit"),
-                          ("finetune", cmd_finetune, "preference fine-tuning (any method, any backbone)")):
-        s = sub.add_parser(name, help=hlp)
-        s.add_argument("model", help="model preset: shapes | sd15 | sdxl | sd3")
-        s.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
-        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 objective.head=ipo")
-        s.set_defaults(fn=fn)
-    s = sub.add_parser("doctor", help="versions, device, bf16, SDPA and xformers")
-    s.set_defaults(fn=cmd_doctor)
-
-    s = sub.add_parser("make-dataset", help="Syn-Pic-style ranked data: prompts -> images -> rewards -> ranks")
-    s.add_argument("-c", "--config", action="append", default=[])
-    s.add_argument("--prompts")
-    s.add_argument("--model", dest="models", action="append", help="NAME=PATH or a diffusers folder (repeatable)")
-    s.add_argument("--images-per-prompt", dest="images_per_prompt", type=positive_int)
-    s.add_argument("--reward", dest="rewards", action="append", help="NAME[:WEIGHT] (repeatable)")
-    s.add_argument("--out")
-    for flag, typ in (("steps", positive_int), ("guidance", float), ("seed", int), ("batch-size", positive_int),
-                      ("shard-size", positive_int), ("max-prompts", int), ("repeat-prompts", positive_int),
-                      ("threads", int), ("eta", float)):
-        s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=typ)
-    s.add_argument("--normalise", choices=("zscore", "rank", "none"))
-    s.add_argument("--bf16", action="store_true", default=None, help="sample under bf16 autocast")
-    s.add_argument("--pairs", choices=("best-worst", "all"))
-    s.add_argument("--min-margin", dest="min_margin", type=float, help="pairs need this score gap at least")
-    s.add_argument("--label-temperature", dest="label_temperature", type=float,
-                   help="label pairs like a person: P(first chosen) = sigmoid(score gap / T) (Bradley-Terry)")
-    s.add_argument("--overwrite", action="store_true", default=None,
-                   help="start over when --out holds a dataset made with other settings (deletes it)")
-    s.add_argument("overrides", nargs="*")
-    s.set_defaults(fn=cmd_make_dataset, spellings=MAKE_DATASET_SPELLINGS)
-
+def _add_eval_parsers(sub) -> None:
+    """`visalign eval geneval|fid|winrate`."""
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="what", required=True)
     s = ev.add_parser("geneval", help="GenEval-style accuracy with fixed seeds")
     s.add_argument("--model", required=True, help="a diffusers folder (or hub id with --backbone)")
@@ -264,6 +228,47 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(s)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=lambda a: _eval('cmd_eval_winrate', a), spellings=EVAL_SPELLINGS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="visalign", description="Preference alignment for text-to-image diffusion.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="every registry entry (backbones, methods, heads, rewards)")
+    s.set_defaults(fn=cmd_list)
+    for name, fn, hlp in (("config", cmd_config, "print the resolved config and exit"),
+                          ("finetune", cmd_finetune, "preference fine-tuning (any method, any backbone)")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("model", help="model preset: shapes | sd15 | sdxl | sd3")
+        s.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 objective.head=ipo")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("doctor", help="versions, device, bf16, SDPA and xformers")
+    s.set_defaults(fn=cmd_doctor)
+
+    s = sub.add_parser("make-dataset", help="Syn-Pic-style ranked data: prompts -> images -> rewards -> ranks")
+    s.add_argument("-c", "--config", action="append", default=[])
+    s.add_argument("--prompts")
+    s.add_argument("--model", dest="models", action="append", help="NAME=PATH or a diffusers folder (repeatable)")
+    s.add_argument("--images-per-prompt", dest="images_per_prompt", type=positive_int)
+    s.add_argument("--reward", dest="rewards", action="append", help="NAME[:WEIGHT] (repeatable)")
+    s.add_argument("--out")
+    for flag, typ in (("steps", positive_int), ("guidance", float), ("seed", int), ("batch-size", positive_int),
+                      ("shard-size", positive_int), ("max-prompts", int), ("repeat-prompts", positive_int),
+                      ("threads", int), ("eta", float)):
+        s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=typ)
+    s.add_argument("--normalise", choices=("zscore", "rank", "none"))
+    s.add_argument("--bf16", action="store_true", default=None, help="sample under bf16 autocast")
+    s.add_argument("--pairs", choices=("best-worst", "all"))
+    s.add_argument("--min-margin", dest="min_margin", type=float, help="pairs need this score gap at least")
+    s.add_argument("--label-temperature", dest="label_temperature", type=float,
+                   help="label pairs like a person: P(first chosen) = sigmoid(score gap / T) (Bradley-Terry)")
+    s.add_argument("--overwrite", action="store_true", default=None,
+                   help="start over when --out holds a dataset made with other settings (deletes it)")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_make_dataset, spellings=MAKE_DATASET_SPELLINGS)
+
+    _add_eval_parsers(sub)
 
     w = sub.add_parser("world", help="embedded worlds").add_subparsers(dest="world", required=True)
     shapes = w.add_parser("shapes", help="ShapesWorld").add_subparsers(dest="action", required=True)
