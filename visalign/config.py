@@ -80,10 +80,14 @@ class DataConfig:
     weighting: str = "none"  # none | margin | difficulty (needs score margins in the data)
     weight_scale: float = 1.0
     curriculum: bool = False  # easy-to-hard order by score margin (Curry-DPO)
+    curriculum_stages: int = 1  # > 1: Curry-DPO's stages, each on its own chunk, the reference reset at each start
 
     def check(self, where: str = "data") -> None:
         require_positive(self.max_rows, f"{where}.max_rows", allow_zero=True)
         require_positive(self.weight_scale, f"{where}.weight_scale")
+        require_positive(self.curriculum_stages, f"{where}.curriculum_stages")
+        if self.curriculum_stages > 1 and not self.curriculum:
+            raise ConfigError(f"{where}.curriculum_stages={self.curriculum_stages} needs {where}.curriculum=true")
 
 
 @dataclass

@@ -143,6 +143,23 @@ class ReferenceMixin:
         ref = copy.deepcopy(self.unwrapped()).eval().requires_grad_(False)
         self._reference_denoiser = ref.to(dtype) if dtype is not None else ref
 
+    def reference_weights(self) -> dict[str, Tensor] | None:
+        """The frozen reference copy's trainable-part weights (the LoRA, or everything), for a checkpoint of a
+        run whose reference moved (Curry-DPO stages); None when the reference is 'adapters off'."""
+        if self._reference_denoiser is None:
+            return None
+        trainable = {n for n, p in self.unwrapped().named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().contiguous() for n, p in self._reference_denoiser.named_parameters()
+                if n in trainable}
+
+    def restore_reference(self, weights: dict[str, Tensor]) -> None:
+        """A frozen reference copy of the policy with ``weights`` (from ``reference_weights``) put back."""
+        self.freeze_reference_copy()
+        params = dict(self._reference_denoiser.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Inside this context ``predict`` runs the reference model (no grad is implied; callers choose)."""

@@ -21,6 +21,13 @@ class Method:
     needs: tuple[str, ...] = ()
     uses_reference: bool = True
 
+    def state_dict(self) -> dict:
+        """JSON-able state kept across steps (β-DPO's moving averages); checkpoints store it."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 def model_inputs(backbone, batch: PreferenceBatch, generator: torch.Generator | None = None):
     """(x0 [B, K, ...] in model space, cond for the B prompts), from the cache when present."""

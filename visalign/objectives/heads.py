@@ -96,6 +96,57 @@ def listwise_loss(r: Tensor, target_probs: Tensor) -> Tensor:
     return -(target_probs * torch.log_softmax(r, dim=-1)).sum(-1)
 
 
+def adpo_loss(r: Tensor, q: Tensor, tau: float) -> Tensor:
+    """KL(q ‖ softmax(r/τ)) per list: anchored DPO (ADPO, arXiv 2510.18913), r = the implicit reward against the anchor.
+
+    r, q: [B, K] -> [B]. The anchor is the reference model r is measured against (fixed: adapters off;
+    dynamic: the policy at a round or stage start). With K = 2 and a hard label this is DPO at β/τ.
+    """
+    entropy = -(q * torch.log(q.clamp_min(1e-30))).sum(-1)  # 0·log 0 = 0
+    return listwise_loss(r / tau, q) - entropy
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+
+
+def f_link(u: Tensor, divergence: str, alpha: float = 0.5) -> Tensor:
+    """f′ of the policy/reference ratio as a function of the log-ratio u (f-DPO, Wang et al. 2023, Table 1).
+
+    reverse_kl: u (DPO) · forward_kl: −e^{−u} · js: log σ(u) (= log 2e^u/(1+e^u) − log 2) ·
+    alpha (0 < α < 1): −e^{−αu}/α, which tends to reverse KL as α → 0 and is forward KL at α = 1.
+    Exponents are capped at 50 so that a far-off u saturates instead of overflowing in bf16.
+    """
+    if divergence == "reverse_kl":
+        return u
+    if divergence == "forward_kl":
+        return -torch.exp(torch.clamp(-u, max=50.0))
+    if divergence == "js":
+        return F.logsigmoid(u)
+    if divergence == "alpha":
+        return -torch.exp(torch.clamp(-alpha * u, max=50.0)) / alpha
+    raise ValueError(f"f-divergence {divergence!r}: expected one of {', '.join(F_DIVERGENCES)}")
+
+
+def fdpo_loss(r_w: Tensor, r_l: Tensor, divergence: str, alpha: float = 0.5, beta: float = 1.0) -> Tensor:
+    """−log σ(β·[f′(u_w) − f′(u_l)]) with u = r/β the per-image log-ratio (f-DPO Eq. 11).
+
+    The diffusion log-ratio exists only up to the ELBO scale, so β here (the log-ratio temperature)
+    is chosen apart from Diffusion-DPO's β that scales r; reverse KL gives −log σ(r_w − r_l) for any β.
+    """
+    return -F.logsigmoid(beta * (f_link(r_w / beta, divergence, alpha) - f_link(r_l / beta, divergence, alpha)))
+
+
+def gaussian_keep_probs(margins: Tensor, m0: float, sigma: float) -> Tensor:
+    """β-DPO's data filter: p_i ∝ exp(−(M_i − M_0)²/(2σ²)), normalised over the batch (Wu et al. 2024, Eq. 7)."""
+    logits = -((margins - m0) ** 2) / (2.0 * max(sigma, 1e-12) ** 2)
+    return torch.softmax(logits, dim=0)
+
+
+def dynamic_beta_scale(batch_margin: float, m0: float, alpha: float, floor: float = 0.05) -> float:
+    """β_batch/β_0 = 1 + α·(E_batch[M_i] − M_0) (β-DPO Eq. 6), floored so that β stays positive."""
+    return max(floor, 1.0 + alpha * (batch_margin - m0))
+
+
 def ddo_loss(r_real: Tensor, r_fake: Tensor, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
     """(−log σ(r_real), −α·log σ(−r_fake)): DDO's likelihood-ratio discriminator (Zheng et al. 2025, Eq. 9)."""
     return -F.logsigmoid(r_real), -alpha * F.logsigmoid(-r_fake)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput
 from .base import Method, pair_metrics, weighted_mean
-from .implicit import dpo_logit
+from .implicit import implicit_reward
 from .inversion import inverted_errors
 from .pair_heads import build_head
 
@@ -25,6 +25,6 @@ class InPO(Method):
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         err, ref = inverted_errors(backbone, batch, self.steps, self.eta, 0, self.inversion_model, self.cache)
-        h = dpo_logit(err[:, 0], err[:, 1], ref[:, 0], ref[:, 1], self.beta)
-        loss = weighted_mean(self.head(h, batch.label.to(h)), batch.weights)
-        return StepOutput(loss, pair_metrics(h, err, ref))
+        r = implicit_reward(err, ref, self.beta)
+        loss = weighted_mean(self.head.pair_loss(r[:, 0], r[:, 1], batch.label.to(r), batch.scores), batch.weights)
+        return StepOutput(loss, pair_metrics(r[:, 0] - r[:, 1], err, ref) | self.head.metrics())

@@ -7,16 +7,23 @@ from ..types import PreferenceBatch, StepOutput, as_float
 from .base import Method, errors, model_inputs
 from .heads import ranked_loss
 from .implicit import implicit_reward
+from .pair_heads import build_head
 
 
 @METHODS.register("rankdpo")
 class RankDPO(Method):
-    """RankDPO: ΔDCG-weighted pairwise DPO over each ranked list (Syn-Pic-style data, K ≥ 2 images)."""
+    """RankDPO: ΔDCG-weighted pairwise DPO over each ranked list (Syn-Pic-style data, K ≥ 2 images).
+
+    ``head``: 'dcg' (RankDPO's own loss) or any listwise head (``adpo``: KL to soft targets over the list).
+    """
 
     data = "lists"
 
-    def __init__(self, beta: float = 5000.0):
+    def __init__(self, beta: float = 5000.0, head: str | dict = "dcg"):
         self.beta = beta
+        self.head = None if head == "dcg" else build_head(head)
+        if self.head is not None and not getattr(self.head, "listwise", False):
+            raise ValueError(f"rankdpo.head={head!r}: expected dcg or a listwise head (adpo)")
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         if batch.scores is None:
@@ -24,8 +31,8 @@ class RankDPO(Method):
         x0, cond = model_inputs(backbone, batch)
         err, ref = errors(backbone, x0, cond)
         r = implicit_reward(err, ref, self.beta)
-        loss = ranked_loss(r, batch.scores.to(r)).mean()
         gt = batch.scores.to(r)
+        loss = (ranked_loss(r, gt) if self.head is None else self.head.list_loss(r, gt)).mean()
         ordered = gt.unsqueeze(-1) > gt.unsqueeze(-2)
         agree = (r.unsqueeze(-1) > r.unsqueeze(-2)) & ordered
         acc = agree.sum() / ordered.sum().clamp_min(1)

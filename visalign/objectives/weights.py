@@ -18,14 +18,12 @@ def difficulty_weights(margin: Tensor, scale: float = 1.0) -> Tensor:
     return w / w.mean().clamp_min(1e-12)
 
 
-def curriculum_order(margin: Tensor, stages: int = 1) -> Tensor:
-    """Indices from easy (largest |margin|) to hard (Curry-DPO); ties keep their original order.
+def curriculum_order(margin: Tensor) -> Tensor:
+    """Indices from easy (largest |margin|) to hard (Curry-DPO); ties keep their original order."""
+    return torch.sort(-margin.abs(), stable=True).indices
 
-    With ``stages`` > 1 the order is cut into that many consecutive chunks; within a chunk the
-    original order is kept, so each stage can be shuffled by the loader without mixing stages.
-    """
-    order = torch.sort(-margin.abs(), stable=True).indices
-    if stages <= 1:
-        return order
-    chunks = torch.tensor_split(order, stages)
-    return torch.cat([torch.sort(c).values for c in chunks])
+
+def curriculum_stages(margin: Tensor, stages: int) -> list[Tensor]:
+    """The easy-to-hard order cut into ``stages`` consecutive chunks of (nearly) equal size (Curry-DPO's
+    iterations: the easiest pairs first, each stage trained on its own chunk)."""
+    return list(torch.tensor_split(curriculum_order(margin), stages))

@@ -9,8 +9,10 @@ from pathlib import Path
 from ..errors import CheckpointError, first_line
 
 
-def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None) -> Path:
-    """``accelerate.save_state`` (weights as safetensors, optimizer, scheduler, RNG) + the step cursor.
+def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None, method_state: dict | None = None,
+                    reference: dict | None = None) -> Path:
+    """``accelerate.save_state`` (weights as safetensors, optimizer, scheduler, RNG) + the step cursor, the
+    method's own state (JSON) and, when the reference has moved, its weights (reference.safetensors).
 
     Written under a temporary name and renamed, so a kill mid-save never leaves a half checkpoint
     that ``resume=latest`` would pick.
@@ -27,7 +29,12 @@ def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None) -> Path
 
             save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
                       str(tmp / "ema.safetensors"), metadata={"optimization_step": str(ema.optimization_step)})
-        (tmp / "visalign_state.json").write_text(json.dumps({"step": step, "nonfinite": nonfinite}))
+        if reference is not None:
+            from safetensors.torch import save_file
+
+            save_file(reference, str(tmp / "reference.safetensors"))
+        state = {"step": step, "nonfinite": nonfinite} | ({"method": method_state} if method_state else {})
+        (tmp / "visalign_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     acc.wait_for_everyone()
@@ -58,13 +65,20 @@ def find_resume(resume: str, out: Path) -> Path | None:
     return p
 
 
-def load_checkpoint(acc, ckpt: Path, ema=None) -> tuple[int, int]:
-    """Restore weights, optimizer, scheduler, RNG (and EMA); returns (step, nonfinite). One error if unreadable."""
+def load_checkpoint(acc, ckpt: Path, ema=None, method=None, backbone=None) -> tuple[int, int]:
+    """Restore weights, optimizer, scheduler, RNG (and EMA, the method's state, a moved reference); returns
+    (step, nonfinite). One error if unreadable."""
     try:
         acc.load_state(str(ckpt))
         state = json.loads((ckpt / "visalign_state.json").read_text())
         if ema is not None:
             load_ema(ema, ckpt)
+        if method is not None:
+            method.load_state_dict(state.get("method", {}))
+        if backbone is not None and (ckpt / "reference.safetensors").exists():
+            from safetensors.torch import load_file
+
+            backbone.restore_reference(load_file(str(ckpt / "reference.safetensors")))
         return int(state["step"]), int(state["nonfinite"])
     except Exception as e:  # a truncated or foreign file: safetensors, torch, JSON and key errors alike
         raise CheckpointError(f"train.resume: checkpoint {ckpt} cannot be read ({first_line(e)}); resume from "

@@ -7,7 +7,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.pairs import DataError
-from ..objectives.weights import curriculum_order, difficulty_weights, margin_weights
+from ..objectives.weights import curriculum_order, curriculum_stages, difficulty_weights, margin_weights
 
 
 def pair_weights(cfg: RunConfig, batch) -> torch.Tensor | None:
@@ -22,7 +22,27 @@ def pair_weights(cfg: RunConfig, batch) -> torch.Tensor | None:
 
 
 def pair_order(cfg: RunConfig, dataset) -> np.ndarray | None:
-    """Curriculum (Curry-DPO): easy to hard by score margin, else None (shuffled epochs)."""
-    if not cfg.data.curriculum:
+    """Curriculum (Curry-DPO) in one stage: easy to hard by score margin, else None (shuffled epochs)."""
+    if not cfg.data.curriculum or cfg.data.curriculum_stages > 1:
         return None
     return curriculum_order(dataset.margins()).numpy()
+
+
+def stage_steps(cfg: RunConfig) -> int:
+    """Optimizer steps per Curry-DPO stage (the last stage may be shorter)."""
+    return -(-cfg.train.steps // cfg.data.curriculum_stages)
+
+
+def pair_stages(cfg: RunConfig, dataset) -> list[np.ndarray] | None:
+    """Curry-DPO's stages: the easy-to-hard order in ``data.curriculum_stages`` chunks, else None."""
+    if not cfg.data.curriculum or cfg.data.curriculum_stages <= 1:
+        return None
+    return [c.numpy() for c in curriculum_stages(dataset.margins(), cfg.data.curriculum_stages)]
+
+
+def reference_resets(cfg: RunConfig) -> set[int]:
+    """Steps at whose start the reference becomes the current policy: each Curry-DPO stage after the first."""
+    if not cfg.data.curriculum or cfg.data.curriculum_stages <= 1:
+        return set()
+    per = stage_steps(cfg)
+    return {s * per for s in range(1, cfg.data.curriculum_stages) if s * per < cfg.train.steps}

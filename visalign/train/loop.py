@@ -98,7 +98,7 @@ def train(cfg: RunConfig) -> dict:
     check_data_format(method, cfg)
     backbone, dataset = _backbone_and_data(cfg, acc, method)
     params = prepare_trainable(backbone, cfg)
-    from .data_options import pair_order, pair_weights
+    from .data_options import pair_order, pair_stages, pair_weights, reference_resets, stage_steps
 
     if getattr(method, "online", False):
         from ..objectives.online import RoundSource
@@ -107,7 +107,9 @@ def train(cfg: RunConfig) -> dict:
                                        acc.process_index, acc.num_processes)
     else:
         stream = BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
-                             order=pair_order(cfg, dataset))
+                             order=pair_order(cfg, dataset), stages=pair_stages(cfg, dataset),
+                             stage_micro_steps=stage_steps(cfg) * t.grad_accum)
+    resets = reference_resets(cfg)
     optimizer = build_optimizer(params, cfg)
     lr_sched = build_lr_scheduler(optimizer, cfg)
     backbone.denoiser, optimizer, lr_sched = acc.prepare(backbone.denoiser, optimizer, lr_sched)
@@ -119,7 +121,7 @@ def train(cfg: RunConfig) -> dict:
         ema = EMAModel(params, decay=t.ema_decay)
     step, nonfinite = 0, 0
     if resume_dir is not None:
-        step, nonfinite = load_checkpoint(acc, resume_dir, ema)
+        step, nonfinite = load_checkpoint(acc, resume_dir, ema, method, backbone)
         log.info("resumed from %s at step %d", resume_dir, step)
     if acc.is_main_process:  # logs continue from the resumed step: no torn line, no row logged twice
         for log_file in ("metrics.jsonl", "gold.jsonl"):
@@ -137,6 +139,8 @@ def train(cfg: RunConfig) -> dict:
     bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
     t0, pairs_seen, last_good = time.time(), 0, resume_dir
     while step < t.steps:
+        if step in resets:  # Curry-DPO: each stage starts from a reference equal to the policy
+            backbone.freeze_reference_copy()
         window: list[dict] = []
         for micro in range(t.grad_accum):
             batch = stream.batch(step * t.grad_accum + micro)
@@ -188,7 +192,9 @@ def train(cfg: RunConfig) -> dict:
         if t.validation_every and t.validation_prompts and step % t.validation_every == 0:
             save_validation_grid(acc, backbone, cfg, step)
         if t.save_every and step % t.save_every == 0 and step < t.steps:
-            last_good = save_checkpoint(acc, out, step, nonfinite, ema)
+            moved = any(r <= step for r in resets)
+            last_good = save_checkpoint(acc, out, step, nonfinite, ema, method.state_dict(),
+                                        backbone.reference_weights() if moved else None)
     bar.close()
     acc.wait_for_everyone()
     summary = {"steps": step, "world_size": acc.num_processes, "rank": acc.process_index, "pairs_seen": pairs_seen,

@@ -121,25 +121,32 @@ class BatchStream:
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 order: np.ndarray | None = None):
+                 order: np.ndarray | None = None, stages: list[np.ndarray] | None = None, stage_micro_steps: int = 0):
         if len(dataset) == 0:
             raise ConfigError("the preference dataset has no usable rows (after dropping ties)")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world = rank, world
         self.order = order  # fixed order (curriculum) instead of shuffling
+        # Curry-DPO stages: micro-steps [s·m, (s+1)·m) draw shuffled epochs of stage s's rows only
+        self.stages, self.stage_micro_steps = stages, stage_micro_steps
 
-    def _epoch(self, e: int) -> np.ndarray:
+    def _epoch(self, e: int, stage: int | None = None) -> np.ndarray:
+        if stage is not None:
+            chunk = self.stages[stage]
+            return chunk[np.random.default_rng((self.seed, stage + 1, e)).permutation(len(chunk))]
         if self.order is not None:
             return self.order
         return np.random.default_rng((self.seed, e)).permutation(len(self.dataset))
 
     def indices(self, micro_step: int) -> list[int]:
-        n, gbs = len(self.dataset), self.batch_size * self.world
+        stage = None
+        if self.stages:
+            stage = min(micro_step // self.stage_micro_steps, len(self.stages) - 1)
+            micro_step -= stage * self.stage_micro_steps
+        n = len(self.dataset) if stage is None else len(self.stages[stage])
+        gbs = self.batch_size * self.world
         start = micro_step * gbs + self.rank * self.batch_size
-        out = []
-        for pos in range(start, start + self.batch_size):
-            out.append(int(self._epoch(pos // n)[pos % n]))
-        return out
+        return [int(self._epoch(pos // n, stage)[pos % n]) for pos in range(start, start + self.batch_size)]
 
     def batch(self, micro_step: int):
         return self.dataset.collate([self.dataset[i] for i in self.indices(micro_step)])
