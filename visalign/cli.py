@@ -149,6 +149,16 @@ def cmd_report(args) -> None:
     print(f"wrote {build_report(args.run_dir, args.baseline, grid=not args.no_grid)}")
 
 
+def cmd_diagnose(args) -> None:
+    from .data.prompts import read_prompts
+    from .eval.diagnose import diagnose_run, format_diagnosis
+
+    prompts = read_prompts(args.prompts)[: args.n_prompts]
+    result = diagnose_run(args.run_dir, prompts, args.baseline, args.out, args.seed)
+    print(format_diagnosis(result))
+    print(f"wrote {Path(args.out or args.run_dir) / 'diagnose.json'} and diagnose.png")
+
+
 def cmd_export_lora(args) -> None:
     from .models.export import export_kohya
 
@@ -291,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
     s.set_defaults(fn=cmd_reward_server, spellings=REWARD_FLAG_SPELLINGS)
+
+    s = sub.add_parser("diagnose", help="where alignment lives: per-block weight delta and activation shift")
+    s.add_argument("run_dir")
+    s.add_argument("--baseline", help="another run folder, or 'random' (a random adapter of the same norm)")
+    s.add_argument("--prompts", default="shapes:eval", help="probe prompts: a file, a dataset or shapes:eval")
+    s.add_argument("--n-prompts", dest="n_prompts", type=positive_int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="where diagnose.json and diagnose.png go (default: RUN_DIR)")
+    s.set_defaults(fn=cmd_diagnose)
 
     s = sub.add_parser("report", help="a self-contained report.html with curves, grids, metrics and config")
     s.add_argument("run_dir")

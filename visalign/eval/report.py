@@ -131,6 +131,18 @@ def _metric_tables(run: Path) -> str:
     return out + "</table>"
 
 
+def _diagnosis(run: Path) -> str:
+    """`visalign diagnose`'s per-block plot and summary, when it has been run on this folder."""
+    if not (run / "diagnose.json").exists() or not (run / "diagnose.png").exists():
+        return ""
+    result = json.loads((run / "diagnose.json").read_text())
+    note = f"concentration of the added activation shift: {result['concentration']:.3f}"
+    if "baseline" in result:
+        b = result["baseline"]
+        note += f"; baseline {html.escape(str(b['name']))}: {b['concentration']:.3f}"
+    return f"<h2>Where alignment lives (visalign diagnose)</h2><p>{note}</p>{_img(run / 'diagnose.png')}"
+
+
 def build_report(run_dir: str | Path, baseline: str | Path | None = None, prompts: list[str] | None = None,
                  grid: bool = True) -> Path:
     import yaml
@@ -166,6 +178,7 @@ def build_report(run_dir: str | Path, baseline: str | Path | None = None, prompt
         "<h2>Final training metrics</h2><table>", key_numbers, "</table>",
         "<h2>Training curves</h2>", "".join(_img(p) for p in plots),
         "<h2>Before / after (same prompts and seeds)</h2>", _img(ba) if ba else "<p>(no trained weights)</p>",
+        _diagnosis(run),
         "<h2>Config</h2><pre>", html.escape((run / "config.yaml").read_text()), "</pre>",
         "<h2>Summary and provenance</h2><pre>", html.escape(json.dumps(summary, indent=2)), "</pre>",
         "</body></html>"]
