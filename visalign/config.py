@@ -103,7 +103,9 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | dct_adamw (low-rank DCT-projected states)
+    optimizer_rank: int = 32  # dct_adamw: the rank r of each matrix's state subspace
+    optimizer_update_gap: int = 50  # dct_adamw: steps between re-choosing the DCT columns
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     save_every: int = 100  # accelerate save_state every N steps (0 = only at the end)
@@ -129,7 +131,7 @@ class TrainConfig:
 
     def check(self, where: str = "train") -> None:
         for key in ("steps", "batch_size", "grad_accum", "lr", "log_every", "max_nonfinite", "gold_samples",
-                    "sample_steps"):
+                    "sample_steps", "optimizer_rank", "optimizer_update_gap"):
             require_positive(getattr(self, key), f"{where}.{key}")
         for key in ("warmup_steps", "weight_decay", "max_grad_norm", "save_every", "gold_every", "threads",
                     "validation_every"):
@@ -362,7 +364,8 @@ def config_from_dict(tree: dict) -> RunConfig:
 def _check_choices(cfg: RunConfig) -> None:
     choices = {("data", "format"): ("pairs", "lists"), ("data", "on_error"): ("skip", "raise"),
                ("data", "weighting"): ("none", "margin", "difficulty"),
-               ("train", "mixed_precision"): ("no", "bf16", "fp16"), ("train", "optimizer"): ("adamw", "adamw8bit"),
+               ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+               ("train", "optimizer"): ("adamw", "adamw8bit", "dct_adamw"),
                ("train", "tracker"): ("tensorboard", "wandb", "none"),
                ("train", "attention"): ("auto", "sdpa", "xformers"), ("train", "select_best"): ("last", "gold")}
     for (sec, key), allowed in choices.items():

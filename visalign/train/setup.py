@@ -101,6 +101,11 @@ def build_optimizer(params, cfg: RunConfig):
         except ImportError:
             raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "dct_adamw":
+        from .dct_adamw import DCTAdamW
+
+        return DCTAdamW(params, lr=t.lr, rank=t.optimizer_rank, update_gap=t.optimizer_update_gap,
+                        weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
