@@ -100,6 +100,15 @@ def cmd_make_dataset(args) -> None:
     print(json.dumps(summary))
 
 
+def cmd_score_pairs(args) -> None:
+    from .config import load_section
+    from .data.score_pairs import ScorePairsConfig, score_pairs
+
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ScorePairsConfig)}
+    cfg = load_section(ScorePairsConfig, args.config, flags, args.overrides, "score-pairs")
+    print(json.dumps(score_pairs(cfg)))
+
+
 def _eval(name: str, args) -> None:
     from .eval import commands
 
@@ -179,8 +188,27 @@ REWARD_FLAG_SPELLINGS = {f"{r}.{k}": f"--reward {r}:1:{k}=" for r, k in (
     ("pickscore", "model"), ("hpsv2", "checkpoint"), ("aesthetic", "head"), ("aesthetic", "clip"), ("clip", "model"))}
 EVAL_SPELLINGS = {"model.path": "--model ", "data.path": "--prompts ", "prompts": "--prompts ",
                   **REWARD_FLAG_SPELLINGS}
+SCORE_PAIRS_SPELLINGS = {"data.path": "--data ", **REWARD_FLAG_SPELLINGS}
 MAKE_DATASET_SPELLINGS = {"model.path": "--model NAME=", "data.path": "--prompts ", "prompts": "--prompts ",
                           **REWARD_FLAG_SPELLINGS}
+
+
+def _add_score_pairs_parser(sub) -> None:
+    s = sub.add_parser("score-pairs", help="reward scores (and optional relabels) for an existing pairs dataset")
+    s.add_argument("-c", "--config", action="append", default=[])
+    s.add_argument("--data", help="pairs or ranked lists: parquet file or folder, hub-layout folder or hub id")
+    s.add_argument("--format", choices=("pairs", "lists"))
+    s.add_argument("--split")
+    s.add_argument("--reward", dest="rewards", action="append", help="NAME[:WEIGHT][:key=value] (repeatable)")
+    s.add_argument("--out")
+    s.add_argument("--normalise", choices=("none", "zscore", "rank"))
+    s.add_argument("--relabel", action="store_true", default=None, help="label_0 from the scores")
+    s.add_argument("--tie-margin", dest="tie_margin", type=float, help="with --relabel: closer scores are a tie")
+    for flag in ("shard-size", "max-rows", "threads"):
+        s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
+    s.add_argument("--overwrite", action="store_true", default=None)
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_score_pairs, spellings=SCORE_PAIRS_SPELLINGS)
 
 
 def _sampling_args(s) -> None:
@@ -278,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_make_dataset, spellings=MAKE_DATASET_SPELLINGS)
 
+    _add_score_pairs_parser(sub)
     _add_eval_parsers(sub)
 
     w = sub.add_parser("world", help="embedded worlds").add_subparsers(dest="world", required=True)
