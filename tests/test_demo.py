@@ -55,3 +55,16 @@ def test_demo_cli_names_a_missing_base(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--base", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "no ShapesWorld base model at" in err and "nowhere" in err
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch):
+    from pathlib import Path
+
+    from visalign.models.load import native_bf16
+
+    real = Path.read_text
+    for flags, expected in (("fpu avx2 fma", False), ("avx512f amx_bf16 amx_tile", True), ("avx512_bf16", True)):
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, _f=flags, **k: (
+            f"flags\t\t: {_f}\n" if str(self) == "/proc/cpuinfo" else real(self, *a, **k)))
+        assert native_bf16("cpu") is expected
+    assert native_bf16("meta") is False
