@@ -301,14 +301,15 @@ def test_cache_builders_sharing_a_folder_never_see_each_others_files(tiny_dir, t
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no staging folder left behind
 
 
-def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path, family):
     import diffusers
 
     from visalign.models.export import export_kohya
     from visalign.models.lora import LoraSpec, add_lora, save_lora
-    from visalign.models.unet import SDBackbone
+    from visalign.models.unet import SDBackbone, SDXLBackbone
 
-    bb = SDBackbone(str(tiny_dir("sd15")))
+    bb = (SDBackbone if family == "sd15" else SDXLBackbone)(str(tiny_dir(family)))
     add_lora(bb, LoraSpec(rank=4, alpha=2.0))
     with torch.no_grad():
         for n, p in bb.unwrapped().named_parameters():
@@ -321,14 +322,31 @@ def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path):
     alphas = [v for key, v in k.items() if key.endswith(".alpha")]
     assert alphas and all(float(a) == 2.0 for a in alphas)
     assert len([x for x in k if x.endswith("lora_down.weight")]) == len(alphas)
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir("sd15"))
+    cls = diffusers.StableDiffusionPipeline if family == "sd15" else diffusers.StableDiffusionXLPipeline
+    pipe = cls.from_pretrained(tiny_dir(family))
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = pipe("a cat", num_inference_steps=2, output_type="pt", generator=gen()).images
     pipe.load_lora_weights(tmp_path / "lora")
     a = pipe("a cat", num_inference_steps=2, output_type="pt", generator=gen()).images
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")
     b = pipe("a cat", num_inference_steps=2, output_type="pt", generator=gen()).images
     assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(plain, a, atol=1e-4)  # the adapter does change the output
+
+
+def test_export_kohya_for_sd3_says_what_to_use(tiny_dir, tmp_path, capsys):
+    from visalign.cli import main
+    from visalign.models.flow import FlowBackbone as SD3Backbone
+    from visalign.models.lora import LoraSpec, add_lora, save_lora
+
+    bb = SD3Backbone(str(tiny_dir("sd3")), max_sequence_length=8)
+    add_lora(bb, LoraSpec(rank=4, alpha=4.0))
+    save_lora(bb, tmp_path / "lora")
+    out = str(tmp_path / "k.safetensors")
+    assert main(["export-lora", str(tmp_path / "lora"), "--format", "kohya", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "SD3" in err and "diffusers format" in err and "Traceback" not in err
 
 
 def test_validation_grids_tensorboard_and_ema(tiny_dir, pairs, tmp_path):

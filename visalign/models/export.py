@@ -41,6 +41,10 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path) -> Path:
     src = Path(lora_dir)
     src = src / "pytorch_lora_weights.safetensors" if src.is_dir() else src
     state, meta = read_lora_file(src)
+    if any(k.startswith("transformer.") for k in state):
+        raise CheckpointError(f"{src}: an SD3 (transformer) LoRA has no Kohya export here: diffusers' SD3 loader "
+                              "reads only the diffusers format, and ComfyUI loads that same file as it is; use "
+                              f"{src} directly")
     alpha = None
     for key, value in meta.items():
         if key.endswith("lora_adapter_metadata"):  # keys are prefixed: "unet.lora_alpha"
