@@ -94,29 +94,38 @@ def test_shipped_feature_net_reports_its_accuracy():
     assert cfg["held_out_count_accuracy"] > 0.9 and cfg["held_out_color_accuracy"] > 0.95
 
 
-def test_open_vocab_geneval_plumbing_with_tiny_configs(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_owl(tmp_path_factory):
+    """A tiny OWLv2 folder and a tiny open_clip architecture, built from configs (no real weights here)."""
     open_clip = pytest.importorskip("open_clip")
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
 
-    from visalign.eval.open_vocab import GENEVAL_COLORS, OpenVocabDetector
     from visalign.models.tiny import tiny_tokenizer
 
+    root = tmp_path_factory.mktemp("owl")
     vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
     clip_cfg = {"embed_dim": 32, "vision_cfg": vision,
                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "clip").mkdir()
-    (tmp_path / "clip" / "visalign-tiny-clip.json").write_text(json.dumps(clip_cfg))
-    open_clip.add_model_config(tmp_path / "clip")
+    (root / "clip").mkdir()
+    (root / "clip" / "visalign-tiny-clip.json").write_text(json.dumps(clip_cfg))
+    open_clip.add_model_config(root / "clip")
     tok = tiny_tokenizer(max_length=16)
     small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 1}
     cfg = Owlv2Config(text_config=small | {"vocab_size": len(tok), "max_position_embeddings": 16,
                                            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
                                            "pad_token_id": tok.pad_token_id},
                       vision_config=small | {"image_size": 32, "patch_size": 8}, projection_dim=32)
-    owl = tmp_path / "owl"
+    owl = root / "owl"
     Owlv2ForObjectDetection(cfg).save_pretrained(owl)
     Owlv2ImageProcessor(size={"height": 32, "width": 32}).save_pretrained(owl)
     tok.save_pretrained(owl)
+    return owl
+
+
+def test_open_vocab_geneval_plumbing_with_tiny_configs(tiny_dir, tmp_path, tiny_owl):
+    from visalign.eval.open_vocab import GENEVAL_COLORS, OpenVocabDetector
+
+    owl = tiny_owl
     det = OpenVocabDetector(str(owl), "visalign-tiny-clip", "", threshold=0.0, counting_threshold=0.0)
     objs = det.objects(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), ["circle", "square"])
     assert len(objs) == 16 and {o.shape for o in objs} <= {"circle", "square"}  # one box per patch, best class
@@ -129,6 +138,58 @@ def test_open_vocab_geneval_plumbing_with_tiny_configs(tiny_dir, tmp_path):
                  "--samples-per-prompt", "2", "--steps", "2", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 4 and m["detector"].startswith("owlv2:")
+
+
+def test_geneval_prompt_set_on_a_tiny_sd_model_with_calibrated_thresholds(tiny_dir, tmp_path, tiny_owl, capsys):
+    from visalign.eval.grid import save_png, to_pil
+
+    labels = tmp_path / "labels.jsonl"
+    rows = []
+    for i in range(4):
+        img = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i))
+        save_png(to_pil(img), tmp_path / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "class": ["dog", "cat"][i % 2], "count": i % 3})
+    labels.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    fit_file = tmp_path / "thresholds.json"
+    assert main(["eval", "calibrate-detector", "--labels", str(labels), "--owl", str(tiny_owl),
+                 "--out", str(fit_file)]) == 0
+    fit = json.loads(fit_file.read_text())
+    assert fit["n"] == 4 and 0 <= fit["threshold"] <= 1 and "geneval_defaults" in fit
+    out = tmp_path / "out"
+    assert main(["eval", "geneval", "--model", str(tiny_dir("sd15")), "--metadata", "geneval", "--per-task", "1",
+                 "--detector", "owlv2", "--owl", str(tiny_owl), "--clip-arch", "visalign-tiny-clip",
+                 "--clip-pretrained", "", "--thresholds", str(fit_file), "--samples-per-prompt", "1", "--steps", "2",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 6 and set(m["tasks"]) == {"single_object", "two_object", "counting", "colors", "position",
+                                               "color_attr"}
+
+
+def test_threshold_fit_recovers_known_thresholds():
+    import random
+
+    from visalign.eval.calibrate import fit_thresholds
+
+    rng = random.Random(0)
+    true_presence, true_count = 0.42, 0.77
+    scores, counts, counting = [], [], []
+    for _ in range(300):  # presence rows: weak real objects just above τ, spurious boxes just below it
+        n = rng.choice([0, 1])
+        scores.append([rng.uniform(true_presence, 0.6) for _ in range(n)]
+                      + [rng.uniform(0.0, true_presence) for _ in range(rng.randint(0, 3))])
+        counts.append(n)
+        counting.append(False)
+    for _ in range(300):  # counting rows: real objects above τ_c, duplicate boxes between the thresholds
+        n = rng.choice([2, 3, 4])
+        scores.append([rng.uniform(true_count, 1.0) for _ in range(n)]
+                      + [rng.uniform(true_presence, true_count) for _ in range(rng.randint(0, 2))])
+        counts.append(n)
+        counting.append(True)
+    fit = fit_thresholds(scores, counts, counting)
+    assert fit["counting_accuracy"] == 1.0 and fit["presence_accuracy"] == 1.0
+    assert abs(fit["counting_threshold"] - true_count) < 0.01
+    assert abs(fit["threshold"] - true_presence) < 0.01
+    assert fit_thresholds([[0.5], [0.1]], [1, 0])["threshold"] == pytest.approx(0.3)  # midway between the two
 
 
 def test_eval_fid_and_winrate_commands(tiny_dir, tmp_path):

@@ -237,8 +237,16 @@ def _add_eval_parsers(sub) -> None:
     s.add_argument("--owl", default="google/owlv2-base-patch16-ensemble", help="OWLv2 folder or hub id")
     s.add_argument("--clip-arch", default="ViT-L-14")
     s.add_argument("--clip-pretrained", default="openai", help="open_clip tag or local checkpoint")
+    s.add_argument("--thresholds", help="owlv2: the JSON `eval calibrate-detector` wrote (default: GenEval's 0.3/0.9)")
+    s.add_argument("--per-task", dest="per_task", type=positive_int, help="only the first N prompts of each task")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=lambda a: _eval('cmd_eval_geneval', a), spellings=EVAL_SPELLINGS)
+
+    s = ev.add_parser("calibrate-detector", help="fit the OWLv2 score thresholds on labelled images")
+    s.add_argument("--labels", required=True, help="JSON lines of {image, class, count}")
+    s.add_argument("--owl", default="google/owlv2-base-patch16-ensemble", help="OWLv2 folder or hub id")
+    s.add_argument("--out", required=True, help="thresholds JSON, for `eval geneval --thresholds`")
+    s.set_defaults(fn=lambda a: _eval('cmd_eval_calibrate_detector', a), spellings=EVAL_SPELLINGS)
 
     s = ev.add_parser("fid", help="FID against real images with a pinned, documented protocol")
     s.add_argument("--model", required=True)

@@ -39,6 +39,8 @@ def cmd_eval_geneval(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
+    if args.per_task:
+        records = first_per_task(records, args.per_task)
     if args.detector == "shapes":
         check_shapes_records(records, args.metadata)  # before the model loads
     bb = load_backbone_cli(args.model, args.backbone, args.lora, args.bf16)
@@ -46,7 +48,7 @@ def cmd_eval_geneval(args) -> None:
     if args.detector == "owlv2":
         from .open_vocab import OpenVocabDetector
 
-        detector = OpenVocabDetector(args.owl, args.clip_arch, args.clip_pretrained)
+        detector = OpenVocabDetector(args.owl, args.clip_arch, args.clip_pretrained, **_thresholds(args.thresholds))
     guidance = sampling_guidance(bb, args.guidance)
     results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, guidance,
                                  detector=detector)
@@ -57,6 +59,50 @@ def cmd_eval_geneval(args) -> None:
         "detector": "shapes-exact" if detector is None else f"owlv2:{args.owl} + open_clip:{args.clip_arch}"})
     print(format_table({Path(args.lora or args.model).name: metrics}))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
+
+
+def first_per_task(records: list[dict], n: int) -> list[dict]:
+    """The first ``n`` records of each task (GenEval's ``tag``), in file order."""
+    counts: dict[str, int] = {}
+    out = []
+    for r in records:
+        tag = r.get("tag", "")
+        if counts.get(tag, 0) < n:
+            counts[tag] = counts.get(tag, 0) + 1
+            out.append(r)
+    return out
+
+
+def _thresholds(path: str | None) -> dict:
+    """The detector thresholds a `calibrate-detector` run wrote, or {} for GenEval's defaults."""
+    if not path:
+        return {}
+    from ..errors import UserError
+
+    try:
+        fit = json.loads(Path(path).read_text())
+        return {"threshold": float(fit["threshold"]), "counting_threshold": float(fit["counting_threshold"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--thresholds {path}: expected the JSON that `visalign eval calibrate-detector` writes "
+                        "(with threshold and counting_threshold)") from None
+
+
+def cmd_eval_calibrate_detector(args) -> None:
+    from .calibrate import calibrate, read_labels
+    from .open_vocab import OpenVocabDetector
+
+    labels = read_labels(args.labels)
+    fit = calibrate(OpenVocabDetector(args.owl), labels)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(fit | {"labels": args.labels, "detector": args.owl}, indent=2))
+    tmp.replace(out)
+    d = fit["geneval_defaults"]
+    print(f"threshold {fit['threshold']:.3f} (presence accuracy {fit['presence_accuracy']:.3f}; GenEval's 0.3: "
+          f"{d['presence_accuracy']:.3f}), counting threshold {fit['counting_threshold']:.3f} (exact-count accuracy "
+          f"{fit['counting_accuracy']:.3f}; GenEval's 0.9: {d['counting_accuracy']:.3f}) on {fit['n']} labels")
+    print(f"wrote {out}; use it with `visalign eval geneval --detector owlv2 --thresholds {out}`")
 
 
 def real_images(source: str, n: int, seed: int = 0):

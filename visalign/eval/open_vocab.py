@@ -26,30 +26,52 @@ class OpenVocabDetector:
         from transformers import AutoTokenizer, Owlv2ForObjectDetection, Owlv2ImageProcessor
 
         from ..models.load import load_transformers
-        from ..rewards.clip_models import _open_clip
 
         self.model = load_transformers(Owlv2ForObjectDetection, detector, what="OWLv2 detector",
                                        key="--detector").eval()
         self.image_processor = load_transformers(Owlv2ImageProcessor, detector, what="OWLv2 image processor",
                                                  key="--detector")
         self.tokenizer = load_transformers(AutoTokenizer, detector, what="OWLv2 tokenizer", key="--detector")
-        self.clip, self.clip_tokenizer = _open_clip(clip_arch, clip_pretrained, "geneval colour classifier")
+        self.clip_spec, self._clip = (clip_arch, clip_pretrained), None  # loaded at the first colour asked
         self.threshold, self.counting_threshold, self.max_per_class = threshold, counting_threshold, max_per_class
 
+    @property
+    def clip(self):
+        if self._clip is None:
+            from ..rewards.clip_models import _open_clip
+
+            self._clip = _open_clip(*self.clip_spec, "geneval colour classifier")
+        return self._clip[0]
+
+    @property
+    def clip_tokenizer(self):
+        self.clip  # noqa: B018  (loads the model and its tokenizer together)
+        return self._clip[1]
+
     @torch.no_grad()
-    def objects(self, image: torch.Tensor, classes: Sequence[str], counting: bool = False) -> list[ShapeObject]:
-        """Detections (class in ``shape``) above GenEval's threshold, sorted by confidence, with CLIP colours."""
+    def _detect(self, image: torch.Tensor, classes: list[str], threshold: float) -> dict:
         from ..eval.grid import to_pil
 
-        classes = list(dict.fromkeys(classes))
-        h, w = image.shape[-2:]
         pixels = self.image_processor(images=to_pil(image), return_tensors="pt")["pixel_values"]
         text = self.tokenizer([f"a photo of a {c}" for c in classes], padding="max_length", truncation=True,
                               max_length=16, return_tensors="pt")
         out = self.model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels)
-        side = max(h, w)  # OWLv2 pads to a square: boxes are relative to it
-        res = self.image_processor.post_process_object_detection(
-            out, threshold=self.counting_threshold if counting else self.threshold, target_sizes=[(side, side)])[0]
+        side = max(image.shape[-2:])  # OWLv2 pads to a square: boxes are relative to it
+        return self.image_processor.post_process_object_detection(out, threshold=threshold,
+                                                                   target_sizes=[(side, side)])[0]
+
+    def class_scores(self, image: torch.Tensor, cls: str) -> list[float]:
+        """Every box's score for one class, best first, at most ``max_per_class`` (calibrate-detector's input)."""
+        res = self._detect(image, [cls], 0.0)
+        return sorted(res["scores"].tolist(), reverse=True)[: self.max_per_class]
+
+    @torch.no_grad()
+    def objects(self, image: torch.Tensor, classes: Sequence[str], counting: bool = False) -> list[ShapeObject]:
+        """Detections (class in ``shape``) above GenEval's threshold, sorted by confidence, with CLIP colours."""
+        classes = list(dict.fromkeys(classes))
+        h, w = image.shape[-2:]
+        side = max(h, w)
+        res = self._detect(image, classes, self.counting_threshold if counting else self.threshold)
         found: list[tuple[float, ShapeObject]] = []
         for c_idx, cls in enumerate(classes):
             sel = (res["labels"] == c_idx).nonzero().flatten()
