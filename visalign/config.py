@@ -81,11 +81,17 @@ class DataConfig:
     weight_scale: float = 1.0
     curriculum: bool = False  # easy-to-hard order by score margin (Curry-DPO)
     curriculum_stages: int = 1  # > 1: Curry-DPO's stages, each on its own chunk, the reference reset at each start
+    streaming: bool = False  # stream it (hub ids, big folders): rows are read and cached as training reaches them
+    stream_chunk_rows: int = 64  # streaming: rows encoded and cached together
 
     def check(self, where: str = "data") -> None:
         require_positive(self.max_rows, f"{where}.max_rows", allow_zero=True)
         require_positive(self.weight_scale, f"{where}.weight_scale")
         require_positive(self.curriculum_stages, f"{where}.curriculum_stages")
+        require_positive(self.stream_chunk_rows, f"{where}.stream_chunk_rows")
+        if self.streaming and (self.curriculum or self.weighting != "none"):
+            raise ConfigError(f"{where}.streaming=true reads rows in stream order once: it cannot also order or "
+                              f"weight them by margin ({where}.curriculum / {where}.weighting need the whole dataset)")
         if self.curriculum_stages > 1 and not self.curriculum:
             raise ConfigError(f"{where}.curriculum_stages={self.curriculum_stages} needs {where}.curriculum=true")
 

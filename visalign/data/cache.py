@@ -103,19 +103,7 @@ def _encode_into(backbone, dataset, path: Path, batch_rows: int) -> None:
         batch = collate(items)
         if batch is None:
             continue
-        b, k = batch.images.shape[:2]
-        mean, std = backbone.latent_moments(batch.images.flatten(0, 1).to(backbone.device))
-        cond = backbone.encode_prompts(batch.prompts, batch.image_meta or None)
-        tensors = {"mean": mean.view(b, k, *mean.shape[1:]).cpu()}
-        if std is not None:
-            tensors["std"] = std.view(b, k, *std.shape[1:]).cpu()
-        tensors |= {f"cond.{n}": v.cpu() for n, v in cond.tensors.items()}
-        tensors["label"] = batch.label
-        if batch.scores is not None:
-            tensors["scores"] = batch.scores
-        for n, v in batch.image_meta.items():
-            tensors[f"meta.{n}"] = v
-        for key, v in tensors.items():
+        for key, v in encode_batch(backbone, batch).items():
             buf.setdefault(key, []).append(v)
         for it in items:
             if it is not None:
@@ -130,6 +118,23 @@ def _encode_into(backbone, dataset, path: Path, batch_rows: int) -> None:
     index = {"shards": shards, "rows": [r for r in rows_meta if not r.get("skipped")],
              "skipped": sum(1 for r in rows_meta if r.get("skipped")), "family": backbone.family}
     (path / "index.json").write_text(json.dumps(index))
+
+
+def encode_batch(backbone, batch: PreferenceBatch) -> dict[str, torch.Tensor]:
+    """A batch's cacheable tensors: latent moments [B, K, ...], text conditioning, labels, scores, image meta."""
+    b, k = batch.images.shape[:2]
+    mean, std = backbone.latent_moments(batch.images.flatten(0, 1).to(backbone.device))
+    cond = backbone.encode_prompts(batch.prompts, batch.image_meta or None)
+    tensors = {"mean": mean.view(b, k, *mean.shape[1:]).cpu()}
+    if std is not None:
+        tensors["std"] = std.view(b, k, *std.shape[1:]).cpu()
+    tensors |= {f"cond.{n}": v.cpu() for n, v in cond.tensors.items()}
+    tensors["label"] = batch.label
+    if batch.scores is not None:
+        tensors["scores"] = batch.scores
+    for n, v in batch.image_meta.items():
+        tensors[f"meta.{n}"] = v
+    return tensors
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -151,36 +151,38 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict | None:
         row_id = int(self.rows[idx])
-        row = self.ds[row_id]
         try:
-            if self.format == "pairs":
-                imgs = [decode_image(row["jpg_0"]), decode_image(row["jpg_1"])]
-                p0 = float(row["label_0"])
-                if p0 < 0.5:
-                    imgs, p = imgs[::-1], 1.0 - p0
-                else:
-                    p = p0
-                scores = None
-                if "score_0" in row and "score_1" in row and row["score_0"] is not None:
-                    s = [float(row["score_0"]), float(row["score_1"])]
-                    scores = s if p0 >= 0.5 else s[::-1]
-                prompt = row["caption"]
-            else:
-                imgs = [decode_image(v) for v in row["images"]]
-                scores, p, prompt = [float(s) for s in row["scores"]], 1.0, row["prompt"]
+            return prepare_row(self.ds[row_id], row_id, self.format, self.resolution, self._flip(idx))
         except Exception as e:
             if self.on_error == "raise":
                 raise DataError(f"{self.path}: row {row_id}: corrupt image ({e})") from None
             self.corrupt_skipped += 1
             log.warning("skipping row %d of %s: corrupt image (%s)", row_id, self.path, e)
             return None
-        flip = self._flip(idx)
-        prepared = [prepare_image(im, self.resolution, flip) for im in imgs]
-        return {"row": row_id, "prompt": prompt or "", "label": p,
-                "images": torch.stack([q.tensor for q in prepared]),
-                "scores": torch.tensor(scores, dtype=torch.float32) if scores is not None else None,
-                "original_size": torch.tensor(prepared[0].original_size, dtype=torch.float32),
-                "crop_top_left": torch.tensor(prepared[0].crop_top_left, dtype=torch.float32)}
+
+
+def prepare_row(row: dict, row_id: int, format: str, resolution: int, flip: bool = False) -> dict:
+    """One pairs or list row decoded and prepared: winner first (a pair with label_0 < ½ is swapped)."""
+    if format == "pairs":
+        imgs = [decode_image(row["jpg_0"]), decode_image(row["jpg_1"])]
+        p0 = float(row["label_0"])
+        p = p0
+        if p0 < 0.5:
+            imgs, p = imgs[::-1], 1.0 - p0
+        scores = None
+        if "score_0" in row and "score_1" in row and row["score_0"] is not None:
+            s = [float(row["score_0"]), float(row["score_1"])]
+            scores = s if p0 >= 0.5 else s[::-1]
+        prompt = row["caption"]
+    else:
+        imgs = [decode_image(v) for v in row["images"]]
+        scores, p, prompt = [float(s) for s in row["scores"]], 1.0, row["prompt"]
+    prepared = [prepare_image(im, resolution, flip) for im in imgs]
+    return {"row": row_id, "prompt": prompt or "", "label": p,
+            "images": torch.stack([q.tensor for q in prepared]),
+            "scores": torch.tensor(scores, dtype=torch.float32) if scores is not None else None,
+            "original_size": torch.tensor(prepared[0].original_size, dtype=torch.float32),
+            "crop_top_left": torch.tensor(prepared[0].crop_top_left, dtype=torch.float32)}
 
 
 def collate(rows: list[dict | None]) -> PreferenceBatch | None:

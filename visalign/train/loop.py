@@ -53,6 +53,18 @@ def _backbone_and_data(cfg: RunConfig, acc, method):
 
         return build_backbone(cfg.model), read_prompts(cfg.data.path or "shapes:train")
 
+    if cfg.data.streaming:
+        import os
+
+        from ..data.stream import StreamedPairs
+
+        backbone = build_backbone(cfg.model)
+        backbone.to_device(acc.device)
+        root = cfg.data.cache_dir or os.environ.get("VISALIGN_CACHE", str(Path.home() / ".cache" / "visalign"))
+        d = cfg.data
+        return backbone, StreamedPairs(d.path, backbone, Path(root), d.split, d.format, d.drop_ties, d.max_rows,
+                                       cfg.train.batch_size, acc.process_index, acc.num_processes,
+                                       d.stream_chunk_rows)
     samples_during_training = bool(cfg.train.validation_every and cfg.train.validation_prompts) or bool(
         cfg.train.gold_reward and cfg.train.gold_every)
     needs_encoders = not cfg.data.cache or samples_during_training
@@ -105,6 +117,8 @@ def train(cfg: RunConfig) -> dict:
 
         stream = dataset = RoundSource(method, backbone, dataset, t.batch_size, t.grad_accum, t.seed,
                                        acc.process_index, acc.num_processes)
+    elif getattr(dataset, "streaming", False):
+        stream = dataset
     else:
         stream = BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
                              order=pair_order(cfg, dataset), stages=pair_stages(cfg, dataset),
