@@ -102,6 +102,16 @@ def case_yaml_unknown_key(t, m):
     return ["make-dataset", "-c", str(f), "--out", str(t / "o")], ["images_per_promt", "images_per_prompt"]
 
 
+def case_real_config_without_data(t, m):
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "sd15" / "dpo.yaml")
+    return (["finetune", "sd15", "-c", config, "model.path=/nowhere/sd15"],
+            ["data.path is empty", "streaming", "make-dataset"])
+
+
+def case_score_pairs_without_reward(t, m):
+    return ["score-pairs", "--data", str(t / "p.parquet"), "--out", str(t / "o")], ["--reward"]
+
+
 def case_finetune_config_file_missing(t, m):
     return ["finetune", "shapes", "-c", str(t / "none.yaml"), "train.lr=1e-4"], ["none.yaml"]
 

@@ -51,6 +51,11 @@ def check_data_format(method, cfg: RunConfig) -> None:
     need = getattr(method, "data", "pairs")
     if need in ("pairs", "lists") and cfg.data.format != need:
         raise ConfigError(f"method {cfg.objective.name} trains on {need}; set data.format={need}")
+    if need in ("pairs", "lists") and not cfg.data.path:
+        raise ConfigError("data.path is empty: pass data.path=<a Pick-a-Pic-schema parquet file or folder (caption, "
+                          "jpg_0, jpg_1, label_0)>, make-dataset's OUT/pairs (or OUT with data.format=lists), or a "
+                          "hub dataset id with data.streaming=true, e.g. yuvalkirstain/pickapic_v2 (about 335 GB: "
+                          "stream it)")
 
 
 def check_capabilities(method, backbone_cls) -> None:
