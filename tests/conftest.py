@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,3 +52,31 @@ def _seed():
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
     os.environ["VISALIGN_CACHE"] = str(tmp_path_factory.mktemp("visalign-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_owl(tmp_path_factory):
+    """A tiny OWLv2 folder and a tiny open_clip architecture, built from configs (no real weights here)."""
+    open_clip = pytest.importorskip("open_clip")
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
+
+    from visalign.models.tiny import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("owl")
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    clip_cfg = {"embed_dim": 32, "vision_cfg": vision,
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (root / "clip").mkdir()
+    (root / "clip" / "visalign-tiny-clip.json").write_text(json.dumps(clip_cfg))
+    open_clip.add_model_config(root / "clip")
+    tok = tiny_tokenizer(max_length=16)
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 1}
+    cfg = Owlv2Config(text_config=small | {"vocab_size": len(tok), "max_position_embeddings": 16,
+                                           "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                                           "pad_token_id": tok.pad_token_id},
+                      vision_config=small | {"image_size": 32, "patch_size": 8}, projection_dim=32)
+    owl = root / "owl"
+    Owlv2ForObjectDetection(cfg).save_pretrained(owl)
+    Owlv2ImageProcessor(size={"height": 32, "width": 32}).save_pretrained(owl)
+    tok.save_pretrained(owl)
+    return owl
