@@ -335,18 +335,35 @@ def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path, fam
     assert not torch.allclose(plain, a, atol=1e-4)  # the adapter does change the output
 
 
-def test_export_kohya_for_sd3_says_what_to_use(tiny_dir, tmp_path, capsys):
-    from visalign.cli import main
-    from visalign.models.flow import FlowBackbone as SD3Backbone
+def test_export_kohya_for_sd3_uses_comfyui_keys_and_round_trips(tiny_dir, tmp_path):
+    import diffusers
+
+    from visalign.models.export import export_kohya, kohya_to_diffusers
+    from visalign.models.flow import FlowBackbone
     from visalign.models.lora import LoraSpec, add_lora, save_lora
 
-    bb = SD3Backbone(str(tiny_dir("sd3")), max_sequence_length=8)
-    add_lora(bb, LoraSpec(rank=4, alpha=4.0))
+    bb = FlowBackbone(str(tiny_dir("sd3")), max_sequence_length=8)
+    add_lora(bb, LoraSpec(rank=4, alpha=2.0))
+    with torch.no_grad():
+        for n, p in bb.unwrapped().named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
     save_lora(bb, tmp_path / "lora")
-    out = str(tmp_path / "k.safetensors")
-    assert main(["export-lora", str(tmp_path / "lora"), "--format", "kohya", "--out", out]) == 2
-    err = capsys.readouterr().err
-    assert "SD3" in err and "diffusers format" in err and "Traceback" not in err
+    k = load_file(export_kohya(tmp_path / "lora", tmp_path / "kohya.safetensors"))
+    assert k and all(key.startswith("lora_transformer_transformer_blocks_") for key in k)
+    assert all(float(v) == 2.0 for key, v in k.items() if key.endswith(".alpha"))
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tiny_dir("sd3"), text_encoder_3=None, tokenizer_3=None)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    run = lambda: pipe("a cat", num_inference_steps=2, output_type="pt", generator=gen(),  # noqa: E731
+                       max_sequence_length=8).images
+    plain = run()
+    pipe.load_lora_weights(tmp_path / "lora")
+    a = run()
+    pipe.unload_lora_weights()
+    names = [n for n, _ in pipe.transformer.named_modules()]
+    pipe.load_lora_weights(kohya_to_diffusers(k, names))
+    b = run()
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(plain, a, atol=1e-4)
 
 
 def test_validation_grids_tensorboard_and_ema(tiny_dir, pairs, tmp_path):
