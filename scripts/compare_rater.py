@@ -192,7 +192,7 @@ def main() -> None:
         noisy["@flipped"] = flip_labels(data / "pairs", out / "flipped", 0.3)
         noisy["@bt"], rate = bt_relabel(data / "pairs", out / "bt")
     results_file, base_file = out / "results.jsonl", out / "base_results.pt"
-    for name in [m for m in table if not asked or m in asked]:
+    for name in asked or list(table):  # in the order asked
         done = {json.loads(x)["method"] for x in results_file.read_text().splitlines()} if results_file.exists() else ()
         if name in done:
             continue
