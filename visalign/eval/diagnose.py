@@ -121,7 +121,8 @@ def probe_inputs(backbone, prompts: Sequence[str], draws: int = 3, seed: int = 0
 
 
 def activation_profile(backbone, base: nn.Module, tuned: nn.Module, probes: list[tuple]) -> dict[str, dict]:
-    """Per block: mean relative output change tuned vs base on the probes, and its increment over the last block."""
+    """Per block, in the order the blocks ran: mean relative output change tuned vs base on the probes, and its
+    increment over the block that ran before it."""
     a, b = _block_outputs(backbone, base, probes), _block_outputs(backbone, tuned, probes)
     out, previous = {}, 0.0
     for name in a:
@@ -161,7 +162,8 @@ def diagnose_models(backbone, base: nn.Module, tuned: nn.Module, prompts: Sequen
     """Weight and activation profiles of ``tuned`` against ``base`` (same blocks), per block in forward order."""
     weights = weight_profile(base, tuned)
     acts = activation_profile(backbone, base, tuned, probe_inputs(backbone, prompts))
-    order = [n for n, _ in blocks_in_order(tuned)]
+    order = list(acts)  # the order the blocks ran in (a UNet's mid block runs between its down and up blocks)
+    order += [n for n, _ in blocks_in_order(tuned) if n not in acts]
     rows = [{"block": n, **weights.get(n, {}), **acts.get(n, {})} for n in order + sorted(set(weights) - set(order))]
     added = [r["shift_added"] for r in rows if "shift_added" in r]
     return {"blocks": rows, "concentration": concentration(added),
