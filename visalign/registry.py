@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import importlib.metadata
 import inspect
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -42,14 +45,19 @@ class Registry:
 
     def get(self, name: str) -> Callable:
         if name not in self._entries:
+            load_all()  # entries register when their module is imported: discover them before saying no
+        if name not in self._entries:
             raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._entries))}"
                               f"{closest(name, self._entries)}")
         return self._entries[name]
 
     def names(self) -> list[str]:
+        load_all()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._entries:
+            load_all()
         return name in self._entries
 
     def docs(self) -> dict[str, str]:
@@ -79,6 +87,26 @@ REWARDS = Registry("reward")
 ALL = {"backbones": BACKBONES, "methods": METHODS, "heads": HEADS, "rewards": REWARDS}
 
 
+# the packages whose modules register entries, found by walking them (nothing is listed by hand), and the
+# entry-point group through which another package adds its own methods, heads, rewards or backbones
+PLUGIN_PACKAGES = ("visalign.models", "visalign.objectives", "visalign.rewards", "visalign.worlds")
+ENTRY_POINT_GROUP = "visalign.plugins"
+_loaded = False
+
+
 def load_all() -> None:
-    """Import every module that registers entries, so the registries are complete."""
-    from . import models, objectives, rewards  # noqa: F401
+    """Import every module of the plugin packages and every ``visalign.plugins`` entry point, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for package in PLUGIN_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.walk_packages(pkg.__path__, package + "."):
+            importlib.import_module(info.name)
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()  # a module (or an object in one) that registers its entries when imported
+        except Exception as e:  # a broken third-party plug-in is named, not a traceback deep in a command
+            raise ConfigError(f"plug-in {entry.name!r} ({entry.value}, entry point group {ENTRY_POINT_GROUP}) "
+                              f"failed to load: {type(e).__name__}: {e}") from None

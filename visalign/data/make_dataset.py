@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, require_positive
-from ..eval.grid import to_pil
+from ..images import to_pil
 
 
 @dataclass

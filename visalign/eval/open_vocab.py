@@ -50,7 +50,7 @@ class OpenVocabDetector:
 
     @torch.no_grad()
     def _detect(self, image: torch.Tensor, classes: list[str], threshold: float) -> dict:
-        from ..eval.grid import to_pil
+        from ..images import to_pil
 
         pixels = self.image_processor(images=to_pil(image), return_tensors="pt")["pixel_values"]
         text = self.tokenizer([f"a photo of a {c}" for c in classes], padding="max_length", truncation=True,

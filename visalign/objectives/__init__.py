@@ -1,4 +1,8 @@
-"""Preference objectives: pure math (implicit rewards, heads) and one module per method."""
+"""Preference objectives: pure math (implicit rewards, heads) and one module per method.
+
+Each method module registers itself when imported; ``registry.load_all`` finds them by walking this
+package, so a new method is one new file.
+"""
 
 from .heads import (
     conservative_loss,
@@ -23,5 +27,3 @@ __all__ = [
     "hinge_loss", "implicit_reward", "ipo_loss", "kto_loss", "listwise_loss", "mapo_loss", "margin_weights",
     "ranked_loss", "robust_loss", "sigmoid_loss", "smpo_loss", "soft_label_loss",
 ]
-
-from . import methods as _methods  # noqa: E402,F401  (registers heads and methods)

@@ -188,6 +188,6 @@ class ImageReward:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        from ..eval.grid import to_pil
+        from ..images import to_pil
 
         return torch.tensor([float(self.model.score(p, [to_pil(im)])) for im, p in zip(images, prompts)])

@@ -24,7 +24,7 @@ MAX_BODY = 512 * 1024 * 1024
 
 
 def encode_images(images: torch.Tensor) -> list[str]:
-    from ..eval.grid import to_pil
+    from ..images import to_pil
 
     out = []
     for img in images:

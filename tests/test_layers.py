@@ -1,0 +1,119 @@
+"""The import graph of visalign/, read from the code (ast): layers point down, and no module-level circle.
+
+Layers, from the bottom (DESIGN.md): core (registry, types, config, errors, files, coercion, images, and
+the shipped prompt_sets) -> models -> objectives, rewards -> data, train, eval -> worlds -> cli, demo. An
+import of a higher layer, at module level or inside a function, is an upward arrow. KNOWN_UPWARD lists
+the arrows that the house redesign (issue #21) has not removed yet; the test fails on any new one and on
+any listed one that is gone, so the list only shrinks.
+"""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "visalign"
+LAYERS = {"images": 0, "registry": 0, "types": 0, "config": 0, "errors": 0, "files": 0, "coercion": 0, "__init__": 0,
+          "models": 1, "objectives": 2, "rewards": 2, "data": 3, "train": 3, "eval": 3,
+          "worlds": 4, "prompt_sets": 0, "cli": 5, "demo": 5, "__main__": 5}
+
+KNOWN_UPWARD = {
+    ("visalign.config", "visalign.models.load"),
+    ("visalign.data.make_dataset", "visalign.worlds.shapes.oracle"),
+    ("visalign.data.prompts", "visalign.worlds.shapes.render"),
+    ("visalign.eval.commands", "visalign.worlds.shapes.render"),
+    ("visalign.eval.fid", "visalign.worlds.shapes.features"),
+    ("visalign.eval.geneval", "visalign.worlds.shapes.detector"),
+    ("visalign.eval.geneval", "visalign.worlds.shapes.vocab"),
+    ("visalign.eval.open_vocab", "visalign.worlds.shapes.render"),
+    ("visalign.models.tiny", "visalign.worlds.shapes.base"),
+    ("visalign.models.tiny", "visalign.worlds.shapes.vocab"),
+    ("visalign.objectives.ddo", "visalign.worlds.shapes.detector"),
+    ("visalign.objectives.ddo", "visalign.worlds.shapes.render"),
+}
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.get(parts[1] if len(parts) > 1 else "__init__", 0)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
+    if node.level == 0:
+        base = node.module or ""
+    else:
+        pkg = importer.split(".") if is_package else importer.split(".")[:-1]
+        pkg = pkg[: len(pkg) - node.level + 1]
+        base = ".".join(pkg + ([node.module] if node.module else []))
+    out = []
+    for alias in node.names:
+        candidate = f"{base}.{alias.name}"
+        as_module = PKG.parent / Path(*candidate.split("."))
+        out.append(candidate if as_module.with_suffix(".py").exists() or as_module.is_dir() else base)
+    return out
+
+
+def imports() -> list[tuple[str, str, bool]]:
+    """(importer, imported, at module level) for every import of a visalign module by a visalign module."""
+    edges = []
+    for path in PKG.rglob("*.py"):
+        importer, tree = _module_name(path), ast.parse(path.read_text())
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                targets = _resolve(importer, path.name == "__init__.py", node)
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            edges += [(importer, t, id(node) in top) for t in targets if t.startswith("visalign")]
+    return edges
+
+
+def test_layers_only_point_down_except_the_listed_debt():
+    upward = {(a, b) for a, b, _ in imports() if layer(b) > layer(a) and not b.startswith(a + ".")}
+    new = sorted(upward - KNOWN_UPWARD)
+    assert not new, f"new upward imports (import from a lower layer, or move the code down): {new}"
+    gone = sorted(KNOWN_UPWARD - upward)
+    assert not gone, f"fixed: remove these from KNOWN_UPWARD: {gone}"
+
+
+def test_no_module_level_import_circle():
+    graph: dict[str, set[str]] = {}
+    for a, b, top in imports():
+        if top and a != b:
+            graph.setdefault(a, set()).add(b)
+    index, low, stack, on, sccs, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            sccs.append(comp)
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    circles = [sorted(c) for c in sccs if len(c) > 1]
+    # a package importing its own submodules for re-export is not a circle between layers
+    circles = [c for c in circles if not all(m.startswith(c[0].rsplit(".", 1)[0]) for m in c) or len(c) > 2]
+    assert not circles, f"module-level import circles: {circles}"
