@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,44 +87,101 @@ def _backbone_and_data(cfg: RunConfig, acc, method):
     return backbone, CachedDataset(path, dataset)
 
 
+@dataclass
+class Run:
+    """Everything one training run holds between steps."""
+
+    cfg: RunConfig
+    acc: object
+    out: Path
+    method: object
+    backbone: object
+    dataset: object
+    stream: object
+    params: list
+    optimizer: object
+    lr_sched: object
+    ema: object | None
+    resets: set[int]
+    guard: object | None = None
+    last_good: Path | None = None
+
+
 def train(cfg: RunConfig) -> dict:
     """Run ``cfg`` to completion (resuming when asked); returns a summary dict written as summary.json."""
+    from tqdm import tqdm
+
+    t = cfg.train
+    method = _checked_method(cfg)  # before any state or weights: a config mistake stops here
+    acc, out = _accelerator(cfg)
+    resume_dir = find_resume(t.resume, out)  # before anything loads: `resume=latest` with nothing to resume stops
+    check_same_run(json.loads(json.dumps(cfg.to_dict())), out, resuming=resume_dir is not None)
+    run = _build(cfg, acc, out, method)
+    step, nonfinite = _resume(run, resume_dir)
+    bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
+    t0, pairs_seen, run.last_good = time.time(), 0, resume_dir
+    while step < t.steps:
+        if step in run.resets:  # Curry-DPO: each stage starts from a reference equal to the policy
+            run.backbone.freeze_reference_copy()
+        window, seen = _accumulate(run, step)
+        pairs_seen += seen
+        finite, grad_norm = _update(run, window)
+        nonfinite = 0 if finite else nonfinite + 1
+        if not finite:
+            why = "non-finite loss or gradient" if window else "no usable rows (all skipped, tied or corrupt)"
+            log.warning("step %d: %s, update skipped (%d in a row)", step, why, nonfinite)
+        if nonfinite >= t.max_nonfinite:
+            bar.close()
+            acc.end_training()
+            raise NonFiniteError(f"{nonfinite} consecutive non-finite or empty steps at step {step}; stopping. "
+                                 f"Last good checkpoint: {run.last_good or 'none'}. Try a lower train.lr or beta.")
+        if not finite:
+            continue
+        step += 1
+        bar.update(1)
+        logs = {k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "finite"}
+        logs |= {"grad_norm": float(grad_norm), "lr": run.lr_sched.get_last_lr()[0],
+                 "pairs_per_s": pairs_seen / max(time.time() - t0, 1e-9)}
+        _log(run, step, logs, bar)
+        _evaluate_and_save(run, step, nonfinite)
+    bar.close()
+    acc.wait_for_everyone()
+    return _finish(run, step, pairs_seen, time.time() - t0)
+
+
+def _accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm import tqdm
 
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     out = Path(t.output_dir)
-    tracker = None if t.tracker == "none" else t.tracker
     acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                      log_with=tracker, cpu=not torch.cuda.is_available(),
+                      log_with=None if t.tracker == "none" else t.tracker, cpu=not torch.cuda.is_available(),
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     set_seed(t.seed)
-    resume_dir = find_resume(t.resume, out)  # before anything loads: `resume=latest` with nothing to resume stops
-    check_same_run(json.loads(json.dumps(cfg.to_dict())), out, resuming=resume_dir is not None)
-    method = build_method(cfg.objective, guidance=t.guidance)
+    return acc, out
+
+
+def _checked_method(cfg: RunConfig):
     from ..registry import BACKBONES
 
+    method = build_method(cfg.objective, guidance=cfg.train.guidance)
     check_capabilities(method, BACKBONES.get(cfg.model.name))
     check_data_format(method, cfg)
+    return method
+
+
+def _build(cfg: RunConfig, acc, out: Path, method) -> Run:
+    """Backbone, data, trainable parameters, batch stream, optimizer, schedule and EMA (in this order: the
+    LoRA's random init comes after the data, as every checkpointed run was made)."""
+    from .data_options import reference_resets
+
+    t = cfg.train
     backbone, dataset = _backbone_and_data(cfg, acc, method)
     params = prepare_trainable(backbone, cfg)
-    from .data_options import pair_order, pair_stages, pair_weights, reference_resets, stage_steps
-
-    if getattr(method, "online", False):
-        from ..objectives.online import RoundSource
-
-        stream = dataset = RoundSource(method, backbone, dataset, t.batch_size, t.grad_accum, t.seed,
-                                       acc.process_index, acc.num_processes)
-    elif getattr(dataset, "streaming", False):
-        stream = dataset
-    else:
-        stream = BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
-                             order=pair_order(cfg, dataset), stages=pair_stages(cfg, dataset),
-                             stage_micro_steps=stage_steps(cfg) * t.grad_accum)
-    resets = reference_resets(cfg)
+    dataset, stream = _stream(cfg, acc, method, backbone, dataset)
     optimizer = build_optimizer(params, cfg)
     lr_sched = build_lr_scheduler(optimizer, cfg)
     backbone.denoiser, optimizer, lr_sched = acc.prepare(backbone.denoiser, optimizer, lr_sched)
@@ -133,95 +191,121 @@ def train(cfg: RunConfig) -> dict:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=t.ema_decay)
+    return Run(cfg, acc, out, method, backbone, dataset, stream, params, optimizer, lr_sched, ema,
+               reference_resets(cfg))
+
+
+def _stream(cfg: RunConfig, acc, method, backbone, dataset):
+    """(dataset, the source of micro-batches): online rounds, a streamed dataset, or deterministic epochs."""
+    from .data_options import pair_order, pair_stages, stage_steps
+
+    t = cfg.train
+    if getattr(method, "online", False):
+        from ..objectives.online import RoundSource
+
+        rounds = RoundSource(method, backbone, dataset, t.batch_size, t.grad_accum, t.seed, acc.process_index,
+                             acc.num_processes)
+        return rounds, rounds
+    if getattr(dataset, "streaming", False):
+        return dataset, dataset
+    return dataset, BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
+                                order=pair_order(cfg, dataset), stages=pair_stages(cfg, dataset),
+                                stage_micro_steps=stage_steps(cfg) * t.grad_accum)
+
+
+def _resume(run: Run, resume_dir: Path | None) -> tuple[int, int]:
+    """Load the checkpoint (if any), trim the logs to it, write the resolved config, start trackers."""
+    acc, out, cfg = run.acc, run.out, run.cfg
     step, nonfinite = 0, 0
     if resume_dir is not None:
-        step, nonfinite = load_checkpoint(acc, resume_dir, ema, method, backbone)
+        step, nonfinite = load_checkpoint(acc, resume_dir, run.ema, run.method, run.backbone)
         log.info("resumed from %s at step %d", resume_dir, step)
     if acc.is_main_process:  # logs continue from the resumed step: no torn line, no row logged twice
         for log_file in ("metrics.jsonl", "gold.jsonl"):
             trim_jsonl(out / log_file, lambda row: row.get("step", 0) <= step)
-    if acc.is_main_process:  # after the resume has loaded: a failed resume rewrites nothing
-        write_resolved(cfg, out)
-        if tracker:
+        write_resolved(cfg, out)  # after the resume has loaded: a failed resume rewrites nothing
+        if cfg.train.tracker != "none":
             acc.init_trackers("visalign", config=_flat(cfg.to_dict()))
-    metrics_file = out / "metrics.jsonl"
-    guard = None
-    if t.gold_reward and t.gold_every:
+    if cfg.train.gold_reward and cfg.train.gold_every:
         from .guardrail import Guardrail
 
-        guard = Guardrail(cfg, out)
-    bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
-    t0, pairs_seen, last_good = time.time(), 0, resume_dir
-    while step < t.steps:
-        if step in resets:  # Curry-DPO: each stage starts from a reference equal to the policy
-            backbone.freeze_reference_copy()
-        window: list[dict] = []
-        for micro in range(t.grad_accum):
-            batch = stream.batch(step * t.grad_accum + micro)
-            if batch is None:
-                continue
-            batch = batch.to(acc.device)
-            batch.weights = pair_weights(cfg, batch)
-            with acc.accumulate(backbone.denoiser), acc.autocast():
-                if t.prompt_dropout > 0:
-                    drop_prompts(batch, t.prompt_dropout, getattr(dataset, "empty_text", None))
-                res = method(backbone, batch)
-                if torch.isfinite(res.loss):
-                    acc.backward(res.loss)
-                window.append({"loss": as_float(res.loss), **res.metrics, "finite": bool(torch.isfinite(res.loss))})
-            pairs_seen += batch.size * acc.num_processes
-        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else _grad_norm(params)
-        finite = bool(window) and all(w["finite"] for w in window) and math.isfinite(float(grad_norm))
-        if finite:
-            optimizer.step()
-            lr_sched.step()
-            if ema is not None:
-                ema.step(params)
-            nonfinite = 0
-        else:
-            nonfinite += 1
-            why = "non-finite loss or gradient" if window else "no usable rows (all skipped, tied or corrupt)"
-            log.warning("step %d: %s, update skipped (%d in a row)", step, why, nonfinite)
-        optimizer.zero_grad(set_to_none=True)
-        if nonfinite >= t.max_nonfinite:
-            bar.close()
-            acc.end_training()
-            raise NonFiniteError(f"{nonfinite} consecutive non-finite or empty steps at step {step}; stopping. "
-                                 f"Last good checkpoint: {last_good or 'none'}. Try a lower train.lr or beta.")
-        if not finite:
+        run.guard = Guardrail(cfg, out)
+    return step, nonfinite
+
+
+def _accumulate(run: Run, step: int) -> tuple[list[dict], int]:
+    """Forward and backward over the step's micro-batches; returns their metrics and the pairs seen."""
+    from .data_options import pair_weights
+
+    t, acc, window, seen = run.cfg.train, run.acc, [], 0
+    for micro in range(t.grad_accum):
+        batch = run.stream.batch(step * t.grad_accum + micro)
+        if batch is None:
             continue
-        step += 1
-        bar.update(1)
-        logs = {k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "finite"}
-        logs |= {"grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0],
-                 "pairs_per_s": pairs_seen / max(time.time() - t0, 1e-9)}
-        if step % t.log_every == 0 or step == t.steps or step == 1:
-            acc.log(logs, step=step)
-            if acc.is_main_process:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
-        if guard is not None and step % t.gold_every == 0:
-            guard.evaluate(acc, backbone, step)
-        if t.validation_every and t.validation_prompts and step % t.validation_every == 0:
-            save_validation_grid(acc, backbone, cfg, step)
-        if t.save_every and step % t.save_every == 0 and step < t.steps:
-            moved = any(r <= step for r in resets)
-            last_good = save_checkpoint(acc, out, step, nonfinite, ema, method.state_dict(),
-                                        backbone.reference_weights() if moved else None)
-    bar.close()
-    acc.wait_for_everyone()
+        batch = batch.to(acc.device)
+        batch.weights = pair_weights(run.cfg, batch)
+        with acc.accumulate(run.backbone.denoiser), acc.autocast():
+            if t.prompt_dropout > 0:
+                drop_prompts(batch, t.prompt_dropout, getattr(run.dataset, "empty_text", None))
+            res = run.method(run.backbone, batch)
+            if torch.isfinite(res.loss):
+                acc.backward(res.loss)
+            window.append({"loss": as_float(res.loss), **res.metrics, "finite": bool(torch.isfinite(res.loss))})
+        seen += batch.size * acc.num_processes
+    return window, seen
+
+
+def _update(run: Run, window: list[dict]) -> tuple[bool, torch.Tensor]:
+    """Clip and step when every micro-batch and the gradient are finite; zero the gradients either way."""
+    t = run.cfg.train
+    grad_norm = run.acc.clip_grad_norm_(run.params, t.max_grad_norm) if t.max_grad_norm > 0 else \
+        _grad_norm(run.params)
+    finite = bool(window) and all(w["finite"] for w in window) and math.isfinite(float(grad_norm))
+    if finite:
+        run.optimizer.step()
+        run.lr_sched.step()
+        if run.ema is not None:
+            run.ema.step(run.params)
+    run.optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm
+
+
+def _log(run: Run, step: int, logs: dict, bar) -> None:
+    t = run.cfg.train
+    if step % t.log_every == 0 or step == t.steps or step == 1:
+        run.acc.log(logs, step=step)
+        if run.acc.is_main_process:
+            with open(run.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+
+
+def _evaluate_and_save(run: Run, step: int, nonfinite: int) -> None:
+    """The guardrail's gold score, validation grids and checkpoints, each on its own schedule."""
+    t = run.cfg.train
+    if run.guard is not None and step % t.gold_every == 0:
+        run.guard.evaluate(run.acc, run.backbone, step)
+    if t.validation_every and t.validation_prompts and step % t.validation_every == 0:
+        save_validation_grid(run.acc, run.backbone, run.cfg, step)
+    if t.save_every and step % t.save_every == 0 and step < t.steps:
+        moved = any(r <= step for r in run.resets)
+        run.last_good = save_checkpoint(run.acc, run.out, step, nonfinite, run.ema, run.method.state_dict(),
+                                        run.backbone.reference_weights() if moved else None)
+
+
+def _finish(run: Run, step: int, pairs_seen: int, seconds: float) -> dict:
+    acc = run.acc
     summary = {"steps": step, "world_size": acc.num_processes, "rank": acc.process_index, "pairs_seen": pairs_seen,
-               "seconds": time.time() - t0, "ties_dropped": dataset.ties_dropped,
-               "corrupt_skipped": dataset.corrupt_skipped}
-    if ema is not None:
-        ema.copy_to(params)
-    summary["weights_sha256"] = weights_digest(params)
+               "seconds": seconds, "ties_dropped": run.dataset.ties_dropped,
+               "corrupt_skipped": run.dataset.corrupt_skipped}
+    if run.ema is not None:
+        run.ema.copy_to(run.params)
+    summary["weights_sha256"] = weights_digest(run.params)
     if acc.is_main_process:
-        summary |= save_outputs(backbone, cfg, out)
-        if guard is not None:
-            summary |= guard.finalise(out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary |= save_outputs(run.backbone, run.cfg, run.out)
+        if run.guard is not None:
+            summary |= run.guard.finalise(run.out)
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     acc.end_training()
     return summary
 
