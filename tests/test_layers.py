@@ -13,7 +13,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "visalign"
 LAYERS = {"images": 0, "registry": 0, "types": 0, "config": 0, "errors": 0, "files": 0, "coercion": 0, "__init__": 0,
           "models": 1, "objectives": 2, "rewards": 2, "data": 3, "train": 3, "eval": 3,
-          "worlds": 4, "prompt_sets": 0, "cli": 5, "demo": 5, "__main__": 5}
+          "worlds": 4, "prompt_sets": 0, "cli": 5, "commands": 5, "demo": 5, "__main__": 5}
 
 KNOWN_UPWARD = {
     ("visalign.config", "visalign.models.load"),

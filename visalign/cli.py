@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
-from pathlib import Path
+
+from .commands import (  # noqa: F401  (the parser's targets)
+    _eval,
+    cmd_config,
+    cmd_demo,
+    cmd_diagnose,
+    cmd_doctor,
+    cmd_export_lora,
+    cmd_finetune,
+    cmd_list,
+    cmd_make_dataset,
+    cmd_report,
+    cmd_reward_server,
+    cmd_score_pairs,
+    cmd_world_features,
+    cmd_world_pretrain,
+    cmd_world_prompts,
+)
 
 
 def _quiet_libraries() -> None:
@@ -23,164 +38,6 @@ def _quiet_libraries() -> None:
         transformers.utils.logging.disable_progress_bar()
     except Exception:
         pass
-
-
-def cmd_list(args) -> None:
-    from .registry import ALL, load_all
-
-    load_all()
-    for kind, reg in ALL.items():
-        print(f"{kind}:")
-        for name, doc in reg.docs().items():
-            print(f"  {name:<16} {doc}")
-
-
-def cmd_config(args) -> None:
-    from .config import dump_config, load_config
-
-    print(dump_config(load_config(args.model, args.config, args.overrides)), end="")
-
-
-def cmd_doctor(args) -> None:
-    import importlib.util
-
-    import torch
-
-    def version(mod: str) -> str:
-        try:
-            return __import__(mod).__version__
-        except Exception:
-            return "not installed"
-
-    cuda = torch.cuda.is_available()
-    print(f"visalign      {version('visalign')}")
-    for mod in ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets", "safetensors"):
-        print(f"{mod:<13} {version(mod)}")
-    print(f"device        {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
-          f"({torch.get_num_threads()} threads)")
-    bf16 = torch.cuda.is_bf16_supported() if cuda else _cpu_bf16()
-    print(f"bf16          {'yes' if bf16 else 'no'}")
-    print(f"sdpa          {'yes' if hasattr(torch.nn.functional, 'scaled_dot_product_attention') else 'no'}")
-    xf = importlib.util.find_spec("xformers") is not None
-    note = ("installed" + ("" if cuda else " (no CPU kernels; SDPA is used)")) if xf else "no (SDPA is used)"
-    print(f"xformers      {note}")
-
-
-def _cpu_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
-
-
-def cmd_finetune(args) -> None:
-    from .config import load_config
-    from .train.loop import train
-
-    cfg = load_config(args.model, args.config, args.overrides)
-    summary = train(cfg)
-    print(json.dumps(summary, indent=2))
-
-
-def cmd_make_dataset(args) -> None:
-    from .config import load_section
-    from .data.make_dataset import MakeDatasetConfig, make_dataset
-
-    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(MakeDatasetConfig)}
-    cfg = load_section(MakeDatasetConfig, args.config, flags, args.overrides, "make-dataset")
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-        rank, world = state.process_index, state.num_processes
-    summary = make_dataset(cfg, rank, world)
-    print(json.dumps(summary))
-
-
-def cmd_score_pairs(args) -> None:
-    from .config import load_section
-    from .data.score_pairs import ScorePairsConfig, score_pairs
-
-    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ScorePairsConfig)}
-    cfg = load_section(ScorePairsConfig, args.config, flags, args.overrides, "score-pairs")
-    print(json.dumps(score_pairs(cfg)))
-
-
-def _eval(name: str, args) -> None:
-    from .eval import commands
-
-    getattr(commands, name)(args)
-
-
-def cmd_world_features(args) -> None:
-    from .worlds.shapes.features import train_feature_net
-
-    print(json.dumps(train_feature_net(args.out, steps=args.steps), indent=2))
-
-
-def cmd_world_pretrain(args) -> None:
-    from .config import load_section
-    from .worlds.shapes.base import PretrainConfig, pretrain
-
-    cfg = load_section(PretrainConfig, [], {}, args.overrides, "pretrain")
-    print(f"wrote {pretrain(cfg, args.out)}")
-
-
-def cmd_world_prompts(args) -> None:
-    from .worlds.shapes.render import balanced_records, prompt_records, write_metadata
-
-    records = balanced_records(args.split, args.per_task) if args.per_task else prompt_records(args.split)
-    print(f"wrote {write_metadata(records, args.out)}")
-
-
-def cmd_reward_server(args) -> None:
-    from .data.make_dataset import parse_reward
-    from .registry import load_all
-    from .rewards.base import build_reward
-    from .rewards.server import make_server
-
-    load_all()
-    name, _, kwargs = parse_reward(args.reward)
-    server = make_server(build_reward({"name": name, **kwargs}), args.host, args.port)
-    print(f"serving reward {name} on http://{args.host}:{args.port}/score (Ctrl-C to stop)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()
-
-
-def cmd_report(args) -> None:
-    from .eval.report import build_report
-
-    print(f"wrote {build_report(args.run_dir, args.baseline, grid=not args.no_grid)}")
-
-
-def cmd_diagnose(args) -> None:
-    from .data.prompts import read_prompts
-    from .eval.diagnose import diagnose_run, format_diagnosis
-
-    prompts = read_prompts(args.prompts)[: args.n_prompts]
-    result = diagnose_run(args.run_dir, prompts, args.baseline, args.out, args.seed)
-    print(format_diagnosis(result))
-    print(f"wrote {Path(args.out or args.run_dir) / 'diagnose.json'} and diagnose.png")
-
-
-def cmd_export_lora(args) -> None:
-    from .models.export import export_kohya
-
-    if args.format != "kohya":
-        raise FileNotFoundError(f"unknown export format {args.format!r}; expected kohya")
-    print(f"wrote {export_kohya(args.lora, args.out)}")
-
-
-def cmd_demo(args) -> None:
-    from .demo import run_demo
-
-    run_demo(args.out, quick=args.quick, base=args.base,
-             **({"guidance": args.guidance} if args.guidance is not None else {}))
 
 
 # how each command spells the config keys its errors name (errors.spelled)
@@ -276,22 +133,7 @@ def _add_eval_parsers(sub) -> None:
     s.set_defaults(fn=lambda a: _eval('cmd_eval_winrate', a), spellings=EVAL_SPELLINGS)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="visalign", description="Preference alignment for text-to-image diffusion.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("list", help="every registry entry (backbones, methods, heads, rewards)")
-    s.set_defaults(fn=cmd_list)
-    for name, fn, hlp in (("config", cmd_config, "print the resolved config and exit"),
-                          ("finetune", cmd_finetune, "preference fine-tuning (any method, any backbone)")):
-        s = sub.add_parser(name, help=hlp)
-        s.add_argument("model", help="model preset: shapes | sd15 | sdxl | sd3")
-        s.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
-        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 objective.head=ipo")
-        s.set_defaults(fn=fn)
-    s = sub.add_parser("doctor", help="versions, device, bf16, SDPA and xformers")
-    s.set_defaults(fn=cmd_doctor)
-
+def _add_make_dataset_parser(sub) -> None:
     s = sub.add_parser("make-dataset", help="Syn-Pic-style ranked data: prompts -> images -> rewards -> ranks")
     s.add_argument("-c", "--config", action="append", default=[])
     s.add_argument("--prompts")
@@ -314,9 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_make_dataset, spellings=MAKE_DATASET_SPELLINGS)
 
-    _add_score_pairs_parser(sub)
-    _add_eval_parsers(sub)
 
+def _add_world_parsers(sub) -> None:
     w = sub.add_parser("world", help="embedded worlds").add_subparsers(dest="world", required=True)
     shapes = w.add_parser("shapes", help="ShapesWorld").add_subparsers(dest="action", required=True)
     s = shapes.add_parser("pretrain", help="train the ShapesWorld base model")
@@ -333,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_world_prompts)
 
+
+def _add_run_tool_parsers(sub) -> None:
+    """reward-server, diagnose, report and export-lora."""
     s = sub.add_parser("reward-server", help="serve a reward over HTTP (JSON + base64 PNG; no pickle)")
     s.add_argument("--reward", required=True, help="NAME[:WEIGHT][:key=value,...]")
     s.add_argument("--host", default="127.0.0.1")
@@ -359,6 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="kohya", choices=("kohya",))
     s.add_argument("--out", required=True, help="output .safetensors file")
     s.set_defaults(fn=cmd_export_lora)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="visalign", description="Preference alignment for text-to-image diffusion.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="every registry entry (backbones, methods, heads, rewards)")
+    s.set_defaults(fn=cmd_list)
+    for name, fn, hlp in (("config", cmd_config, "print the resolved config and exit"),
+                          ("finetune", cmd_finetune, "preference fine-tuning (any method, any backbone)")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("model", help="model preset: shapes | sd15 | sdxl | sd3")
+        s.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 objective.head=ipo")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("doctor", help="versions, device, bf16, SDPA and xformers")
+    s.set_defaults(fn=cmd_doctor)
+
+    _add_make_dataset_parser(sub)
+    _add_score_pairs_parser(sub)
+    _add_eval_parsers(sub)
+
+    _add_world_parsers(sub)
+
+    _add_run_tool_parsers(sub)
 
     s = sub.add_parser("demo", help="ShapesWorld end to end: data -> Diffusion-DPO -> GenEval before/after")
     s.add_argument("--out", default="runs/demo")

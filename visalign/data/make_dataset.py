@@ -229,6 +229,60 @@ def _write_json(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _sample_shard(cfg: MakeDatasetConfig, j: int, ids: list[int], prompts: list[str], models, backbones, guidance,
+                  bar, t0: float, made: list[int]):
+    """Every image of shard j: K per prompt per model, each from its own recorded seed, in batches."""
+    images: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
+    sources: dict[int, list[str]] = {i: [] for i in ids}
+    seeds: dict[int, list[int]] = {i: [] for i in ids}
+    jobs = [(i, m, k) for m in range(len(models)) for i in ids for k in range(cfg.images_per_prompt)]
+    for start in range(0, len(jobs), cfg.batch_size):
+        by_model: dict[int, list] = {}
+        for job in jobs[start:start + cfg.batch_size]:
+            by_model.setdefault(job[1], []).append(job)
+        for m, part in by_model.items():
+            bb = backbones[m]
+            noise = torch.stack([torch.randn(bb.sample_shape, generator=torch.Generator().manual_seed(
+                image_seed(cfg.seed, i, m, k))) for i, _, k in part])
+            with torch.no_grad():
+                res = bb.sample([prompts[i] for i, _, _ in part], steps=cfg.steps, guidance=guidance[m],
+                                latents=noise, eta=cfg.eta,
+                                generator=torch.Generator().manual_seed(image_seed(cfg.seed, j, m, start)))
+            for (i, _, k), img in zip(part, res.images.cpu()):
+                images[i].append(img)
+                sources[i].append(f"{models[m][1]}#{image_seed(cfg.seed, i, m, k)}")
+                seeds[i].append(image_seed(cfg.seed, i, m, k))
+            made[0] += len(part)  # counted here: a disabled progress bar counts nothing
+            bar.update(len(part))
+            bar.set_postfix(img_s=f"{made[0] / max(time.time() - t0, 1e-9):.1f}")
+    return images, sources, seeds
+
+
+def _rank_shard(cfg: MakeDatasetConfig, ids: list[int], prompts: list[str], images, sources, seeds, reward_fns,
+                weights) -> tuple[list[dict], list[dict]]:
+    """Score, normalise per prompt, rank; the ranked rows and (with ``cfg.pairs``) the pairs derived from them."""
+    from ..rewards.base import ensemble_scores
+
+    rows, pair_rows = [], []
+    per_reward = {}
+    flat_imgs = torch.stack([img for i in ids for img in images[i]])
+    flat_prompts = [prompts[i] for i in ids for _ in images[i]]
+    n_per = len(images[ids[0]])
+    for name, fn in reward_fns.items():
+        per_reward[name] = fn(flat_imgs, flat_prompts).float().view(len(ids), n_per)
+    agg = ensemble_scores(per_reward, weights, cfg.normalise)
+    for r, i in enumerate(ids):
+        scores = agg[r].tolist()
+        row = {"prompt": prompts[i], "prompt_index": i, "images": [png_bytes(im) for im in images[i]],
+               "scores": scores, "reward_scores": {n: per_reward[n][r].tolist() for n in per_reward},
+               "ranks": ranks_from_scores(scores), "sources": sources[i], "seeds": seeds[i]}
+        rows.append(row)
+        if cfg.pairs:
+            noise = torch.Generator().manual_seed(image_seed(cfg.seed, i, -1, 0))  # per prompt: resumable
+            pair_rows += pairs_from_list(row, cfg.pairs, cfg.min_margin, cfg.label_temperature, noise)
+    return rows, pair_rows
+
+
 def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
     """Generate, score and rank; returns counts. Safe to rerun after a kill: finished shards are kept."""
     from tqdm import tqdm
@@ -237,7 +291,7 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
     from ..data.prompts import read_prompts
     from ..models.load import default_guidance
     from ..registry import load_all
-    from ..rewards.base import build_reward, check_prompts, ensemble_scores
+    from ..rewards.base import build_reward, check_prompts
     from ..train.setup import build_backbone, sampling_device
 
     load_all()
@@ -287,54 +341,15 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
             bb.to_device(sampling_device(), include_denoiser=True)
         bb.unwrapped().eval()
         bb.sample_dtype = torch.bfloat16 if cfg.bf16 else None
-    t0, made = time.time(), 0
+    t0, made = time.time(), [0]
     for j in mine:
         ids = list(range(j * cfg.shard_size, min((j + 1) * cfg.shard_size, len(prompts))))
-        images: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
-        sources: dict[int, list[str]] = {i: [] for i in ids}
-        seeds: dict[int, list[int]] = {i: [] for i in ids}
-        jobs = [(i, m, k) for m in range(len(models)) for i in ids for k in range(cfg.images_per_prompt)]
-        for start in range(0, len(jobs), cfg.batch_size):
-            chunk = jobs[start:start + cfg.batch_size]
-            by_model: dict[int, list] = {}
-            for job in chunk:
-                by_model.setdefault(job[1], []).append(job)
-            for m, part in by_model.items():
-                bb = backbones[m]
-                noise = torch.stack([torch.randn(bb.sample_shape, generator=torch.Generator().manual_seed(
-                    image_seed(cfg.seed, i, m, k))) for i, _, k in part])
-                with torch.no_grad():
-                    res = bb.sample([prompts[i] for i, _, _ in part], steps=cfg.steps, guidance=guidance[m],
-                                    latents=noise, eta=cfg.eta,
-                                    generator=torch.Generator().manual_seed(image_seed(cfg.seed, j, m, start)))
-                for (i, _, k), img in zip(part, res.images.cpu()):
-                    images[i].append(img)
-                    sources[i].append(f"{models[m][1]}#{image_seed(cfg.seed, i, m, k)}")
-                    seeds[i].append(image_seed(cfg.seed, i, m, k))
-                made += len(part)
-                bar.update(len(part))
-                bar.set_postfix(img_s=f"{made / max(time.time() - t0, 1e-9):.1f}")
-        rows, pair_rows = [], []
-        per_reward = {}
-        flat_imgs = torch.stack([img for i in ids for img in images[i]])
-        flat_prompts = [prompts[i] for i in ids for _ in images[i]]
-        n_per = len(images[ids[0]])
-        for name, fn in reward_fns.items():
-            per_reward[name] = fn(flat_imgs, flat_prompts).float().view(len(ids), n_per)
-        agg = ensemble_scores(per_reward, weights, cfg.normalise)
-        for r, i in enumerate(ids):
-            scores = agg[r].tolist()
-            row = {"prompt": prompts[i], "prompt_index": i, "images": [png_bytes(im) for im in images[i]],
-                   "scores": scores, "reward_scores": {n: per_reward[n][r].tolist() for n in per_reward},
-                   "ranks": ranks_from_scores(scores), "sources": sources[i], "seeds": seeds[i]}
-            rows.append(row)
-            if cfg.pairs:
-                noise = torch.Generator().manual_seed(image_seed(cfg.seed, i, -1, 0))  # per prompt: resumable
-                pair_rows += pairs_from_list(row, cfg.pairs, cfg.min_margin, cfg.label_temperature, noise)
+        images, sources, seeds = _sample_shard(cfg, j, ids, prompts, models, backbones, guidance, bar, t0, made)
+        rows, pair_rows = _rank_shard(cfg, ids, prompts, images, sources, seeds, reward_fns, weights)
         if cfg.pairs:
             # pairs first: the data shard's existence marks the whole shard as done
             _write_parquet(pair_rows, shard_path(out, "pairs", j), schema=_pair_schema())
         _write_parquet(rows, shard_path(out, "data", j))
     bar.close()
-    return {"shards": n_shards, "written": len(mine), "images": made, "prompts": len(prompts),
+    return {"shards": n_shards, "written": len(mine), "images": made[0], "prompts": len(prompts),
             "seconds": time.time() - t0, "scored": {n: fn.calls for n, fn in reward_fns.items()}}

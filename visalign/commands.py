@@ -1,0 +1,160 @@
+"""The command functions behind `visalign ...`: each reads its parsed arguments and calls the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+
+def cmd_list(args) -> None:
+    from .registry import ALL, load_all
+
+    load_all()
+    for kind, reg in ALL.items():
+        print(f"{kind}:")
+        for name, doc in reg.docs().items():
+            print(f"  {name:<16} {doc}")
+
+
+def cmd_config(args) -> None:
+    from .config import dump_config, load_config
+
+    print(dump_config(load_config(args.model, args.config, args.overrides)), end="")
+
+
+def cmd_doctor(args) -> None:
+    import importlib.util
+
+    import torch
+
+    def version(mod: str) -> str:
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return "not installed"
+
+    cuda = torch.cuda.is_available()
+    print(f"visalign      {version('visalign')}")
+    for mod in ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets", "safetensors"):
+        print(f"{mod:<13} {version(mod)}")
+    print(f"device        {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
+          f"({torch.get_num_threads()} threads)")
+    from .models.load import native_bf16
+
+    bf16 = native_bf16("cuda" if cuda else "cpu")
+    print(f"bf16          {'yes' if bf16 else 'no'}")
+    print(f"sdpa          {'yes' if hasattr(torch.nn.functional, 'scaled_dot_product_attention') else 'no'}")
+    xf = importlib.util.find_spec("xformers") is not None
+    note = ("installed" + ("" if cuda else " (no CPU kernels; SDPA is used)")) if xf else "no (SDPA is used)"
+    print(f"xformers      {note}")
+
+
+def cmd_finetune(args) -> None:
+    from .config import load_config
+    from .train.loop import train
+
+    cfg = load_config(args.model, args.config, args.overrides)
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_make_dataset(args) -> None:
+    from .config import load_section
+    from .data.make_dataset import MakeDatasetConfig, make_dataset
+
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(MakeDatasetConfig)}
+    cfg = load_section(MakeDatasetConfig, args.config, flags, args.overrides, "make-dataset")
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        rank, world = state.process_index, state.num_processes
+    summary = make_dataset(cfg, rank, world)
+    print(json.dumps(summary))
+
+
+def cmd_score_pairs(args) -> None:
+    from .config import load_section
+    from .data.score_pairs import ScorePairsConfig, score_pairs
+
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ScorePairsConfig)}
+    cfg = load_section(ScorePairsConfig, args.config, flags, args.overrides, "score-pairs")
+    print(json.dumps(score_pairs(cfg)))
+
+
+def _eval(name: str, args) -> None:
+    from .eval import commands
+
+    getattr(commands, name)(args)
+
+
+def cmd_world_features(args) -> None:
+    from .worlds.shapes.features import train_feature_net
+
+    print(json.dumps(train_feature_net(args.out, steps=args.steps), indent=2))
+
+
+def cmd_world_pretrain(args) -> None:
+    from .config import load_section
+    from .worlds.shapes.base import PretrainConfig, pretrain
+
+    cfg = load_section(PretrainConfig, [], {}, args.overrides, "pretrain")
+    print(f"wrote {pretrain(cfg, args.out)}")
+
+
+def cmd_world_prompts(args) -> None:
+    from .worlds.shapes.render import balanced_records, prompt_records, write_metadata
+
+    records = balanced_records(args.split, args.per_task) if args.per_task else prompt_records(args.split)
+    print(f"wrote {write_metadata(records, args.out)}")
+
+
+def cmd_reward_server(args) -> None:
+    from .data.make_dataset import parse_reward
+    from .registry import load_all
+    from .rewards.base import build_reward
+    from .rewards.server import make_server
+
+    load_all()
+    name, _, kwargs = parse_reward(args.reward)
+    server = make_server(build_reward({"name": name, **kwargs}), args.host, args.port)
+    print(f"serving reward {name} on http://{args.host}:{args.port}/score (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+
+
+def cmd_report(args) -> None:
+    from .eval.report import build_report
+
+    print(f"wrote {build_report(args.run_dir, args.baseline, grid=not args.no_grid)}")
+
+
+def cmd_diagnose(args) -> None:
+    from .data.prompts import read_prompts
+    from .eval.diagnose import diagnose_run, format_diagnosis
+
+    prompts = read_prompts(args.prompts)[: args.n_prompts]
+    result = diagnose_run(args.run_dir, prompts, args.baseline, args.out, args.seed)
+    print(format_diagnosis(result))
+    print(f"wrote {Path(args.out or args.run_dir) / 'diagnose.json'} and diagnose.png")
+
+
+def cmd_export_lora(args) -> None:
+    from .models.export import export_kohya
+
+    if args.format != "kohya":
+        raise FileNotFoundError(f"unknown export format {args.format!r}; expected kohya")
+    print(f"wrote {export_kohya(args.lora, args.out)}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, base=args.base,
+             **({"guidance": args.guidance} if args.guidance is not None else {}))
