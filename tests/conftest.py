@@ -54,6 +54,17 @@ def _cache_dir(tmp_path_factory):
     os.environ["VISALIGN_CACHE"] = str(tmp_path_factory.mktemp("visalign-cache"))
 
 
+def register_tiny_open_clip(open_clip, folder) -> str:
+    """Register the tiny open_clip architecture 'visalign-tiny-clip' (32 px, one layer) from a config file."""
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    cfg = {"embed_dim": 32, "vision_cfg": vision,
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "visalign-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return "visalign-tiny-clip"
+
+
 @pytest.fixture(scope="session")
 def tiny_owl(tmp_path_factory):
     """A tiny OWLv2 folder and a tiny open_clip architecture, built from configs (no real weights here)."""
@@ -63,12 +74,7 @@ def tiny_owl(tmp_path_factory):
     from visalign.models.tiny import tiny_tokenizer
 
     root = tmp_path_factory.mktemp("owl")
-    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
-    clip_cfg = {"embed_dim": 32, "vision_cfg": vision,
-                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (root / "clip").mkdir()
-    (root / "clip" / "visalign-tiny-clip.json").write_text(json.dumps(clip_cfg))
-    open_clip.add_model_config(root / "clip")
+    register_tiny_open_clip(open_clip, root / "clip")
     tok = tiny_tokenizer(max_length=16)
     small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 1}
     cfg = Owlv2Config(text_config=small | {"vocab_size": len(tok), "max_position_embeddings": 16,

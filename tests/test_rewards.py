@@ -1,9 +1,9 @@
 """The reward zoo on tiny random-init configs (no weights downloaded), the score cache and offline errors."""
 
-import json
 
 import pytest
 import torch
+from conftest import register_tiny_open_clip
 
 from visalign.models.load import ModelLoadError
 from visalign.rewards import CachedReward, build_reward
@@ -15,11 +15,7 @@ PROMPTS = ["a photo of a red circle", "a photo of two squares", "a cat"]
 def tiny_open_clip(tmp_path_factory):
     open_clip = pytest.importorskip("open_clip")
     d = tmp_path_factory.mktemp("oc")
-    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
-    cfg = {"embed_dim": 32, "vision_cfg": vision,
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (d / "visalign-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(d)
+    register_tiny_open_clip(open_clip, d)
     torch.manual_seed(0)
     model = open_clip.create_model("visalign-tiny-clip", pretrained=None)
     torch.save({"state_dict": model.state_dict()}, d / "tiny_hps.pt")

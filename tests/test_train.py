@@ -301,21 +301,26 @@ def test_cache_builders_sharing_a_folder_never_see_each_others_files(tiny_dir, t
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no staging folder left behind
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path, family):
-    import diffusers
-
-    from visalign.models.export import export_kohya
+def _save_random_lora(bb, out) -> None:
+    """A rank-4, alpha-2 LoRA with random up-projections (a fresh LoRA is a no-op), saved in diffusers format."""
     from visalign.models.lora import LoraSpec, add_lora, save_lora
-    from visalign.models.unet import SDBackbone, SDXLBackbone
 
-    bb = (SDBackbone if family == "sd15" else SDXLBackbone)(str(tiny_dir(family)))
     add_lora(bb, LoraSpec(rank=4, alpha=2.0))
     with torch.no_grad():
         for n, p in bb.unwrapped().named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
-    save_lora(bb, tmp_path / "lora")
+    save_lora(bb, out)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_export_kohya_keeps_alpha_and_loads_in_diffusers(tiny_dir, tmp_path, family):
+    import diffusers
+
+    from visalign.models.export import export_kohya
+    from visalign.models.unet import SDBackbone, SDXLBackbone
+
+    _save_random_lora((SDBackbone if family == "sd15" else SDXLBackbone)(str(tiny_dir(family))), tmp_path / "lora")
     out = export_kohya(tmp_path / "lora", tmp_path / "kohya.safetensors")
     k = load_file(out)
     assert all(key.startswith("lora_unet_") for key in k)
@@ -340,15 +345,8 @@ def test_export_kohya_for_sd3_uses_comfyui_keys_and_round_trips(tiny_dir, tmp_pa
 
     from visalign.models.export import export_kohya, kohya_to_diffusers
     from visalign.models.flow import FlowBackbone
-    from visalign.models.lora import LoraSpec, add_lora, save_lora
 
-    bb = FlowBackbone(str(tiny_dir("sd3")), max_sequence_length=8)
-    add_lora(bb, LoraSpec(rank=4, alpha=2.0))
-    with torch.no_grad():
-        for n, p in bb.unwrapped().named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    save_lora(bb, tmp_path / "lora")
+    _save_random_lora(FlowBackbone(str(tiny_dir("sd3")), max_sequence_length=8), tmp_path / "lora")
     k = load_file(export_kohya(tmp_path / "lora", tmp_path / "kohya.safetensors"))
     assert k and all(key.startswith("lora_transformer_transformer_blocks_") for key in k)
     assert all(float(v) == 2.0 for key, v in k.items() if key.endswith(".alpha"))
