@@ -1,10 +1,11 @@
 """`visalign eval calibrate-detector`: fit the open-vocabulary detector's two score thresholds on labelled images.
 
 GenEval keeps a detection when its confidence exceeds 0.3 (0.9 for counting prompts). Those numbers were
-chosen for GenEval's Mask2Former, whose scores are calibrated differently from OWLv2's (OWLv2's own
-examples keep boxes above 0.1, and its LVIS numbers are AP over all scores, with no threshold). No
-published calibration of OWLv2 on GenEval's classes exists, so visalign ships GenEval's numbers as the
-default and offers this fit when a user has real weights and a small labelled set.
+chosen for GenEval's Mask2Former (Ghosh et al. 2023, evaluate_images.py), whose scores are calibrated
+differently from OWLv2's: the google/owlv2-* model cards' own example keeps boxes above 0.1, and OWLv2's
+LVIS results (Minderer et al. 2023) are AP over all scores, with no threshold. No published calibration of
+OWLv2 on GenEval's classes exists, so visalign ships GenEval's numbers as the default and offers this fit
+when a user has real weights and a small labelled set.
 
 Labels: a JSON-lines file, one ``{"image": PATH, "class": NAME, "count": N}`` per (image, class), with an
 optional ``"task": "presence" | "counting"`` (default: counting when N >= 2, as GenEval's counting prompts

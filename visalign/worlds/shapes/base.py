@@ -115,7 +115,7 @@ def sampling_declaration(prediction_type: str) -> dict:
     if prediction_type == "v_prediction":
         return {"guidance": 1.5, "note": "best classifier-free guidance of the shipped v-prediction base on the demo's "
                 "300 held-out samples (GenEval-shapes overall 0.553 at 1, 0.603 at 1.5, 0.523 at 2, 0.397 at 3): "
-                "stronger guidance oversaturates colours off the palette (docs/demo_experiments.md, seventh round)"}
+                "stronger guidance oversaturates colours off the palette (docs/experiments.md, seventh round)"}
     return {"guidance": 3.0, "note": "the first, epsilon base's best on the demo's held-out set (0.460)"}
 
 
