@@ -108,8 +108,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
              guidance: float | None = None) -> dict:
     """ShapesWorld end to end: rater-labelled data from the base -> Diffusion-DPO -> rater win rate and
     GenEval-shapes on held-out prompts (same seeds for both models) -> report.html."""
-    from .models.load import default_guidance, native_bf16, resolve_path
-    from .train.setup import sampling_device
+    from .models.load import default_guidance, native_bf16, resolve_path, sampling_device
 
     t_start = time.time()
     out = Path(out)

@@ -289,10 +289,9 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
 
     from ..config import Component
     from ..data.prompts import read_prompts
-    from ..models.load import default_guidance
+    from ..models.load import build_backbone, default_guidance, sampling_device
     from ..registry import load_all
     from ..rewards.base import build_reward, check_prompts
-    from ..train.setup import build_backbone, sampling_device
 
     load_all()
     if cfg.threads:

@@ -9,9 +9,8 @@ from pathlib import Path
 def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: bool = False):
     """A backbone from a folder (family from model_index.json unless named), with an optional LoRA, in eval mode."""
     from ..config import Component
-    from ..models.load import detect_backbone, resolve_path
+    from ..models.load import build_backbone, detect_backbone, resolve_path, sampling_device
     from ..registry import load_all
-    from ..train.setup import build_backbone, sampling_device
 
     load_all()
     path = resolve_path(model)

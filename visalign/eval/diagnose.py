@@ -230,8 +230,8 @@ def _run_models(run: Path):
 
     from ..config import Component
     from ..errors import UserError
+    from ..models.load import build_backbone
     from ..models.lora import load_lora
-    from ..train.setup import build_backbone
 
     cfg_file = run / "config.yaml"
     if not cfg_file.exists():

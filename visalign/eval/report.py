@@ -63,7 +63,7 @@ def plot_curves(rows: list[dict], out: Path, gold: list[dict]) -> list[Path]:
 def before_after_grid(run: Path, cfg: dict, out: Path, prompts: list[str], seed: int = 0) -> Path | None:
     """Base vs tuned on the same prompts and seeds (rows: base, tuned)."""
     from ..config import Component
-    from ..train.setup import build_backbone, sampling_device
+    from ..models.load import build_backbone, sampling_device
     from .grid import image_grid, save_png
 
     model = cfg["model"]

@@ -125,3 +125,33 @@ def native_bf16(device="cpu") -> bool:
     except OSError:  # not Linux: trust torch's own CPU capability report
         return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def build_backbone(model, **extra):
+    """The backbone a config ``Component`` names (its ``path`` resolved: a folder, or a hub id while online)."""
+    from ..registry import BACKBONES
+
+    kwargs = dict(model.kwargs) | extra
+    if "path" in kwargs:
+        kwargs["path"] = resolve_path(kwargs["path"])
+    return BACKBONES.build(model.name, **kwargs)
+
+
+def sampling_device():
+    """Where sampling (make-dataset, eval, the demo) runs: ``VISALIGN_DEVICE`` if set, else this process's GPU
+    (``LOCAL_RANK`` under ``accelerate launch``), else the CPU."""
+    import os
+
+    import torch
+
+    from ..registry import ConfigError
+
+    if name := os.environ.get("VISALIGN_DEVICE"):
+        try:
+            return torch.device(name)
+        except RuntimeError as e:
+            raise ConfigError(f"VISALIGN_DEVICE={name!r} is not a torch device "
+                              "(expected e.g. cpu, cuda, cuda:1)") from e
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")

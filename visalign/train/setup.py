@@ -4,37 +4,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 
 import numpy as np
 import torch
 
 from ..config import Component, RunConfig
-from ..models.load import resolve_path
-from ..registry import BACKBONES, METHODS, ConfigError
+from ..models.load import build_backbone, sampling_device  # noqa: F401  (re-exported: the loop's pieces)
+from ..registry import METHODS, ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def build_backbone(model: Component, **extra):
-    kwargs = dict(model.kwargs) | extra
-    if "path" in kwargs:
-        kwargs["path"] = resolve_path(kwargs["path"])
-    return BACKBONES.build(model.name, **kwargs)
-
-
-def sampling_device() -> torch.device:
-    """Where sampling (make-dataset, eval, the demo) runs: ``VISALIGN_DEVICE`` if set, else this process's GPU
-    (``LOCAL_RANK`` under ``accelerate launch``), else the CPU."""
-    if name := os.environ.get("VISALIGN_DEVICE"):
-        try:
-            return torch.device(name)
-        except RuntimeError as e:
-            raise ConfigError(f"VISALIGN_DEVICE={name!r} is not a torch device "
-                              "(expected e.g. cpu, cuda, cuda:1)") from e
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def build_method(objective: Component, guidance: float | None = None):
