@@ -178,7 +178,8 @@ COMPONENT_REGISTRIES: dict[str, Registry] = {"model": BACKBONES, "objective": ME
 # model presets: `visalign config MODEL` / `visalign finetune MODEL` start from these
 PRESETS: dict[str, dict] = {
     # sampling guidance (train.guidance) is not set here: it is what the model folder declares in
-    # visalign_sampling.json (the shipped ShapesWorld base: 1.5), else the family's usual (models.load.FAMILY_GUIDANCE)
+    # visalign_sampling.json (the shipped ShapesWorld base: 1.5), else the family's usual (the backbone class's
+    # default_guidance)
     "shapes": {"model": {"name": "pixel", "path": "assets/shapes-base"},
                "objective": {"name": "diffusion_dpo", "beta": 5000.0},
                "train": {"lr": 1e-4, "sample_steps": 20}},

@@ -19,6 +19,8 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
     """SD3: x_t = (1−σ)x0 + σε, target v = ε − x0, σ from a shifted logit-normal density; t = 1000σ."""
 
     family = "sd3"
+    default_guidance = 4.5
+    lora_pipeline, lora_prefix = "StableDiffusion3Pipeline", "transformer"
     denoiser_subfolder = "transformer"
 
     def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0,

@@ -10,7 +10,6 @@ from ..errors import UserError, spelled
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLING_FILE = "visalign_sampling.json"  # a model folder's own sampling defaults: {"guidance": ..., "note": ...}
 # each family's usual classifier-free guidance, for a folder (or hub id) that declares none
-FAMILY_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 4.5, "pixel": 3.0}
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -46,8 +45,12 @@ def declared_sampling(path: str | None) -> dict:
 
 def default_guidance(backbone: str, path: str | None) -> float:
     """The guidance a model is sampled at unless told otherwise: its folder's declaration, else its family's."""
+    from ..registry import BACKBONES
+
     declared = declared_sampling(path).get("guidance")
-    return float(declared) if declared is not None else FAMILY_GUIDANCE.get(backbone, 3.0)
+    if declared is not None:
+        return float(declared)
+    return float(getattr(BACKBONES.get(backbone), "default_guidance", 3.0)) if backbone in BACKBONES else 3.0
 
 
 def sampling_guidance(backbone, requested: float | None) -> float:

@@ -10,12 +10,6 @@ import torch
 from ..errors import CheckpointError, first_line
 
 # which diffusers pipeline writes (and reads) each family's LoRA file, and its key prefix
-_LORA_WRITERS = {
-    "sd": ("StableDiffusionPipeline", "unet"),
-    "pixel": ("StableDiffusionPipeline", "unet"),
-    "sdxl": ("StableDiffusionXLPipeline", "unet"),
-    "sd3": ("StableDiffusion3Pipeline", "transformer"),
-}
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -58,7 +52,7 @@ def save_lora(backbone, out_dir: str | Path) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` with adapter metadata, so alpha ≠ rank survives a reload."""
     import diffusers
 
-    cls_name, prefix = _LORA_WRITERS[backbone.family]
+    cls_name, prefix = backbone.lora_pipeline, backbone.lora_prefix  # each family says how diffusers saves it
     writer = getattr(diffusers, cls_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +64,7 @@ def save_lora(backbone, out_dir: str | Path) -> Path:
 
 def load_lora(backbone, lora_dir: str | Path) -> None:
     """Load a diffusers-format LoRA (as written by ``save_lora``) onto the backbone's denoiser."""
-    _, prefix = _LORA_WRITERS[backbone.family]
+    prefix = backbone.lora_prefix
     from .export import read_lora_file
 
     path = Path(lora_dir)

@@ -19,6 +19,8 @@ class PixelBackbone(DiffusionBackbone):
     """A text-conditioned UNet2DConditionModel on pixels in [−1, 1] with a CLIP text encoder; ε or v."""
 
     family = "pixel"
+    default_guidance = 3.0
+    lora_pipeline, lora_prefix = "StableDiffusionPipeline", "unet"
 
     def __init__(self, path: str, revision: str | None = None, load_encoders: bool = True):
         from diffusers import DDPMScheduler, UNet2DConditionModel

@@ -48,6 +48,8 @@ class SDBackbone(LatentMixin, DiffusionBackbone):
     """Stable Diffusion 1.x/2.x: UNet2DConditionModel + AutoencoderKL + CLIP text encoder; ε or v prediction."""
 
     family = "sd"
+    default_guidance = 7.5  # the family's usual CFG scale when a model folder declares none
+    lora_pipeline, lora_prefix = "StableDiffusionPipeline", "unet"  # whose save_lora_weights writes its LoRA
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
                  variant: str | None = None, load_encoders: bool = True):
@@ -80,6 +82,8 @@ class SDXLBackbone(SDBackbone):
     """SDXL: two CLIP text encoders (penultimate hidden states + pooled) and size/crop micro-conditioning."""
 
     family = "sdxl"
+    default_guidance = 5.0
+    lora_pipeline, lora_prefix = "StableDiffusionXLPipeline", "unet"
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
                  variant: str | None = None, load_encoders: bool = True):
