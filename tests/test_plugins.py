@@ -47,3 +47,19 @@ def test_a_broken_plugin_is_one_line_naming_it(tmp_path):
     r = subprocess.run([sys.executable, "-m", "visalign", "list"], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "plug-in 'broken'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_world_provides_prompts_and_real_images_by_scheme():
+    from visalign.data.prompts import read_prompts
+    from visalign.eval.commands import real_images
+    from visalign.registry import PROMPT_SOURCES, REAL_IMAGES
+
+    @PROMPT_SOURCES.register("testworld")
+    def prompts(spec, where):
+        return [f"{spec} {i}" for i in range(3)]
+
+    assert read_prompts("testworld:thing") == ["thing 0", "thing 1", "thing 2"]
+    assert len(read_prompts("shapes:eval")) == 90  # ShapesWorld registers itself the same way
+    imgs = real_images("shapes:eval", 4, seed=1)
+    assert imgs.shape[:2] == (4, 3) and imgs.dtype.__str__() == "torch.uint8"
+    assert "shapes" in REAL_IMAGES and "testworld" not in REAL_IMAGES

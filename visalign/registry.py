@@ -81,6 +81,9 @@ class Registry:
 
 
 BACKBONES = Registry("backbone")
+# what a world provides to generic code, by scheme: 'NAME:SPEC' -> prompts, or -> real images [N, 3, H, W] uint8
+PROMPT_SOURCES = Registry("prompt source")
+REAL_IMAGES = Registry("real image source")
 METHODS = Registry("method")
 HEADS = Registry("head")
 REWARDS = Registry("reward")

@@ -1,4 +1,5 @@
-"""Prompt sources: text files (one per line), GenEval metadata JSONL, datasets, and ShapesWorld splits."""
+"""Prompt sources: text files (one per line), GenEval metadata JSONL, datasets, named prompt sets, and a
+world's own (``SCHEME:SPEC`` through ``PROMPT_SOURCES``, e.g. ShapesWorld's ``shapes:eval``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError, read_text, spelled
+from ..registry import PROMPT_SOURCES
 
 
 def read_prompts(source: str, column: str = "prompt", key: str = "data.path") -> list[str]:
@@ -18,14 +20,9 @@ def read_prompts(source: str, column: str = "prompt", key: str = "data.path") ->
     if not source:
         raise UserError(f"{where}: no prompt source given; pass a text file, a GenEval .jsonl, shapes:train|eval|all "
                         "or a dataset")
-    if source.startswith("shapes:"):
-        from ..worlds.shapes.render import prompt_records
-
-        split = source.split(":", 1)[1]
-        if split not in ("train", "eval", "all"):
-            raise UserError(f"{where}: unknown ShapesWorld split {split!r}; expected shapes:train, shapes:eval or "
-                            "shapes:all")
-        return [r["prompt"] for r in prompt_records(split)]
+    scheme, _, spec = source.partition(":")
+    if spec and scheme.isidentifier() and scheme in PROMPT_SOURCES:  # a world's named prompts, e.g. shapes:eval
+        return PROMPT_SOURCES.get(scheme)(spec, where)
     from ..prompt_sets import NAMED, named_prompt_set
 
     p = named_prompt_set(source) or Path(source)

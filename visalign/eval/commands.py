@@ -106,15 +106,13 @@ def cmd_eval_calibrate_detector(args) -> None:
 
 def real_images(source: str, n: int, seed: int = 0):
     """[N, 3, H, W] uint8 real images: 'shapes:SPLIT' renders, a folder of images, or a dataset with images."""
-    import numpy as np
     import torch
 
-    if source.startswith("shapes:"):
-        from ..worlds.shapes.render import prompt_records, render
+    from ..registry import REAL_IMAGES
 
-        records = prompt_records(source.split(":", 1)[1])
-        imgs = [render(records[i % len(records)], seed * 1_000_003 + i)[0] for i in range(n)]
-        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    scheme, _, spec = source.partition(":")
+    if spec and scheme.isidentifier() and scheme in REAL_IMAGES:  # a world's own images, e.g. shapes:eval renders
+        return REAL_IMAGES.get(scheme)(spec, n, seed, f"--real {source}")
     from ..data.pairs import decode_image, load_any
 
     p = Path(source)

@@ -1,0 +1,40 @@
+"""What ShapesWorld provides to generic code: its prompt splits and its exact renders as real images.
+
+``shapes:train|eval|all`` names a split wherever prompts or real images are read (make-dataset, eval, FID,
+online methods); generic code finds these through the ``PROMPT_SOURCES`` and ``REAL_IMAGES`` registries.
+"""
+
+from __future__ import annotations
+
+from ...errors import UserError
+from ...registry import PROMPT_SOURCES, REAL_IMAGES
+
+SPLITS = ("train", "eval", "all")
+
+
+def _split(spec: str, where: str) -> str:
+    if spec not in SPLITS:
+        raise UserError(f"{where}: unknown ShapesWorld split {spec!r}; expected shapes:train, shapes:eval or "
+                        "shapes:all")
+    return spec
+
+
+@PROMPT_SOURCES.register("shapes")
+def shapes_prompts(spec: str, where: str = "shapes") -> list[str]:
+    """ShapesWorld's prompts of a split (GenEval templates over its shapes and colours)."""
+    from .render import prompt_records
+
+    return [r["prompt"] for r in prompt_records(_split(spec, where))]
+
+
+@REAL_IMAGES.register("shapes")
+def shapes_renders(spec: str, n: int, seed: int = 0, where: str = "shapes"):
+    """``n`` exact renders of a split's prompts (cycled), [N, 3, H, W] uint8."""
+    import numpy as np
+    import torch
+
+    from .render import prompt_records, render
+
+    records = prompt_records(_split(spec, where))
+    imgs = [render(records[i % len(records)], seed * 1_000_003 + i)[0] for i in range(n)]
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
