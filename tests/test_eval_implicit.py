@@ -25,7 +25,7 @@ class AnalyticBackbone:
         return torch.randint(0, 1000, (n,))
 
     def noise(self, x0, t=None, eps=None, generator=None):
-        return Noised(x_t=x0, t=t, target=torch.zeros_like(x0), eps=eps)
+        return Noised(x_t=x0, t=t, target=torch.zeros_like(x0))
 
     def error(self, noised, cond):
         m = noised.x_t.flatten(1).mean(1)

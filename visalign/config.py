@@ -20,7 +20,7 @@ from .errors import UserError, read_text, require_positive
 from .registry import BACKBONES, HEADS, METHODS, REWARDS, ConfigError, Registry, closest
 
 # a method/reward argument with one of these names is itself a component of that registry
-NESTED: dict[str, Registry] = {"head": HEADS, "reward": REWARDS, "gold_reward": REWARDS}
+NESTED: dict[str, Registry] = {"head": HEADS, "reward": REWARDS}  # component arguments that are components
 
 
 @dataclass

@@ -14,12 +14,11 @@ from torch import Tensor
 
 @dataclass
 class Noised:
-    """A forward-noised batch: model input x_t at timestep t, the regression target, and the noise ε used."""
+    """A forward-noised batch: model input x_t at timestep t and the regression target."""
 
     x_t: Tensor
     t: Tensor
     target: Tensor
-    eps: Tensor
 
 
 @dataclass

@@ -53,7 +53,7 @@ class DiffusionBackbone(ReferenceMixin):
             eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         t = t.to(x0.device)
         x_t = self.train_scheduler.add_noise(x0, eps, t)
-        return Noised(x_t=x_t, t=t, target=denoising_target(self.train_scheduler, x0, eps, t), eps=eps)
+        return Noised(x_t=x_t, t=t, target=denoising_target(self.train_scheduler, x0, eps, t))
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         if t.ndim == 0:

@@ -93,7 +93,7 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
             eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         t = t.to(x0.device).float()
         sigma = (t / self.num_train_timesteps).view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-        return Noised(x_t=(1 - sigma) * x0 + sigma * eps, t=t, target=eps - x0, eps=eps)
+        return Noised(x_t=(1 - sigma) * x0 + sigma * eps, t=t, target=eps - x0)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         if t.ndim == 0:

@@ -11,7 +11,7 @@ from ..types import PreferenceBatch, as_float
 class Method:
     """A preference objective: ``method(backbone, batch) -> StepOutput``.
 
-    ``data`` names the batch shape it needs (pairs | lists | images | prompts), ``online`` says
+    ``data`` names the batch shape it needs (pairs | lists | prompts), ``online`` says
     whether it samples from the model during training, ``needs`` lists optional Backbone
     capabilities (``invert``, ``step_logprob``) checked before any weights load.
     """
