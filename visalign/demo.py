@@ -42,7 +42,7 @@ DEMO_REWARD, DEMO_MARGIN = "rater", 0.05  # the rater's scale: 0.05 is a visible
 
 
 def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_per_prompt: int = 4,
-                    steps: int = SAMPLE_STEPS, bf16: bool = True, threads: int = 0, progress: bool = True,
+                    steps: int = SAMPLE_STEPS, bf16: bool | None = None, threads: int = 0, progress: bool = True,
                     guidance: float | None = None, reward: str = DEMO_REWARD, min_margin: float = DEMO_MARGIN) -> dict:
     """The demo's preference data: ``per_task`` balanced training prompts per task x ``images_per_prompt``
     base samples scored by ``reward`` (the rater: what a person would prefer); every pair at least
@@ -56,7 +56,8 @@ def build_demo_data(data_dir: Path, base_path: str, per_task: int = 40, images_p
     return make_dataset(MakeDatasetConfig(
         prompts=str(prompts), models=[f"pixel={base_path}"], images_per_prompt=images_per_prompt, rewards=[reward],
         out=str(data_dir), steps=steps, guidance=guidance, seed=0, batch_size=64, shard_size=64, normalise="none",
-        pairs="all", min_margin=min_margin, bf16=bf16, threads=threads), progress=progress)
+        pairs="all", min_margin=min_margin, bf16=fast_bf16() if bf16 is None else bf16, threads=threads),
+        progress=progress)
 
 
 def rater_comparison(base: list[dict], tuned: list[dict]) -> dict:
@@ -75,12 +76,20 @@ def rater_comparison(base: list[dict], tuned: list[dict]) -> dict:
                      "weights": rater.weights}
 
 
-def sampling_backbone(model_path: str, lora: str | Path | None = None, bf16: bool = True):
+def fast_bf16() -> bool:
+    """bf16 where it is native (the demo's default), fp32 where it would be emulated (about 17x slower)."""
+    from .models.load import native_bf16, sampling_device
+
+    return native_bf16(sampling_device())
+
+
+def sampling_backbone(model_path: str, lora: str | Path | None = None, bf16: bool | None = None):
     """The ShapesWorld model (with its LoRA, if any) ready to sample as the demo does: eval mode, on the
     sampling device, bf16 sampling (`visalign eval`'s loader with the pixel backbone)."""
     from .eval.commands import load_backbone_cli
 
-    return load_backbone_cli(model_path, "pixel", str(lora) if lora is not None else None, bf16)
+    return load_backbone_cli(model_path, "pixel", str(lora) if lora is not None else None,
+                             fast_bf16() if bf16 is None else bf16)
 
 
 def heldout_results(bb, per_task: int = 50, steps: int = SAMPLE_STEPS, split: str = "eval",
@@ -98,7 +107,7 @@ def heldout_results(bb, per_task: int = 50, steps: int = SAMPLE_STEPS, split: st
 
 
 def generate_heldout(model_path: str, lora: str | Path | None = None, per_task: int = 50, steps: int = SAMPLE_STEPS,
-                     bf16: bool = True, guidance: float | None = None):
+                     bf16: bool | None = None, guidance: float | None = None):
     """(backbone, GenEval-shapes results) on ``per_task`` held-out samples per task, the demo's fixed seeds."""
     bb = sampling_backbone(model_path, lora, bf16)
     return bb, heldout_results(bb, per_task, steps, guidance=guidance)
@@ -108,7 +117,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
              guidance: float | None = None) -> dict:
     """ShapesWorld end to end: rater-labelled data from the base -> Diffusion-DPO -> rater win rate and
     GenEval-shapes on held-out prompts (same seeds for both models) -> report.html."""
-    from .models.load import default_guidance, native_bf16, resolve_path, sampling_device
+    from .models.load import default_guidance, resolve_path
 
     t_start = time.time()
     out = Path(out)
@@ -120,7 +129,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, base: str = "as
     budget = dict(train_per_task=40, images_per_prompt=4, steps=20, train_steps=200, eval_per_task=50, batch=16)
     if quick:
         budget = dict(train_per_task=2, images_per_prompt=2, steps=4, train_steps=3, eval_per_task=2, batch=4)
-    bf16 = not quick and native_bf16(sampling_device())
+    bf16 = not quick and fast_bf16()
     if not quick and not bf16:
         print("      this CPU has no native bf16 (AMX or AVX512-BF16): sampling and training run in fp32, which "
               "here is faster than emulated bf16; the numbers differ slightly from a bf16 machine's")
