@@ -43,8 +43,13 @@ def backbone_fingerprint(backbone) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_root(root: str = "") -> Path:
+    """Where caches live: ``data.cache_dir`` if set, else ``VISALIGN_CACHE``, else ~/.cache/visalign."""
+    return Path(root) if root else Path(os.environ.get("VISALIGN_CACHE", Path.home() / ".cache" / "visalign"))
+
+
 def cache_dir_for(dataset, backbone, root: str = "") -> Path:
-    base = Path(root) if root else Path(os.environ.get("VISALIGN_CACHE", Path.home() / ".cache" / "visalign"))
+    base = cache_root(root)
     key = hashlib.sha256(f"{CACHE_FORMAT}|{dataset.fingerprint}|{backbone_fingerprint(backbone)}".encode())
     key = key.hexdigest()[:20]
     return base / key

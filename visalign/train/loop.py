@@ -55,16 +55,14 @@ def _backbone_and_data(cfg: RunConfig, acc, method):
         return build_backbone(cfg.model), read_prompts(cfg.data.path or "shapes:train")
 
     if cfg.data.streaming:
-        import os
-
+        from ..data.cache import cache_root
         from ..data.stream import StreamedPairs
 
         backbone = build_backbone(cfg.model)
         backbone.to_device(acc.device)
-        root = cfg.data.cache_dir or os.environ.get("VISALIGN_CACHE", str(Path.home() / ".cache" / "visalign"))
         d = cfg.data
-        return backbone, StreamedPairs(d.path, backbone, Path(root), d.split, d.format, d.drop_ties, d.max_rows,
-                                       cfg.train.batch_size, acc.process_index, acc.num_processes,
+        return backbone, StreamedPairs(d.path, backbone, cache_root(d.cache_dir), d.split, d.format, d.drop_ties,
+                                       d.max_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
                                        d.stream_chunk_rows)
     samples_during_training = bool(cfg.train.validation_every and cfg.train.validation_prompts) or bool(
         cfg.train.gold_reward and cfg.train.gold_every)
