@@ -48,3 +48,21 @@ def write_pairs(path: Path, n: int = 8, size: int = 32, seed: int = 0, labels=No
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
+
+
+def _register_redness():
+    from visalign.registry import REWARDS
+
+    @REWARDS.register("test_redness")
+    class Redness:
+        """Mean red channel minus mean green (a tie-free toy reward for random models)."""
+
+        name, version = "test_redness", "1"
+
+        def __call__(self, images, prompts):
+            return (images[:, 0] - images[:, 1]).float().mean((1, 2))
+
+    return Redness
+
+
+Redness = _register_redness()

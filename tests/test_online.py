@@ -5,19 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import Redness  # noqa: F401  (registers the test_redness reward)
 
 from visalign.objectives.policy import clipped_surrogate, disco_objective, group_advantages, k3_kl
-from visalign.registry import REWARDS
-
-
-@REWARDS.register("test_redness")
-class Redness:
-    """Mean red channel minus mean green (a tie-free toy reward for random models)."""
-
-    name, version = "test_redness", "1"
-
-    def __call__(self, images, prompts):
-        return (images[:, 0] - images[:, 1]).float().mean((1, 2))
 
 
 def test_group_advantages_match_a_loop_and_drop_flat_groups():

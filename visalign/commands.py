@@ -150,7 +150,7 @@ def cmd_export_lora(args) -> None:
 
     if args.format != "kohya":
         raise FileNotFoundError(f"unknown export format {args.format!r}; expected kohya")
-    print(f"wrote {export_kohya(args.lora, args.out)}")
+    print(f"wrote {export_kohya(args.lora, args.out, args.family)}")
 
 
 def cmd_demo(args) -> None:

@@ -7,7 +7,6 @@ class's signature before any weights load. Errors are one line naming the key, v
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 
 from .coercion import Raw, coerce, type_hints
 from .errors import UserError, read_text, require_positive
-from .registry import BACKBONES, HEADS, METHODS, REWARDS, ConfigError, Registry, closest
+from .registry import BACKBONES, HEADS, METHODS, PRESETS, REWARDS, ConfigError, Registry, closest
 
 # a method/reward argument with one of these names is itself a component of that registry
 NESTED: dict[str, Registry] = {"head": HEADS, "reward": REWARDS}  # component arguments that are components
@@ -175,26 +174,6 @@ def _require_fraction(value: float, key: str, closed: bool = False) -> None:
 
 COMPONENT_REGISTRIES: dict[str, Registry] = {"model": BACKBONES, "objective": METHODS}
 
-# model presets: `visalign config MODEL` / `visalign finetune MODEL` start from these
-PRESETS: dict[str, dict] = {
-    # sampling guidance (train.guidance) is not set here: it is what the model folder declares in
-    # visalign_sampling.json (the shipped ShapesWorld base: 1.5), else the family's usual (the backbone class's
-    # default_guidance)
-    "shapes": {"model": {"name": "pixel", "path": "assets/shapes-base"},
-               "objective": {"name": "diffusion_dpo", "beta": 5000.0},
-               "train": {"lr": 1e-4, "sample_steps": 20}},
-    "sd15": {"model": {"name": "sd", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
-             "objective": {"name": "diffusion_dpo", "beta": 5000.0},
-             "train": {"lr": 1e-5, "mixed_precision": "bf16"}},
-    "sdxl": {"model": {"name": "sdxl", "path": "stabilityai/stable-diffusion-xl-base-1.0"},
-             "objective": {"name": "diffusion_dpo", "beta": 5000.0},
-             "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True}},
-    "sd3": {"model": {"name": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium"},
-            "objective": {"name": "diffusion_dpo", "beta": 100.0},
-            "train": {"lr": 1e-5, "mixed_precision": "bf16"}},
-}
-
-
 def build_component(section: Any, registry: Registry, where: str) -> Component:
     """Validate ``{name, **kwargs}`` (or a bare name) against the registry entry's signature."""
     if isinstance(section, Component):
@@ -326,9 +305,7 @@ def load_config(model: str | None = None, files: list[str] | None = None,
     load_all()
     tree: dict = {}
     if model is not None:
-        if model not in PRESETS:
-            raise ConfigError(f"unknown model {model!r}; valid: {', '.join(PRESETS)}{closest(model, PRESETS)}")
-        tree = json.loads(json.dumps(PRESETS[model]))
+        tree = PRESETS.get(model)()
     for f in files or []:
         tree = _deep_merge(tree, read_yaml_mapping(f))
     for item in overrides or []:

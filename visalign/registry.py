@@ -6,6 +6,7 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
+import json
 import pkgutil
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +88,15 @@ REAL_IMAGES = Registry("real image source")
 METHODS = Registry("method")
 HEADS = Registry("head")
 REWARDS = Registry("reward")
+# model presets (`visalign finetune NAME`): name -> a function returning the preset's config tree; each family
+# (and world) registers its own next to its code with ``register_preset``
+PRESETS = Registry("model")
+
+
+def register_preset(name: str, tree: dict) -> None:
+    """Make ``tree`` (model / objective / train defaults) the preset ``name``; each use gets a fresh copy."""
+    frozen = json.dumps(tree)
+    PRESETS.register(name)(lambda: json.loads(frozen))
 ALL = {"backbones": BACKBONES, "methods": METHODS, "heads": HEADS, "rewards": REWARDS}
 
 

@@ -112,6 +112,11 @@ class ReferenceMixin:
     _reference_active: bool = False
     uses_lora: bool = False
     sample_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: sample under autocast (2x on AMX CPUs)
+    # what a family declares beside its code: the model_index.json class naming it, its tiny test folders
+    # (models/tiny.py) and the model kwargs they load with
+    pipeline_class: str = ""
+    tiny_variants: tuple[str, ...] = ()
+    tiny_kwargs: dict = {}
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 3.0, *,
@@ -226,6 +231,14 @@ class ReferenceMixin:
     def error(self, noised: Noised, cond: Cond) -> Tensor:
         """Per-image mean squared error of the model's prediction against its own target: [N]."""
         return per_image_mse(self.predict(noised.x_t, noised.t, cond), noised.target)
+
+    true_cfg: bool = True  # False where guidance is a model input (FLUX.1-dev) or distilled away (schnell)
+
+    def unconditional(self, n: int, guidance: float, image_meta: dict | None = None) -> Cond | None:
+        """The empty prompt's conditioning for classifier-free guidance at ``guidance``; None when unused."""
+        if guidance == 1.0 or not self.true_cfg:
+            return None
+        return self.encode_prompts([""] * n, image_meta)
 
     def guided(self, x: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> Tensor:
         """Classifier-free guidance u + w(c − u) in one batched forward; t is a scalar or one per image."""

@@ -114,7 +114,7 @@ class DiffusionBackbone(ReferenceMixin):
             latents = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
         x = latents * sched.init_noise_sigma
         cond = self.encode_prompts(list(prompts), image_meta)
-        uncond = self.encode_prompts([""] * n, image_meta) if guidance != 1.0 else None
+        uncond = self.unconditional(n, guidance, image_meta)
         traj, logps = [x], []
         for t in sched.timesteps:
             pred = self.guided(x, t, cond, uncond, guidance)

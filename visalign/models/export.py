@@ -29,12 +29,34 @@ def read_lora_file(src: Path) -> tuple[dict, dict]:
     return state, meta
 
 
-def export_kohya(lora_dir: str | Path, out_file: str | Path) -> Path:
+def lora_family(src: Path, state: dict) -> str | None:
+    """The model family a LoRA was trained on: its run's config.yaml (``RUN/lora`` -> ``RUN/config.yaml``),
+    else its keys (only FLUX has ``single_transformer_blocks``); None when nothing says."""
+    import yaml
+
+    run_config = (src.parent if src.is_file() else src).parent / "config.yaml"
+    if run_config.is_file():
+        name = ((yaml.safe_load(run_config.read_text()) or {}).get("model") or {}).get("name")
+        if name:
+            return str(name)
+    return "flux" if any(".single_transformer_blocks." in k for k in state) else None
+
+
+def _adapter_alpha(meta: dict) -> float | None:
+    for key, value in meta.items():
+        if key.endswith("lora_adapter_metadata"):  # keys are prefixed: "unet.lora_alpha"
+            return next((v for k, v in json.loads(value).items() if k.split(".")[-1] == "lora_alpha"), None)
+    return None
+
+
+def export_kohya(lora_dir: str | Path, out_file: str | Path, family: str | None = None) -> Path:
     """Convert a visalign/diffusers LoRA to Kohya keys (``lora_unet_*.lora_down/up.weight`` + ``.alpha``).
 
     SD 1.x and SDXL get ``lora_unet_*`` (read by diffusers, ComfyUI and A1111); an SD3 transformer LoRA gets
     ``lora_transformer_*``, the naming ComfyUI maps for SD3 (``comfy/lora.py``, OneTrainer's format), which
-    diffusers' own SD3 loader does not read: ``kohya_to_diffusers`` turns it back.
+    diffusers' own SD3 loader does not read: ``kohya_to_diffusers`` turns it back. A FLUX LoRA gets
+    sd-scripts' ``lora_unet_double_blocks_*`` / ``single_blocks_*`` names with fused q/k/v (``flux_kohya``),
+    which ComfyUI and diffusers' FLUX loader read. ``family`` defaults to what ``lora_family`` finds.
 
     The alpha tensors carry the trained ``lora_alpha`` (diffusers' converter writes alpha = rank,
     which silently rescales an adapter trained with alpha ≠ rank).
@@ -45,17 +67,20 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path) -> Path:
     src = Path(lora_dir)
     src = src / "pytorch_lora_weights.safetensors" if src.is_dir() else src
     state, meta = read_lora_file(src)
-    alpha = None
-    for key, value in meta.items():
-        if key.endswith("lora_adapter_metadata"):  # keys are prefixed: "unet.lora_alpha"
-            alpha = next((v for k, v in json.loads(value).items() if k.split(".")[-1] == "lora_alpha"), None)
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
-    # a transformer (SD3) LoRA: ComfyUI's OneTrainer-style keys, lora_transformer_<diffusers module path with _>
-    kohya = {("lora_" + k if k.startswith("transformer_") else k): v for k, v in kohya.items()}
-    if alpha is not None:
-        for k in kohya:
-            if k.endswith(".alpha"):
-                kohya[k] = torch.tensor(float(alpha))
+    alpha = _adapter_alpha(meta)
+    if (family or lora_family(src, state)) == "flux":
+        from .flux import flux_kohya
+
+        peft = convert_all_state_dict_to_peft(state)
+        kohya = flux_kohya(_adapters(peft, "transformer"), alpha if alpha is not None else _rank(peft))
+    else:
+        kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
+        # a transformer (SD3) LoRA: ComfyUI's OneTrainer-style keys, lora_transformer_<module path with _>
+        kohya = {("lora_" + k if k.startswith("transformer_") else k): v for k, v in kohya.items()}
+        if alpha is not None:
+            for k in kohya:
+                if k.endswith(".alpha"):
+                    kohya[k] = torch.tensor(float(alpha))
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -63,6 +88,23 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path) -> Path:
                                                                                  "visalign_source": str(src)})
     tmp.replace(out)
     return out
+
+
+def _adapters(state: dict, prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{prefix}.{module}.lora_A/B.weight`` -> {module: (A, B)}."""
+    out = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight") and key.startswith(prefix + "."):
+            module = key[len(prefix) + 1: -len(".lora_A.weight")]
+            out[module] = (a, state[key.replace(".lora_A.", ".lora_B.")])
+    if len(out) * 2 != len(state):
+        odd = sorted(k for k in state if not k.startswith(prefix + ".") or ".lora_" not in k)
+        raise CheckpointError(f"LoRA keys outside {prefix}.*.lora_A/B: {', '.join(odd[:3])}")
+    return out
+
+
+def _rank(state: dict) -> int:
+    return next(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
 
 
 def kohya_to_diffusers(kohya: dict, module_names: list[str], prefix: str = "transformer") -> dict:

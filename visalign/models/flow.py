@@ -8,10 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import BACKBONES
+from ..registry import BACKBONES, register_preset
 from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
 from .load import load_diffusers, load_transformers
 from .unet import LatentMixin, tokenize
+
+register_preset("sd3", {"model": {"name": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium"},
+                        "objective": {"name": "diffusion_dpo", "beta": 100.0},
+                        "train": {"lr": 1e-5, "mixed_precision": "bf16"}})
 
 
 @BACKBONES.register("sd3")
@@ -21,6 +25,9 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
     family = "sd3"
     default_guidance = 4.5
     lora_pipeline, lora_prefix = "StableDiffusion3Pipeline", "transformer"
+    pipeline_class = "StableDiffusion3Pipeline"
+    tiny_variants = ("sd3",)
+    tiny_kwargs = {"max_sequence_length": 8}
     denoiser_subfolder = "transformer"
 
     def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0,
@@ -132,7 +139,7 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
         x = latents if latents is not None else torch.randn((n, *self.sample_shape), generator=generator)
         x = x.to(self.device)
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""] * n) if guidance != 1.0 else None
+        uncond = self.unconditional(n, guidance)
         traj, logps = [x], []
         sigma_max = float(sched.sigmas[1])
         for i, t in enumerate(sched.timesteps):

@@ -94,20 +94,20 @@ def load_transformers(cls, path: str, subfolder: str | None = None, *, what: str
     return load_component(cls, path, subfolder, what=what, **kwargs)
 
 
-_PIPELINE_TO_BACKBONE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-                         "StableDiffusion3Pipeline": "sd3", "VisalignPixelPipeline": "pixel"}
-
-
 def detect_backbone(path: str) -> str:
-    """The backbone name for a local diffusers folder, from its model_index.json."""
+    """The backbone name for a local diffusers folder: the family whose ``pipeline_class`` its
+    model_index.json names."""
+    from ..registry import BACKBONES
+
+    by_pipeline = {getattr(BACKBONES.get(n), "pipeline_class", None): n for n in BACKBONES.names()}
     index = Path(path) / "model_index.json"
     if not index.exists():
         raise ModelLoadError(f"{path}: no model_index.json; name the backbone explicitly as NAME=PATH "
-                             f"(one of {', '.join(sorted(set(_PIPELINE_TO_BACKBONE.values())))})")
+                             f"(one of {', '.join(BACKBONES.names())})")
     cls = json.loads(index.read_text()).get("_class_name", "")
-    if cls not in _PIPELINE_TO_BACKBONE:
+    if cls not in by_pipeline:
         raise ModelLoadError(f"{path}: pipeline class {cls!r} has no backbone; name it as NAME=PATH")
-    return _PIPELINE_TO_BACKBONE[cls]
+    return by_pipeline[cls]
 
 
 def native_bf16(device="cpu") -> bool:

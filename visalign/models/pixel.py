@@ -21,6 +21,8 @@ class PixelBackbone(DiffusionBackbone):
     family = "pixel"
     default_guidance = 3.0
     lora_pipeline, lora_prefix = "StableDiffusionPipeline", "unet"
+    pipeline_class = "VisalignPixelPipeline"  # a folder of plain diffusers/transformers parts, no pipeline class
+    tiny_variants = ("pixel",)
 
     def __init__(self, path: str, revision: str | None = None, load_encoders: bool = True):
         from diffusers import DDPMScheduler, UNet2DConditionModel

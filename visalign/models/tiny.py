@@ -1,4 +1,5 @@
-"""Tiny but real SD1.5-, SDXL-, SD3- and pixel-architecture pipelines built from configs (tests, benchmarks).
+"""Tiny but real pipelines built from configs (tests, benchmarks): SD1.5, SDXL, SD3 and pixel here, and the
+tiny builders other families carry in their own file (``tiny_variants`` + ``build_tiny``).
 
 Each is saved as an ordinary diffusers folder that diffusers' own pipeline classes reload with
 ``from_pretrained``; nothing is downloaded.
@@ -114,11 +115,27 @@ def build_pixel(out: Path, size: int = 16, prediction_type: str = "epsilon") -> 
 BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "sd3": build_sd3, "pixel": build_pixel}
 
 
+def tiny_variants() -> dict[str, type]:
+    """Every tiny variant a registered family declares (``tiny_variants``) -> its backbone class."""
+    from ..registry import BACKBONES
+
+    out = {}
+    for name in BACKBONES.names():
+        cls = BACKBONES.get(name)
+        out |= {v: cls for v in getattr(cls, "tiny_variants", ())}
+    return out
+
+
 def build_tiny(family: str, out: str | Path, seed: int = 0, **kwargs) -> Path:
-    """Build and save the tiny pipeline of ``family`` (sd15 | sdxl | sd3 | pixel) to ``out``; returns ``out``."""
-    if family not in BUILDERS:
-        raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
+    """Build and save the tiny pipeline ``family`` (a family's tiny variant: sd15 | sdxl | sd3 | pixel | flux
+    | flux-schnell ...) to ``out``; returns ``out``."""
+    variants = tiny_variants()
+    if family not in variants:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(variants)}")
     torch.manual_seed(seed)
     out = Path(out)
-    BUILDERS[family](out, **kwargs)
+    if family in BUILDERS:
+        BUILDERS[family](out, **kwargs)
+    else:
+        variants[family].build_tiny(family, out, **kwargs)
     return out

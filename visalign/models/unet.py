@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..registry import BACKBONES
+from ..registry import BACKBONES, register_preset
 from .backbone import Cond
 from .diffusion import DiffusionBackbone
 from .load import load_diffusers, load_transformers
@@ -43,6 +43,14 @@ class LatentMixin:
         return ((out.float() + 1) / 2).clamp(0, 1)
 
 
+register_preset("sd15", {"model": {"name": "sd", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+                         "objective": {"name": "diffusion_dpo", "beta": 5000.0},
+                         "train": {"lr": 1e-5, "mixed_precision": "bf16"}})
+register_preset("sdxl", {"model": {"name": "sdxl", "path": "stabilityai/stable-diffusion-xl-base-1.0"},
+                         "objective": {"name": "diffusion_dpo", "beta": 5000.0},
+                         "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True}})
+
+
 @BACKBONES.register("sd")
 class SDBackbone(LatentMixin, DiffusionBackbone):
     """Stable Diffusion 1.x/2.x: UNet2DConditionModel + AutoencoderKL + CLIP text encoder; ε or v prediction."""
@@ -50,6 +58,8 @@ class SDBackbone(LatentMixin, DiffusionBackbone):
     family = "sd"
     default_guidance = 7.5  # the family's usual CFG scale when a model folder declares none
     lora_pipeline, lora_prefix = "StableDiffusionPipeline", "unet"  # whose save_lora_weights writes its LoRA
+    pipeline_class = "StableDiffusionPipeline"  # the model_index.json class that names this family
+    tiny_variants = ("sd15",)  # the tiny test folders of this family (models/tiny.py)
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
                  variant: str | None = None, load_encoders: bool = True):
@@ -84,6 +94,8 @@ class SDXLBackbone(SDBackbone):
     family = "sdxl"
     default_guidance = 5.0
     lora_pipeline, lora_prefix = "StableDiffusionXLPipeline", "unet"
+    pipeline_class = "StableDiffusionXLPipeline"
+    tiny_variants = ("sdxl",)
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
                  variant: str | None = None, load_encoders: bool = True):

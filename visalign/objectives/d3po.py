@@ -81,7 +81,7 @@ class D3PO(Method):
         n_steps = max(1, round(self.timestep_fraction * len(usable)))
         steps = usable[torch.randperm(len(usable))[:n_steps]].sort().values
         cond = backbone.encode_prompts(batch.prompts).repeat_interleave(2)
-        uncond = backbone.encode_prompts([""] * b).repeat_interleave(2) if self.guidance != 1.0 else None
+        uncond = backbone.unconditional(2 * b, self.guidance)
         losses, rho = [], []
         for s in steps.tolist():
             x_t = traj[:, :, s].flatten(0, 1)

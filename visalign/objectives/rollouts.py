@@ -89,7 +89,7 @@ class GroupRollouts:
         """log π_θ(x_{t−1} | x_t, c) [B, len(steps)] of the batch's stored transitions (π_ref with ``reference``)."""
         traj, timesteps = batch.extras["traj"], batch.extras["timesteps"]
         cond = backbone.encode_prompts(batch.prompts)
-        uncond = backbone.encode_prompts([""] * len(batch.prompts)) if self.guidance != 1.0 else None
+        uncond = backbone.unconditional(len(batch.prompts), self.guidance)
         out = []
         for s in steps.tolist():
             kw = dict(steps=self.steps, eta=self.eta, uncond=uncond, guidance=self.guidance)

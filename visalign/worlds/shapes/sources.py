@@ -1,4 +1,4 @@
-"""What ShapesWorld provides to generic code: its prompt splits and its exact renders as real images.
+"""What ShapesWorld provides to generic code: its preset, its prompt splits and its exact renders as real images.
 
 ``shapes:train|eval|all`` names a split wherever prompts or real images are read (make-dataset, eval, FID,
 online methods); generic code finds these through the ``PROMPT_SOURCES`` and ``REAL_IMAGES`` registries.
@@ -7,9 +7,15 @@ online methods); generic code finds these through the ``PROMPT_SOURCES`` and ``R
 from __future__ import annotations
 
 from ...errors import UserError
-from ...registry import PROMPT_SOURCES, REAL_IMAGES
+from ...registry import PROMPT_SOURCES, REAL_IMAGES, register_preset
 
 SPLITS = ("train", "eval", "all")
+
+# `visalign finetune shapes`: the shipped base. Sampling guidance is what its folder declares
+# (visalign_sampling.json: 1.5), not set here.
+register_preset("shapes", {"model": {"name": "pixel", "path": "assets/shapes-base"},
+                           "objective": {"name": "diffusion_dpo", "beta": 5000.0},
+                           "train": {"lr": 1e-4, "sample_steps": 20}})
 
 
 def _split(spec: str, where: str) -> str:
