@@ -66,3 +66,50 @@ def _register_redness():
 
 
 Redness = _register_redness()
+
+
+def family_variants(all_variants: bool = False) -> list[str]:
+    """The tiny variant of every registered visalign family (the first each declares, or all of them):
+    tests parametrised over this cover a new family as soon as its file registers it."""
+    from visalign.models.tiny import tiny_variants
+
+    out, seen = [], set()
+    for variant, cls in tiny_variants().items():
+        if cls.__module__.startswith("visalign.") and (all_variants or cls not in seen):
+            out.append(variant)
+            seen.add(cls)
+    return out
+
+
+def family_of(variant: str):
+    """(backbone registry name, backbone class) of a tiny variant."""
+    from visalign.models.tiny import tiny_variants
+    from visalign.registry import BACKBONES
+
+    cls = tiny_variants()[variant]
+    return next(n for n in BACKBONES.names() if BACKBONES.get(n) is cls), cls
+
+
+def preset_for(backbone_name: str) -> str:
+    """The first model preset whose model is ``backbone_name``."""
+    from visalign.registry import PRESETS
+
+    return next(p for p in PRESETS.names() if PRESETS.get(p)()["model"]["name"] == backbone_name)
+
+
+def finetune_args(variant: str, model_dir) -> list[str]:
+    """``finetune PRESET model.name=... model.path=DIR`` plus the tiny folder's model kwargs."""
+    name, cls = family_of(variant)
+    return [preset_for(name), f"model.name={name}", f"model.path={model_dir}",
+            *(f"model.{k}={v}" for k, v in cls.tiny_kwargs.items())]
+
+
+def tiny_pipeline(path):
+    """The folder's own diffusers pipeline class from model_index.json, optional parts saved as null left out."""
+    import json
+
+    import diffusers
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    missing = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+    return getattr(diffusers, index["_class_name"]).from_pretrained(path, **missing)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import Redness  # noqa: F401  (registers the test_redness reward)
+from helpers import Redness, family_variants, finetune_args  # noqa: F401  (Redness: the test_redness reward)
 
 from visalign.objectives.policy import clipped_surrogate, disco_objective, group_advantages, k3_kl
 
@@ -83,17 +83,15 @@ def test_ratio_is_one_before_the_first_update_and_kl_zero_at_init(tiny_dir, meth
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "pixel"])
+@pytest.mark.parametrize("family", family_variants())
 @pytest.mark.parametrize("method", ["grpo", "disco", "online_dpo"])
 def test_online_methods_train_from_the_cli(tiny_dir, tmp_path, family, method, lora):
     import json
 
     from visalign.cli import main
 
-    preset, name = {"sd15": ("sd15", "sd"), "sdxl": ("sdxl", "sdxl"), "sd3": ("sd3", "sd3"),
-                    "pixel": ("shapes", "pixel")}[family]
     out = tmp_path / "run"
-    argv = ["finetune", preset, f"model.name={name}", f"model.path={tiny_dir(family)}", "data.path=shapes:train",
+    argv = ["finetune", *finetune_args(family, tiny_dir(family)), "data.path=shapes:train",
             f"objective.name={method}", "objective.prompts_per_round=2", "objective.round_steps=2",
             "objective.steps=3", "objective.reward=test_redness",
             *(["objective.samples_per_prompt=3", "objective.min_margin=0"] if method == "online_dpo" else
@@ -101,8 +99,6 @@ def test_online_methods_train_from_the_cli(tiny_dir, tmp_path, family, method, l
             f"train.output_dir={out}", "train.steps=3", "train.batch_size=2", "train.lr=1e-3", "train.save_every=0",
             "train.log_every=1", "train.threads=1", "train.tracker=none", "train.mixed_precision=no",
             f"lora.enabled={str(lora).lower()}"]
-    if family == "sd3":
-        argv.append("model.max_sequence_length=8")
     assert main(argv) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("reward_mean" in r and math.isfinite(r["loss"]) for r in rows)
