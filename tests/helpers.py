@@ -113,3 +113,25 @@ def tiny_pipeline(path):
     index = json.loads((Path(path) / "model_index.json").read_text())
     missing = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
     return getattr(diffusers, index["_class_name"]).from_pretrained(path, **missing)
+
+
+def run_pipeline(pipe, prompt, resolution: int, **kwargs):
+    """A tiny pipeline's images at ``resolution`` ([N, 3, H, W] in [0, 1]), with the options a toy size needs
+    where the pipeline has them (no aspect-ratio binning, no caption cleaning, short T5 sequences)."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    extra = {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": 8}
+    kwargs = {k: v for k, v in extra.items() if k in params} | kwargs
+    return pipe(prompt, height=resolution, width=resolution, output_type="pt", **kwargs).images
+
+
+def load_lora_into(pipe, lora_dir, prefix: str = "transformer"):
+    """``pipe.load_lora_weights`` where the pipeline has it; else plain peft onto the denoiser (PixArt's
+    pipelines and transformer have no LoRA loader)."""
+    from visalign.models.lora import inject_saved_lora
+
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(lora_dir)
+    else:
+        inject_saved_lora(getattr(pipe, prefix), Path(lora_dir) / "pytorch_lora_weights.safetensors", prefix)

@@ -3,7 +3,7 @@ a backbone (with ``tiny_variants``) is covered here without editing this file.""
 
 import pytest
 import torch
-from helpers import family_of, family_variants, preset_for, tiny_pipeline
+from helpers import family_of, family_variants, load_lora_into, preset_for, run_pipeline, tiny_pipeline
 
 from visalign.models.backbone import Backbone, per_image_mse
 from visalign.models.lora import LoraSpec, add_lora, load_lora, save_lora
@@ -24,7 +24,7 @@ def test_every_family_declares_what_generic_code_asks_for():
 
     from visalign.registry import BACKBONES, PRESETS
 
-    assert {"flux", "sd", "sdxl", "sd3", "pixel"} <= set(BACKBONES.names())
+    assert {"flux", "sd", "sdxl", "sd3", "pixel", "pixart", "sana"} <= set(BACKBONES.names())
     for variant in family_variants(all_variants=True):
         name, cls = family_of(variant)
         assert cls.family == name and cls.default_guidance > 0 and cls.pipeline_class
@@ -94,10 +94,10 @@ def test_lora_reference_reload_and_pipeline(tiny_dir, tmp_path, variant):
     if getattr(diffusers, bb.pipeline_class, None) is None:
         return  # a folder of plain parts (pixel): no pipeline to reload with
     pipe = tiny_pipeline(tiny_dir(variant))
-    kw = dict(height=bb.resolution, width=bb.resolution, num_inference_steps=2, output_type="pt")
-    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
-    pipe.load_lora_weights(tmp_path / "lora")
-    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    kw = dict(num_inference_steps=2)
+    before = run_pipeline(pipe, "a cat", bb.resolution, generator=torch.Generator().manual_seed(0), **kw)
+    load_lora_into(pipe, tmp_path / "lora", bb.lora_prefix)
+    after = run_pipeline(pipe, "a cat", bb.resolution, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-4
 
 

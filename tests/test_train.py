@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import family_of, family_variants, finetune_args, tiny_pipeline, write_pairs
+from helpers import family_of, family_variants, finetune_args, load_lora_into, run_pipeline, tiny_pipeline, write_pairs
 from safetensors.torch import load_file
 
 from visalign.config import load_config
@@ -70,8 +70,8 @@ def test_lora_run_changes_only_adapters_and_reloads(tiny_dir, pairs, tmp_path, f
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "README.md").exists()
     if hasattr(diffusers, family_of(family)[1].pipeline_class):
         pipe = tiny_pipeline(model)
-        pipe.load_lora_weights(tmp_path / "run" / "lora")
-        img = pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="pt").images
+        load_lora_into(pipe, tmp_path / "run" / "lora", family_of(family)[1].lora_prefix)
+        img = run_pipeline(pipe, "a cat", 32, num_inference_steps=2)
         assert torch.isfinite(img).all()
 
 
@@ -94,8 +94,7 @@ def test_full_run_changes_only_the_denoiser_and_reloads(tiny_dir, pairs, tmp_pat
     if not hasattr(diffusers, family_of(family)[1].pipeline_class):  # pixel: a folder of plain parts
         diffusers.UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     else:
-        pipe = tiny_pipeline(out)
-        images = pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="pt").images
+        images = run_pipeline(tiny_pipeline(out), "a cat", 32, num_inference_steps=2)
         assert torch.isfinite(images).all()
 
 

@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .lora import set_adapters_enabled
+
 
 @dataclass
 class Noised:
@@ -174,11 +176,11 @@ class ReferenceMixin:
         base = self.unwrapped()
         try:
             if self._reference_denoiser is None and self.uses_lora:
-                base.disable_adapters()
+                set_adapters_enabled(base, False)
             yield
         finally:
             if self._reference_denoiser is None and self.uses_lora:
-                base.enable_adapters()
+                set_adapters_enabled(base, True)
             self._reference_active = False
 
     def modules(self) -> dict[str, torch.nn.Module]:

@@ -166,20 +166,12 @@ class FluxBackbone(FlowBackbone):
         return sched
 
 
-def _tiny_t5(tok, d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
-                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                   decoder_start_token_id=tok.pad_token_id))
-
-
 def build_tiny_flux(out, schnell: bool = False):
     """FLUX.1-dev's layout (guidance input, dynamic shift) or schnell's (neither), at toy width."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    from .tiny import _clip_config, _vae, tiny_tokenizer
+    from .tiny import _clip_config, _vae, tiny_t5, tiny_tokenizer
 
     tok = tiny_tokenizer()
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
@@ -190,7 +182,7 @@ def build_tiny_flux(out, schnell: bool = False):
         shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
         max_shift=1.15)
     pipe = FluxPipeline(scheduler=sched, vae=_vae(shift=True), text_encoder=CLIPTextModel(_clip_config(tok)),
-                        tokenizer=tok, text_encoder_2=_tiny_t5(tok), tokenizer_2=tiny_tokenizer(max_length=512),
+                        tokenizer=tok, text_encoder_2=tiny_t5(tok), tokenizer_2=tiny_tokenizer(max_length=512),
                         transformer=transformer)
     pipe.save_pretrained(out, safe_serialization=True)
     return out

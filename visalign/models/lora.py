@@ -33,12 +33,29 @@ def add_lora(backbone, spec: LoraSpec) -> None:
     init = {"true": True, "false": False}.get(str(spec.init).lower(), spec.init)
     cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=init,
                      target_modules=list(spec.targets))
-    model.add_adapter(cfg)
+    if hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin
+        model.add_adapter(cfg)
+    else:  # a denoiser without it (PixArt): peft's own injection, same layers and keys
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(cfg, model, adapter_name="default")
     for p in model.parameters():
         if p.requires_grad:  # peft leaves only the adapter trainable; keep it in float32 for AdamW
             p.data = p.data.float()
     backbone.uses_lora = True
     backbone.lora_config = cfg
+
+
+def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer of ``model`` on or off (the reference is 'adapters off')."""
+    if hasattr(model, "enable_adapters"):
+        model.enable_adapters() if enabled else model.disable_adapters()
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
 
 
 def lora_state_dict(backbone) -> dict[str, torch.Tensor]:
@@ -72,7 +89,37 @@ def load_lora(backbone, lora_dir: str | Path) -> None:
     read_lora_file(file)  # a missing, truncated or non-LoRA file is one error naming it
     model = backbone.unwrapped()
     try:
-        model.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name="default")
+        if hasattr(model, "load_lora_adapter"):
+            model.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name="default")
+        else:
+            inject_saved_lora(model, file, prefix)
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"--lora {file}: does not fit this {backbone.family} model ({first_line(e)})") from None
     backbone.uses_lora = True
+
+
+def inject_saved_lora(model: torch.nn.Module, file: Path, prefix: str) -> None:
+    """A diffusers-format LoRA file onto a model without diffusers' loader (PixArt), with plain peft: the
+    config from the file's adapter metadata (else rank from the shapes, alpha = rank), then the weights."""
+    import json
+
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    from .export import read_lora_file
+
+    state, meta = read_lora_file(file)
+    state = {k[len(prefix) + 1:]: v for k, v in convert_all_state_dict_to_peft(state).items()
+             if k.startswith(prefix + ".")}
+    saved = next((json.loads(v) for k, v in meta.items() if k.endswith("lora_adapter_metadata")), None)
+    if saved is not None:
+        saved = {k.split(".", 1)[-1]: v for k, v in saved.items()}
+        cfg = LoraConfig(r=saved["r"], lora_alpha=saved["lora_alpha"], target_modules=saved["target_modules"])
+    else:
+        rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+        cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules)
+    inject_adapter_in_model(cfg, model, adapter_name="default")
+    result = set_peft_model_state_dict(model, state, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")

@@ -42,6 +42,14 @@ def _vae(shift: bool = False):
                          norm_num_groups=32, sample_size=32, **kw)
 
 
+def tiny_t5(tok, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   decoder_start_token_id=tok.pad_token_id))
+
+
 def _ddim(prediction_type: str = "epsilon", clip_sample: bool = False):
     from diffusers import DDIMScheduler
 
