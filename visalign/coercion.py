@@ -56,6 +56,9 @@ def coerce(value: Any, tp, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r}: expected a mapping")
+        args = typing.get_args(tp)
+        if len(args) == 2:
+            return {coerce(k, args[0], key): coerce(v, args[1], f"{key}[{k!r}]") for k, v in value.items()}
         return value
     if tp is bool:
         if isinstance(value, bool):

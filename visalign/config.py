@@ -50,6 +50,9 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init: str = "gaussian"
+    use_dora: bool = False  # DoRA (Liu et al. 2024): a learned magnitude per output column beside the LoRA
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module ranks: {module regex or suffix: rank}
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alphas, likewise
     reference_dtype: str = "float32"  # full fine-tuning: dtype of the frozen reference copy
 
     def check(self, where: str = "lora") -> None:
@@ -59,6 +62,8 @@ class LoraConfig:
         if str(self.init).lower() not in LORA_INITS:
             raise ConfigError(f"{where}.init={self.init!r}: expected one of {', '.join(LORA_INITS)}"
                               f"{closest(str(self.init), LORA_INITS)}")
+        for key, value in {**self.rank_pattern, **self.alpha_pattern}.items():
+            require_positive(value, f"{where}.rank_pattern/alpha_pattern[{key!r}]")
         if self.enabled and not self.targets:
             raise ConfigError(f"{where}.targets is empty: name the modules to adapt, e.g. to_q,to_k,to_v,to_out.0")
 

@@ -22,6 +22,9 @@ class LoraSpec:
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     init: str = "gaussian"  # peft init_lora_weights: gaussian | true (B = 0) | pissa ...
+    use_dora: bool = False
+    rank_pattern: dict | None = None  # {module: rank}, peft's per-module ranks
+    alpha_pattern: dict | None = None
 
 
 def add_lora(backbone, spec: LoraSpec) -> None:
@@ -32,7 +35,8 @@ def add_lora(backbone, spec: LoraSpec) -> None:
     model.requires_grad_(False)
     init = {"true": True, "false": False}.get(str(spec.init).lower(), spec.init)
     cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=init,
-                     target_modules=list(spec.targets))
+                     target_modules=list(spec.targets), use_dora=spec.use_dora,
+                     rank_pattern=dict(spec.rank_pattern or {}), alpha_pattern=dict(spec.alpha_pattern or {}))
     if hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin
         model.add_adapter(cfg)
     else:  # a denoiser without it (PixArt): peft's own injection, same layers and keys

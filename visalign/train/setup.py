@@ -51,7 +51,8 @@ def prepare_trainable(backbone, cfg: RunConfig) -> list[torch.nn.Parameter]:
     method_uses_ref = getattr(METHODS.get(cfg.objective.name), "uses_reference", True)  # a class attribute
     if cfg.lora.enabled:
         add_lora(backbone, LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                    targets=tuple(cfg.lora.targets), init=cfg.lora.init))
+                                    targets=tuple(cfg.lora.targets), init=cfg.lora.init, use_dora=cfg.lora.use_dora,
+                                    rank_pattern=cfg.lora.rank_pattern, alpha_pattern=cfg.lora.alpha_pattern))
     else:
         if method_uses_ref:
             backbone.freeze_reference_copy(getattr(torch, cfg.lora.reference_dtype))
