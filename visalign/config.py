@@ -54,6 +54,8 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module ranks: {module regex or suffix: rank}
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alphas, likewise
     reference_dtype: str = "float32"  # full fine-tuning: dtype of the frozen reference copy
+    text_encoder: bool = False  # LoRA on the CLIP text encoder(s) too; the reference is still 'adapters off'
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
     def check(self, where: str = "lora") -> None:
         require_positive(self.rank, f"{where}.rank")
@@ -64,6 +66,9 @@ class LoraConfig:
                               f"{closest(str(self.init), LORA_INITS)}")
         for key, value in {**self.rank_pattern, **self.alpha_pattern}.items():
             require_positive(value, f"{where}.rank_pattern/alpha_pattern[{key!r}]")
+        if self.text_encoder and not self.enabled:
+            raise ConfigError(f"{where}.text_encoder=true needs {where}.enabled=true (a text-encoder LoRA beside "
+                              "the denoiser's)")
         if self.enabled and not self.targets:
             raise ConfigError(f"{where}.targets is empty: name the modules to adapt, e.g. to_q,to_k,to_v,to_out.0")
 

@@ -177,11 +177,34 @@ class ReferenceMixin:
         try:
             if self._reference_denoiser is None and self.uses_lora:
                 set_adapters_enabled(base, False)
+            for encoder in self.text_encoders_for_lora().values() if self.text_lora else ():
+                set_adapters_enabled(encoder, False)
             yield
         finally:
             if self._reference_denoiser is None and self.uses_lora:
                 set_adapters_enabled(base, True)
+            for encoder in self.text_encoders_for_lora().values() if self.text_lora else ():
+                set_adapters_enabled(encoder, True)
             self._reference_active = False
+
+    text_lora: bool = False  # a LoRA on the text encoder(s) too (lora.text_encoder)
+
+    def text_encoders_for_lora(self) -> dict[str, torch.nn.Module]:
+        """The CLIP text encoders a text-encoder LoRA adapts, by the names diffusers' LoRA files give them."""
+        return {n: m for n in ("text_encoder", "text_encoder_2")
+                if isinstance(m := getattr(self, n, None), torch.nn.Module)}
+
+    def encode_for_training(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond:
+        """The conditioning a loss uses: without grad, unless the text encoders carry a LoRA; then with grad,
+        plus the reference's own (adapters off) under ``ref.*`` keys, which ``predict`` uses under
+        ``reference()``."""
+        if not self.text_lora:
+            with torch.no_grad():
+                return self.encode_prompts(prompts, image_meta)
+        cond = self.encode_prompts(prompts, image_meta)
+        with torch.no_grad(), self.reference():
+            ref = self.encode_prompts(prompts, image_meta)
+        return Cond(cond.tensors | {f"ref.{k}": v for k, v in ref.tensors.items()})
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Every torch module the backbone holds (denoiser, encoders, VAE, reference copy)."""
@@ -251,7 +274,12 @@ class ReferenceMixin:
         return u + guidance * (c - u)
 
     def _inputs_for(self, model: torch.nn.Module, x_t: Tensor, cond: Cond) -> tuple[Tensor, Cond]:
-        """A reference kept in lower precision gets its inputs in its own dtype."""
+        """The reference reads its own text conditioning (``ref.*``, with a text-encoder LoRA) and, kept in
+        lower precision, gets its inputs in its own dtype."""
+        if any(k.startswith("ref.") for k in cond.tensors):
+            own = {k: v for k, v in cond.tensors.items() if not k.startswith("ref.")}
+            ref = {k[4:]: v for k, v in cond.tensors.items() if k.startswith("ref.")}
+            cond = Cond(own | ref) if self._reference_active else Cond(own)
         if model is self._reference_denoiser and model is not None:
             dtype = next(model.parameters()).dtype
             if x_t.dtype != dtype:

@@ -67,6 +67,11 @@ class FlowBackbone(LatentMixin, ReferenceMixin):
         c = self.denoiser.config.in_channels
         self.sample_shape = (c, self.resolution // factor, self.resolution // factor)
 
+    def text_encoders_for_lora(self) -> dict[str, torch.nn.Module]:
+        if "text_encoders" not in vars(self):  # a subclass family (FLUX, Sana) names its encoders itself
+            return super().text_encoders_for_lora()
+        return {name: enc for name, enc in zip(("text_encoder", "text_encoder_2"), self.text_encoders)}
+
     def encode_prompts(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond:
         hidden, pooled = [], []
         for tok, enc in zip(self.tokenizers, self.text_encoders):

@@ -50,11 +50,75 @@ def add_lora(backbone, spec: LoraSpec) -> None:
     backbone.lora_config = cfg
 
 
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def add_text_encoder_lora(backbone, spec: LoraSpec) -> list[torch.nn.Parameter]:
+    """A LoRA on each CLIP text encoder the family's LoRA files carry (``text_encoder``, ``text_encoder_2``);
+    returns its trainable parameters. Refused, naming the family, where its LoRA format has no text part."""
+    import inspect
+
+    import diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from ..errors import UserError
+
+    writer = getattr(diffusers, backbone.lora_pipeline)
+    encoders = backbone.text_encoders_for_lora()
+    accepted = inspect.signature(writer.save_lora_weights).parameters
+    if not encoders or any(f"{name}_lora_layers" not in accepted for name in encoders):
+        raise UserError(f"lora.text_encoder=true: the {backbone.family} family's LoRA files ({backbone.lora_pipeline})"
+                        " have no text-encoder part; train the denoiser's LoRA only")
+    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=True,
+                     target_modules=list(spec.targets), use_dora=spec.use_dora)
+    params = []
+    for encoder in encoders.values():
+        encoder.requires_grad_(False)
+        inject_adapter_in_model(cfg, encoder, adapter_name="default")  # B = 0: the encoder starts unchanged
+        encoder.peft_config = {"default": cfg}
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                params.append(p)
+    backbone.text_lora, backbone.text_lora_config = True, cfg
+    return params
+
+
+def text_lora_layers(backbone) -> dict[str, dict[str, torch.Tensor]]:
+    """{encoder name: its LoRA weights in diffusers' naming} (empty without a text-encoder LoRA)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    if not getattr(backbone, "text_lora", False):
+        return {}
+    return {name: {k: v.detach().cpu().contiguous()
+                   for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(enc)).items()}
+            for name, enc in backbone.text_encoders_for_lora().items()}
+
+
+def text_lora_weights(backbone) -> dict[str, torch.Tensor] | None:
+    """The text-encoder LoRA's weights for a checkpoint ({encoder}.{peft key} -> tensor); None without one."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not getattr(backbone, "text_lora", False):
+        return None
+    return {f"{name}.{k}": v.detach().cpu().contiguous()
+            for name, enc in backbone.text_encoders_for_lora().items()
+            for k, v in get_peft_model_state_dict(enc).items()}
+
+
+def restore_text_lora(backbone, weights: dict[str, torch.Tensor]) -> None:
+    """Put back text-encoder LoRA weights saved by a checkpoint ({encoder}.{peft key} -> tensor)."""
+    from peft.utils import set_peft_model_state_dict
+
+    for name, enc in backbone.text_encoders_for_lora().items():
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        set_peft_model_state_dict(enc, own)
+
+
 def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
-    """Switch every LoRA layer of ``model`` on or off (the reference is 'adapters off')."""
-    if hasattr(model, "enable_adapters"):
-        model.enable_adapters() if enabled else model.disable_adapters()
-        return
+    """Switch every LoRA layer of ``model`` on or off (the reference is 'adapters off'): peft's own switch on
+    each layer, as diffusers' ``disable_adapters`` does, for any model (transformers' needs a newer peft)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():
@@ -78,8 +142,11 @@ def save_lora(backbone, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(backbone).items()}
+    text = {f"{name}_lora_layers": state for name, state in text_lora_layers(backbone).items()}
+    text |= {f"{name}_lora_adapter_metadata": backbone.text_lora_config.to_dict()
+             for name in text_lora_layers(backbone)}
     writer.save_lora_weights(out_dir, safe_serialization=True, **{
-        f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": backbone.lora_config.to_dict()})
+        f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": backbone.lora_config.to_dict()}, **text)
     return out_dir / "pytorch_lora_weights.safetensors"
 
 
@@ -97,9 +164,30 @@ def load_lora(backbone, lora_dir: str | Path) -> None:
             model.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name="default")
         else:
             inject_saved_lora(model, file, prefix)
+        _load_text_parts(backbone, file)
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"--lora {file}: does not fit this {backbone.family} model ({first_line(e)})") from None
     backbone.uses_lora = True
+
+
+def _load_text_parts(backbone, file: Path) -> None:
+    """A LoRA file's text-encoder parts (``text_encoder.*``, ``text_encoder_2.*``) onto the backbone's
+    encoders, with the family's own diffusers loader (so sampling sees what training trained)."""
+    import json
+
+    import diffusers
+
+    from .export import read_lora_file
+
+    state, meta = read_lora_file(file)
+    saved = next((json.loads(v) for k, v in meta.items() if k.endswith("lora_adapter_metadata")), {})
+    loader = getattr(diffusers, backbone.lora_pipeline)
+    for name, enc in backbone.text_encoders_for_lora().items():
+        if any(k.startswith(name + ".") for k in state):
+            config = {k: v for k, v in saved.items() if k.startswith(name + ".")} or None  # diffusers strips it
+            loader.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=enc, prefix=name,
+                                               metadata=config)
+            backbone.text_lora = True
 
 
 def inject_saved_lora(model: torch.nn.Module, file: Path, prefix: str) -> None:

@@ -40,9 +40,8 @@ def model_inputs(backbone, batch: PreferenceBatch, generator: torch.Generator | 
             x0 = backbone.encode_images(batch.images.flatten(0, 1), generator=generator)
         x0 = x0.view(b, k, *x0.shape[1:])
     cond = batch.cond
-    if cond is None:
-        with torch.no_grad():
-            cond = backbone.encode_prompts(batch.prompts, batch.image_meta or None)
+    if cond is None or getattr(backbone, "text_lora", False):  # a trained text encoder: cached text is stale
+        cond = backbone.encode_for_training(batch.prompts, batch.image_meta or None)
     return x0.contiguous(), cond
 
 

@@ -80,7 +80,7 @@ class D3PO(Method):
         usable = torch.nonzero(torch.isfinite(batch.extras["logp"]).all(0).all(0)).flatten()
         n_steps = max(1, round(self.timestep_fraction * len(usable)))
         steps = usable[torch.randperm(len(usable))[:n_steps]].sort().values
-        cond = backbone.encode_prompts(batch.prompts).repeat_interleave(2)
+        cond = backbone.encode_for_training(batch.prompts).repeat_interleave(2)
         uncond = backbone.unconditional(2 * b, self.guidance)
         losses, rho = [], []
         for s in steps.tolist():

@@ -10,9 +10,10 @@ from ..errors import CheckpointError, first_line
 
 
 def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None, method_state: dict | None = None,
-                    reference: dict | None = None) -> Path:
+                    reference: dict | None = None, text_lora: dict | None = None) -> Path:
     """``accelerate.save_state`` (weights as safetensors, optimizer, scheduler, RNG) + the step cursor, the
-    method's own state (JSON) and, when the reference has moved, its weights (reference.safetensors).
+    method's own state (JSON), when the reference has moved its weights (reference.safetensors), and a
+    text-encoder LoRA's weights (text_lora.safetensors: accelerate holds only the denoiser).
 
     Written under a temporary name and renamed, so a kill mid-save never leaves a half checkpoint
     that ``resume=latest`` would pick.
@@ -33,6 +34,10 @@ def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None, method_
             from safetensors.torch import save_file
 
             save_file(reference, str(tmp / "reference.safetensors"))
+        if text_lora is not None:
+            from safetensors.torch import save_file
+
+            save_file(text_lora, str(tmp / "text_lora.safetensors"))
         state = {"step": step, "nonfinite": nonfinite} | ({"method": method_state} if method_state else {})
         (tmp / "visalign_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -79,6 +84,12 @@ def load_checkpoint(acc, ckpt: Path, ema=None, method=None, backbone=None) -> tu
             from safetensors.torch import load_file
 
             backbone.restore_reference(load_file(str(ckpt / "reference.safetensors")))
+        if backbone is not None and (ckpt / "text_lora.safetensors").exists():
+            from safetensors.torch import load_file
+
+            from ..models.lora import restore_text_lora
+
+            restore_text_lora(backbone, load_file(str(ckpt / "text_lora.safetensors")))
         return int(state["step"]), int(state["nonfinite"])
     except Exception as e:  # a truncated or foreign file: safetensors, torch, JSON and key errors alike
         raise CheckpointError(f"train.resume: checkpoint {ckpt} cannot be read ({first_line(e)}); resume from "

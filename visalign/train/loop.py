@@ -15,6 +15,7 @@ from ..config import RunConfig, write_resolved
 from ..data.cache import drop_prompts
 from ..errors import UserError
 from ..files import trim_jsonl
+from ..models.lora import text_lora_weights
 from ..types import as_float
 from .checkpoint import check_same_run, find_resume, load_checkpoint, save_checkpoint
 from .outputs import save_outputs, save_validation_grid
@@ -66,7 +67,7 @@ def _backbone_and_data(cfg: RunConfig, acc, method):
                                        d.stream_chunk_rows)
     samples_during_training = bool(cfg.train.validation_every and cfg.train.validation_prompts) or bool(
         cfg.train.gold_reward and cfg.train.gold_every)
-    needs_encoders = not cfg.data.cache or samples_during_training
+    needs_encoders = not cfg.data.cache or samples_during_training or cfg.lora.text_encoder
     backbone = build_backbone(cfg.model, load_encoders=needs_encoders)
     dataset = _dataset(cfg, backbone)
     if cfg.data.weighting != "none" or cfg.data.curriculum:
@@ -256,6 +257,10 @@ def _accumulate(run: Run, step: int) -> tuple[list[dict], int]:
 def _update(run: Run, window: list[dict]) -> tuple[bool, torch.Tensor]:
     """Clip and step when every micro-batch and the gradient are finite; zero the gradients either way."""
     t = run.cfg.train
+    if run.acc.num_processes > 1:  # DDP averages the denoiser's gradients; a text-encoder LoRA's, here
+        for p in getattr(run.backbone, "text_params", ()):
+            if p.grad is not None:
+                p.grad = run.acc.reduce(p.grad, reduction="mean")
     grad_norm = run.acc.clip_grad_norm_(run.params, t.max_grad_norm) if t.max_grad_norm > 0 else \
         _grad_norm(run.params)
     finite = bool(window) and all(w["finite"] for w in window) and math.isfinite(float(grad_norm))
@@ -288,7 +293,8 @@ def _evaluate_and_save(run: Run, step: int, nonfinite: int) -> None:
     if t.save_every and step % t.save_every == 0 and step < t.steps:
         moved = any(r <= step for r in run.resets)
         run.last_good = save_checkpoint(run.acc, run.out, step, nonfinite, run.ema, run.method.state_dict(),
-                                        run.backbone.reference_weights() if moved else None)
+                                        run.backbone.reference_weights() if moved else None,
+                                        text_lora_weights(run.backbone))
 
 
 def _finish(run: Run, step: int, pairs_seen: int, seconds: float) -> dict:

@@ -61,7 +61,15 @@ def prepare_trainable(backbone, cfg: RunConfig) -> list[torch.nn.Parameter]:
         backbone.unwrapped().enable_gradient_checkpointing()
     set_attention(backbone, cfg.train.attention)
     backbone.unwrapped().train()
-    return [p for p in backbone.unwrapped().parameters() if p.requires_grad]
+    params = [p for p in backbone.unwrapped().parameters() if p.requires_grad]
+    if cfg.lora.enabled and cfg.lora.text_encoder:
+        from ..models.lora import add_text_encoder_lora
+
+        backbone.text_params = add_text_encoder_lora(backbone, LoraSpec(
+            rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+            targets=tuple(cfg.lora.text_encoder_targets), use_dora=cfg.lora.use_dora))
+        params += backbone.text_params
+    return params
 
 
 def set_attention(backbone, attention: str) -> str:
