@@ -1,10 +1,12 @@
-"""GPU check (one command, <= 8 minutes): real-size SDXL UNet and SD3-medium transformer, random init.
+"""GPU check (one command, <= 8 minutes): real-size SDXL UNet, SD3-medium and FLUX.1-dev transformers, random init.
 
     bash scripts/gpu_check.sh            # writes gpu_check.json
     python scripts/gpu_check.py --device cpu --size tiny --steps 1 --out /tmp/check.json  # same code path, tiny
 
 LoRA Diffusion-DPO steps in bf16 with gradient checkpointing: step time and peak memory, with PyTorch
-SDPA and (when it loads) xformers. SDXL at 1024x1024 (latents 128x128); SD3-medium at 1024 (latents 128).
+SDPA and (when it loads) xformers. SDXL at 1024x1024 (latents 128x128); SD3-medium at 1024 (latents 128); FLUX.1-dev (12 B, weights in bf16)
+at 1024 (4,096 packed tokens + 512 T5 tokens, guidance input), which also times one GRPO update: the
+clipped ratio of the Flow-GRPO SDE step over a group of 4 rollouts.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ SD3 = {
                  dual_attention_layers=(0,)),
 }
 TOKENS = {"real": (77, 333), "tiny": (8, 8)}
+FLUX = {
+    "real": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                 joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)),
+    "tiny": dict(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4)),
+}
+FLUX_SIDE = {"real": 128, "tiny": 16}  # latent side: 1024 px / 8
 
 
 def _sync(device: str) -> None:
@@ -131,6 +140,75 @@ def sd3(attention: str, device: str = "cuda", size: str = "real", steps: int = 6
                                                    "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def flux(attention: str, device: str = "cuda", size: str = "real", steps: int = 6) -> dict:
+    """FLUX.1-dev: the LoRA-DPO step, then one GRPO update (clipped per-step ratio) on the same model."""
+    from diffusers import FluxTransformer2DModel
+
+    from visalign.models.flux import image_ids, pack, unpack
+
+    arch = FLUX[size]
+    with torch.device(device):
+        model = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **arch)
+    model.to(torch.bfloat16)  # 12 B parameters: bf16 weights as FLUX is trained; the LoRA stays fp32
+    if attention == "xformers":
+        model.enable_xformers_memory_efficient_attention()
+    side, text = FLUX_SIDE[size], TOKENS[size][1] if size == "tiny" else 512
+    ids = image_ids(side, side, device, torch.bfloat16)
+
+    class Packed(torch.nn.Module):  # latents in, latents out, as visalign's FluxBackbone calls it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, **kw):
+            out = self.inner(hidden_states=pack(x), img_ids=ids, **kw).sample
+            return type("Out", (), {"sample": unpack(out, side, side)})
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+    def inputs(n=4):
+        x = torch.randn(n, 16, side, side, device=device)
+        kw = {"timestep": torch.rand(n, device=device), "guidance": torch.full((n,), 3.5, device=device),
+              "encoder_hidden_states": torch.randn(n, text, arch["joint_attention_dim"], device=device),
+              "pooled_projections": torch.randn(n, arch["pooled_projection_dim"], device=device),
+              "txt_ids": torch.zeros(text, 3, device=device)}
+        return x, kw, torch.randn_like(x)
+
+    wrapped = Packed(model)
+    out = _bench(wrapped, inputs, device, steps)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    out["grpo_update_s"] = _grpo_update(wrapped, inputs, device)
+    return out | {"pairs": 2, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def _grpo_update(model, make_inputs, device: str, group: int = 4) -> float:
+    """One GRPO update: the policy's SDE-step log-density of stored transitions, the clipped surrogate, backward."""
+    from visalign.models.backbone import gaussian_logprob_mean
+    from visalign.objectives.policy import clipped_surrogate
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    x, kw, x_prev = make_inputs(group)
+    sigma, step = 0.8, 0.1
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        v = model(x, **kw).sample.float()
+        std = torch.full((group, 1, 1, 1), 0.7 * (sigma / (1 - sigma)) ** 0.5 * step ** 0.5, device=device)
+        logp = gaussian_logprob_mean(x_prev, x - step * v, std)
+        loss = clipped_surrogate(logp, logp.detach(), torch.randn(group, device=device), 1e-4).mean()
+    loss.backward()
+    opt.step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def _write(results: dict, path: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -149,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("gpu_check needs a CUDA GPU (or --device cpu --size tiny for a check of the code path)")
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     results = {"device": device_name, "size": args.size, "torch": torch.__version__}
-    for name, fn in (("sdxl", sdxl), ("sd3_medium", sd3)):
+    for name, fn in (("sdxl", sdxl), ("sd3_medium", sd3), ("flux_dev", flux)):
         for attention in ("sdpa", "xformers"):
             key = f"{name}_{'1024' if args.size == 'real' else args.size}/{attention}"
             if attention == "xformers" and importlib.util.find_spec("xformers") is None:

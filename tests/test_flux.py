@@ -106,7 +106,7 @@ def _finetune(tiny_dir, tmp_path, variant, extra) -> Path:
     from visalign.cli import main
 
     out = tmp_path / "run"
-    argv = ["finetune", "flux-dev" if variant == "flux" else "flux-schnell", f"model.path={tiny_dir(variant)}",
+    argv = ["finetune", variant, f"model.path={tiny_dir(variant)}",
             "model.resolution=32", "model.max_sequence_length=8", f"train.output_dir={out}", "train.steps=2",
             "train.batch_size=2", "train.lr=1e-3", "train.save_every=0", "train.log_every=1", "train.threads=1",
             "train.tracker=none", "train.mixed_precision=no", "train.gradient_checkpointing=false", *extra]
@@ -178,7 +178,7 @@ def test_detect_backbone_and_presets_find_flux(tiny_dir):
     from visalign.models.load import detect_backbone
 
     assert detect_backbone(str(tiny_dir("flux"))) == "flux"
-    dev = load_config("flux-dev", [], [])
+    dev = load_config("flux", [], [])
     assert dev.model.name == "flux" and dev.train.guidance == 3.5
     assert load_config("flux-schnell", [], []).train.sample_steps == 4
 

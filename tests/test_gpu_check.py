@@ -16,7 +16,7 @@ def test_gpu_check_runs_its_code_path_on_cpu_at_tiny_size(tmp_path):
     out = tmp_path / "check.json"
     results = _module().main(["--device", "cpu", "--size", "tiny", "--steps", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == results
-    for model in ("sdxl_tiny", "sd3_medium_tiny"):
+    for model in ("sdxl_tiny", "sd3_medium_tiny", "flux_dev_tiny"):
         row = results[f"{model}/sdpa"]
         assert "error" not in row and row["step_s"] > 0
         # the adapter starts as the identity, so policy = reference (adapters off) and the first DPO loss is log 2
@@ -24,6 +24,7 @@ def test_gpu_check_runs_its_code_path_on_cpu_at_tiny_size(tmp_path):
         assert all(math.isfinite(v) for v in row["losses"])
         assert 0 < row["trainable_m"] < 0.5 * row["params_m"]  # only the LoRA adapter trains
         assert "error" in results[f"{model}/xformers"]  # xformers has no CPU path: recorded, not fatal
+    assert results["flux_dev_tiny/sdpa"]["grpo_update_s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, hlp in (("config", cmd_config, "print the resolved config and exit"),
                           ("finetune", cmd_finetune, "preference fine-tuning (any method, any backbone)")):
         s = sub.add_parser(name, help=hlp)
-        s.add_argument("model", help="model preset: shapes | sd15 | sdxl | sd3 | flux-dev | flux-schnell")
+        s.add_argument("model", help="model preset: shapes | sd15 | sdxl | sd3 | flux | flux-schnell | pixart | sana")
         s.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 objective.head=ipo")
         s.set_defaults(fn=fn)

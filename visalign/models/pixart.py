@@ -20,7 +20,7 @@ from .load import load_diffusers, load_transformers
 from .unet import LatentMixin
 
 # DPO's beta as SD's (ε errors on the same scale); PixArt's own fine-tuning lr for the transformer
-register_preset("pixart-sigma", {"model": {"name": "pixart", "path": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"},
+register_preset("pixart", {"model": {"name": "pixart", "path": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"},
                                  "objective": {"name": "diffusion_dpo", "beta": 5000.0},
                                  "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True,
                                            "guidance": 4.5}})
