@@ -4,9 +4,9 @@
     python scripts/gpu_check.py --device cpu --size tiny --steps 1 --out /tmp/check.json  # same code path, tiny
 
 LoRA Diffusion-DPO steps in bf16 with gradient checkpointing: step time and peak memory, with PyTorch
-SDPA and (when it loads) xformers. SDXL at 1024x1024 (latents 128x128); SD3-medium at 1024 (latents 128); FLUX.1-dev (12 B, weights in bf16)
-at 1024 (4,096 packed tokens + 512 T5 tokens, guidance input), which also times one GRPO update: the
-clipped ratio of the Flow-GRPO SDE step over a group of 4 rollouts.
+SDPA and (when it loads) xformers. SDXL at 1024x1024 (latents 128x128); SD3-medium at 1024 (latents 128);
+FLUX.1-dev (12 B, weights in bf16) at 1024 (4,096 packed tokens + 512 T5 tokens, guidance input), which
+also times one GRPO update: the clipped ratio of the Flow-GRPO SDE step over a group of 4 rollouts.
 """
 
 from __future__ import annotations
