@@ -241,3 +241,27 @@ def test_kohya_export_reloads_in_diffusers_with_identical_outputs(tiny_dir, tmp_
     pipe.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
     got = _pipe_images(pipe, x_T, 2)
     assert (ours - plain).abs().max() > 1e-3 and torch.allclose(got, ours, atol=1e-5)
+
+
+def test_kohya_export_with_a_text_encoder_lora_reloads_in_diffusers(tiny_dir, tmp_path):
+    """A FLUX LoRA with a CLIP part: the transformer's in sd-scripts' names, the encoder's as lora_te1_*,
+    and diffusers' FLUX loader reads both (identical images to the adapters we trained)."""
+    from visalign.models.export import export_kohya
+    from visalign.models.lora import add_text_encoder_lora
+
+    targets = tuple(f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0"))
+    bb = _trained_lora(tiny_dir, targets)
+    add_text_encoder_lora(bb, LoraSpec(rank=2, alpha=2.0, targets=("q_proj", "k_proj", "v_proj", "out_proj")))
+    with torch.no_grad():
+        for n, p in bb.text_encoder.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    x_T = torch.randn(2, *bb.sample_shape, generator=torch.Generator().manual_seed(4))
+    ours = bb.sample(["a red circle", "two blue squares"], steps=2, guidance=3.5, latents=x_T).images
+    save_lora(bb, tmp_path / "lora")
+    export_kohya(tmp_path / "lora", tmp_path / "k.safetensors", family="flux")
+    keys = load_file(tmp_path / "k.safetensors")
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_unet_double") for k in keys)
+    pipe = _pipe(tiny_dir, "flux")
+    pipe.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+    assert torch.allclose(_pipe_images(pipe, x_T, 2), ours, atol=1e-5)

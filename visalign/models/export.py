@@ -42,11 +42,17 @@ def lora_family(src: Path, state: dict) -> str | None:
     return "flux" if any(".single_transformer_blocks." in k for k in state) else None
 
 
-def _adapter_alpha(meta: dict) -> float | None:
+def _adapter_alphas(meta: dict) -> dict[str, float]:
+    """Each part's trained lora_alpha from the adapter metadata: {"unet": 8.0, "text_encoder": 4.0, ...}."""
     for key, value in meta.items():
         if key.endswith("lora_adapter_metadata"):  # keys are prefixed: "unet.lora_alpha"
-            return next((v for k, v in json.loads(value).items() if k.split(".")[-1] == "lora_alpha"), None)
-    return None
+            return {k.rsplit(".", 1)[0]: float(v) for k, v in json.loads(value).items() if k.endswith(".lora_alpha")}
+    return {}
+
+
+# the Kohya key prefix of each part of a diffusers LoRA file
+KOHYA_PARTS = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_unet_": "unet",
+               "lora_transformer_": "transformer"}
 
 
 def export_kohya(lora_dir: str | Path, out_file: str | Path, family: str | None = None) -> Path:
@@ -67,20 +73,22 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, family: str | None 
     src = Path(lora_dir)
     src = src / "pytorch_lora_weights.safetensors" if src.is_dir() else src
     state, meta = read_lora_file(src)
-    alpha = _adapter_alpha(meta)
+    alphas = _adapter_alphas(meta)
     if (family or lora_family(src, state)) == "flux":
         from .flux import flux_kohya
 
-        peft = convert_all_state_dict_to_peft(state)
-        kohya = flux_kohya(_adapters(peft, "transformer"), alpha if alpha is not None else _rank(peft))
+        text = {k: v for k, v in state.items() if k.startswith("text_encoder")}  # CLIP: lora_te1_* as ever
+        peft = convert_all_state_dict_to_peft({k: v for k, v in state.items() if k not in text})
+        kohya = flux_kohya(_adapters(peft, "transformer"), alphas.get("transformer", _rank(peft)))
+        kohya |= convert_state_dict_to_kohya(convert_all_state_dict_to_peft(_with_text_model(text))) if text else {}
     else:
         kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
         # a transformer (SD3) LoRA: ComfyUI's OneTrainer-style keys, lora_transformer_<module path with _>
         kohya = {("lora_" + k if k.startswith("transformer_") else k): v for k, v in kohya.items()}
-        if alpha is not None:
-            for k in kohya:
-                if k.endswith(".alpha"):
-                    kohya[k] = torch.tensor(float(alpha))
+        for k in kohya:
+            part = next((p for prefix, p in KOHYA_PARTS.items() if k.startswith(prefix)), None)
+            if k.endswith(".alpha") and part in alphas:
+                kohya[k] = torch.tensor(alphas[part])
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -100,6 +108,16 @@ def _adapters(state: dict, prefix: str) -> dict[str, tuple[torch.Tensor, torch.T
     if len(out) * 2 != len(state):
         odd = sorted(k for k in state if not k.startswith(prefix + ".") or ".lora_" not in k)
         raise CheckpointError(f"LoRA keys outside {prefix}.*.lora_A/B: {', '.join(odd[:3])}")
+    return out
+
+
+def _with_text_model(text: dict) -> dict:
+    """``text_encoder.encoder.*`` -> ``text_encoder.text_model.encoder.*``: Kohya's CLIP names
+    (``lora_te1_text_model_encoder_layers_*``) keep the module path CLIPTextModel has."""
+    out = {}
+    for key, value in text.items():
+        prefix, rest = key.split(".", 1)
+        out[f"{prefix}.{rest if rest.startswith('text_model.') else 'text_model.' + rest}"] = value
     return out
 
 

@@ -227,19 +227,20 @@ def _fuse(parts: list[tuple[Tensor, Tensor] | None], in_dim: int, rank: int) -> 
 def flux_kohya(adapters: dict[str, tuple[Tensor, Tensor]], alpha: float) -> dict[str, Tensor]:
     """Diffusers-module adapters {``transformer_blocks.0.attn.to_q``: (A, B)} -> Kohya keys with ``.alpha``.
 
-    A plain module keeps its rank r and alpha; a fused one has rank k r and alpha k·alpha, so its scale
-    alpha/r, and hence every part's update, is unchanged."""
+    The scale alpha/r is folded into ``up`` and every ``.alpha`` equals its module's rank (k r for a fused
+    one), so each reader computes the trained update whatever it does with alpha (diffusers' FLUX reader
+    ignores the final layer's alpha, for one)."""
     out: dict[str, Tensor] = {}
     used: set[str] = set()
 
-    def put(name: str, down: Tensor, up: Tensor, a: float) -> None:
+    def put(name: str, down: Tensor, up: Tensor) -> None:
         out[f"lora_unet_{name}.lora_down.weight"], out[f"lora_unet_{name}.lora_up.weight"] = down, up
-        out[f"lora_unet_{name}.alpha"] = torch.tensor(float(a))
+        out[f"lora_unet_{name}.alpha"] = torch.tensor(float(down.shape[0]))
 
     for module, name in _TOP.items():
-        if module in adapters:  # alpha folded into up: diffusers reads the final layer's without its alpha
+        if module in adapters:
             a, b = adapters[module]
-            put(name, a, b * (alpha / a.shape[0]), a.shape[0])
+            put(name, a, b * (alpha / a.shape[0]))
             used.add(module)
     blocks = {(m.split(".")[0], int(m.split(".")[1])) for m in adapters if m.split(".")[0].endswith("_blocks")}
     for kind, i in sorted(blocks):
@@ -247,14 +248,16 @@ def flux_kohya(adapters: dict[str, tuple[Tensor, Tensor]], alpha: float) -> dict
                              else (_SINGLE, _SINGLE_FUSED, "single_blocks"))
         for module, name in plain.items():
             if (key := f"{kind}.{i}.{module}") in adapters:
-                put(f"{bfl}_{i}_{name}", *adapters[key], alpha)
+                a, b = adapters[key]
+                put(f"{bfl}_{i}_{name}", a, b * (alpha / a.shape[0]))
                 used.add(key)
         for name, modules in fused.items():
             keys = [f"{kind}.{i}.{m}" for m in modules]
             parts = [adapters.get(k) for k in keys]
             if any(parts):
                 a, _ = next(p for p in parts if p)
-                put(f"{bfl}_{i}_{name}", *_fuse(parts, a.shape[1], a.shape[0]), alpha * len(parts))
+                down, up = _fuse(parts, a.shape[1], a.shape[0])
+                put(f"{bfl}_{i}_{name}", down, up * (alpha / a.shape[0]))
                 used.update(k for k in keys if k in adapters)
     if missing := sorted(set(adapters) - used):
         raise ValueError(f"no Kohya name for the FLUX modules {', '.join(missing[:4])}")
