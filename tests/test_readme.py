@@ -81,6 +81,7 @@ def _substitute(line: str, tiny_dir, s: dict) -> str:
     subs = {
         "assets/shapes-base": str(tiny_dir("pixel")), "configs/": f"{ROOT}/configs/",
         "/models/sdxl": str(tiny_dir("sdxl")), "/models/sd35-medium": str(tiny_dir("sd3")),
+        "/models/flux-dev": str(tiny_dir("flux")), "/models/sana": str(tiny_dir("sana")),
         "/data/pickapic": str(s["pairs"]), "yuvalkirstain/pickapic_v2": str(s["hub"]),
         "/models/PickScore_v1": str(s["ps"]), "/models/clip-h": str(s["proc"]),
         "/models/owlv2": str(s["owl"]), "ViT-L-14": "visalign-tiny-clip", "/models/clip-l.bin": "''",
@@ -91,6 +92,12 @@ def _substitute(line: str, tiny_dir, s: dict) -> str:
     return line
 
 
+def _family_class(preset: str):
+    from visalign.registry import BACKBONES, PRESETS
+
+    return BACKBONES.get(PRESETS.get(preset)()["model"]["name"])
+
+
 def _argv(line: str, tiny_dir) -> list[str]:
     argv = shlex.split(line)
     sub = argv[1] if argv[0] == "visalign" else None
@@ -99,12 +106,14 @@ def _argv(line: str, tiny_dir) -> list[str]:
     if sub == "finetune":
         if argv[2] == "shapes":
             extra.append(f"model.path={tiny_dir('pixel')}")  # the recipe's own model.path is the real base
-        if argv[2] in ("sd15", "sdxl", "sd3"):
-            extra.append("model.resolution=32")  # the recipes' 512-1024 px are real-model sizes
-        if argv[2] == "sd3":
-            extra.append("model.max_sequence_length=8")
+        if argv[2] != "shapes":  # the recipes' 512-1024 px and long prompts are real-model sizes
+            extra += ["model.resolution=32", *(f"model.{k}={v}" for k, v in _family_class(argv[2]).tiny_kwargs.items()
+                                               if k != "resolution")]
         if "objective=smpo" in argv:
             extra.append("objective.steps=2")
+        if any(a.endswith("grpo.yaml") for a in argv):
+            extra += ["objective.group_size=2", "objective.prompts_per_round=2", "objective.steps=3",
+                      "objective.window=2", "objective.round_steps=2"]
     return argv + extra
 
 
