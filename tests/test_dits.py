@@ -77,3 +77,35 @@ def test_dc_ae_and_vae_latents_round_trip_shapes(tiny_dir, variant):
     assert mean.shape == (2, *bb.sample_shape) and (std is None) == (variant == "sana")
     out = bb.decode(mean)
     assert out.shape == images.shape and 0 <= float(out.min()) <= float(out.max()) <= 1
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_qwenimage_sampling_equals_the_pipeline(tiny_dir, guidance):
+    """Same packed x_T: the template, dropped tokens, masks, μ-shifted grid, norm-rescaled true CFG on " "
+    and the VAE's per-channel normalisation give QwenImagePipeline's images."""
+    from visalign.models.flux import pack
+    from visalign.models.qwenimage import QwenImageBackbone
+
+    bb = QwenImageBackbone(str(tiny_dir("qwenimage")), resolution=32, max_sequence_length=16)
+    pipe = tiny_pipeline(tiny_dir("qwenimage"))
+    x_T = torch.randn(2, *bb.sample_shape, generator=torch.Generator().manual_seed(0))
+    ours = bb.sample(PROMPTS, steps=3, guidance=guidance, latents=x_T).images
+    cfg = dict(negative_prompt=" ", true_cfg_scale=guidance) if guidance > 1 else dict(true_cfg_scale=1.0)
+    theirs = pipe(PROMPTS, height=32, width=32, num_inference_steps=3, latents=pack(x_T), max_sequence_length=16,
+                  output_type="pt", **cfg).images
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_qwenimage_template_and_latent_normalisation(tiny_dir):
+    from visalign.models.qwenimage import TEMPLATE, TEMPLATE_TOKENS, QwenImageBackbone
+
+    bb = QwenImageBackbone(str(tiny_dir("qwenimage")), resolution=32, max_sequence_length=16)
+    assert len(bb.tokenizer(TEMPLATE.split("{}")[0]).input_ids) == TEMPLATE_TOKENS == 34
+    cond = bb.encode_prompts(["a red circle", "two blue squares in a city at night"])
+    assert cond.tensors["hidden"].shape[1] == 16 and cond.tensors["mask"].sum(1).tolist()[0] < 16
+    images = torch.rand(2, 3, 32, 32)
+    mean, std = bb.latent_moments(images)
+    raw = bb.vae.encode((images * 2 - 1)[:, :, None]).latent_dist.mean[:, :, 0]
+    by_hand = (raw - torch.tensor([0.1, -0.2, 0.05, 0.0]).view(1, 4, 1, 1)) / torch.tensor([1.5, 0.8, 1.2, 1.0]).view(
+        1, 4, 1, 1)
+    assert torch.allclose(mean, by_hand, atol=1e-6) and std.shape == mean.shape

@@ -24,7 +24,7 @@ def test_every_family_declares_what_generic_code_asks_for():
 
     from visalign.registry import BACKBONES, PRESETS
 
-    assert {"flux", "sd", "sdxl", "sd3", "pixel", "pixart", "sana"} <= set(BACKBONES.names())
+    assert {"flux", "sd", "sdxl", "sd3", "pixel", "pixart", "sana", "qwenimage"} <= set(BACKBONES.names())
     for variant in family_variants(all_variants=True):
         name, cls = family_of(variant)
         assert cls.family == name and cls.default_guidance > 0 and cls.pipeline_class
