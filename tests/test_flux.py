@@ -265,3 +265,15 @@ def test_kohya_export_with_a_text_encoder_lora_reloads_in_diffusers(tiny_dir, tm
     pipe = _pipe(tiny_dir, "flux")
     pipe.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
     assert torch.allclose(_pipe_images(pipe, x_T, 2), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["inpo", "smpo", "d3po"])
+def test_inversion_and_trajectory_methods_run_on_flux(tiny_dir, tmp_path, method):
+    """The flow inversion (InPO, SmPO) and the SDE log-densities (D3PO) work through FLUX's packing and
+    guidance input."""
+    pairs = write_pairs(tmp_path / "pairs.parquet", n=4, labels=[1, 0, 1, 0], scores=True)
+    data = {"inpo": [f"data.path={pairs}", "objective.name=inpo", "objective.steps=2"],
+            "smpo": [f"data.path={pairs}", "objective.name=smpo", "objective.steps=2"],
+            "d3po": ["data.path=shapes:train", "objective.name=d3po", "objective.steps=3",
+                     "objective.prompts_per_round=2", "objective.reward=test_redness", "objective.min_margin=0"]}
+    _finetune(tiny_dir, tmp_path, "flux", data[method])
