@@ -23,7 +23,6 @@ KNOWN_UPWARD = {
     ("visalign.eval.geneval", "visalign.worlds.shapes.detector"),
     ("visalign.eval.geneval", "visalign.worlds.shapes.vocab"),
     ("visalign.eval.open_vocab", "visalign.worlds.shapes.render"),
-    ("visalign.models.tiny", "visalign.worlds.shapes.base"),
     ("visalign.models.tiny", "visalign.worlds.shapes.vocab"),
     ("visalign.objectives.ddo", "visalign.worlds.shapes.detector"),
     ("visalign.objectives.ddo", "visalign.worlds.shapes.render"),
@@ -116,3 +115,18 @@ def test_no_module_level_import_circle():
     # a package importing its own submodules for re-export is not a circle between layers
     circles = [c for c in circles if not all(m.startswith(c[0].rsplit(".", 1)[0]) for m in c) or len(c) > 2]
     assert not circles, f"module-level import circles: {circles}"
+
+
+def test_only_the_models_layer_names_diffusers_model_classes():
+    """Model, pipeline, scheduler and autoencoder classes of diffusers appear only in visalign/models (training
+    utilities such as EMAModel or get_scheduler may be used anywhere)."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        if path.relative_to(PKG).parts[0] == "models":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "diffusers":
+                for alias in node.names:
+                    if alias.name.endswith(("Model", "Pipeline", "Scheduler")) or alias.name.startswith("Autoencoder"):
+                        offenders.append(f"{path.relative_to(PKG)}: {alias.name}")
+    assert offenders == []

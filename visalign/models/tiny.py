@@ -111,12 +111,13 @@ def build_sd3(out: Path) -> Path:
 
 def build_pixel(out: Path, size: int = 16, prediction_type: str = "epsilon") -> Path:
     """A tiny pixel-space model with the ShapesWorld folder layout (random weights)."""
-    from ..worlds.shapes.base import PretrainConfig, build_components, save_pipeline_folder
+    from .pixel import build_pixel_components, save_pixel_folder
 
-    cfg = PretrainConfig(size=size, block_out_channels=(32, 32), text_hidden=32, text_layers=1)
-    unet, te, tok, sched = build_components(cfg)
+    # ShapesWorld's layout and defaults at toy width (its v + trailing recipe, the prediction type as asked)
+    unet, te, tok, sched = build_pixel_components(size, (32, 32), 32, 1, 16, caption_words(), "v_prediction",
+                                                  "trailing")
     sched.register_to_config(prediction_type=prediction_type)
-    save_pipeline_folder(Path(out), unet.eval(), te.eval(), tok, sched)
+    save_pixel_folder(Path(out), unet.eval(), te.eval(), tok, sched)
     return Path(out)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from ...errors import UserError, require_positive
 from ...models.diffusion import denoising_target
 from ...models.load import SAMPLING_FILE
+from ...models.pixel import save_pixel_folder as save_pipeline_folder
 from .contrast import near_miss
 from .render import draw, sample_records, scene_for
 from .vocab import caption_words
@@ -61,34 +61,11 @@ class PretrainConfig:
 
 
 def build_components(cfg: PretrainConfig):
-    """Fresh (unet, text_encoder, tokenizer, scheduler) with ShapesWorld's architecture."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Fresh (unet, text_encoder, tokenizer, scheduler) with ShapesWorld's architecture and vocabulary."""
+    from ...models.pixel import build_pixel_components
 
-    from ...models.tokenizer import build_word_tokenizer
-
-    tokenizer = build_word_tokenizer(caption_words(), max_length=cfg.max_tokens)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
-        num_attention_heads=4, num_hidden_layers=cfg.text_layers, max_position_embeddings=cfg.max_tokens,
-        projection_dim=cfg.text_hidden, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    n = len(cfg.block_out_channels)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.size, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=tuple(cfg.block_out_channels),
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=cfg.text_hidden, attention_head_dim=4, norm_num_groups=16)
-    if cfg.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {cfg.prediction_type!r}")
-    if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
-        raise ValueError("timestep_spacing must be 'leading', 'trailing' or 'linspace', "
-                         f"got {cfg.timestep_spacing!r}")
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              prediction_type=cfg.prediction_type, timestep_spacing=cfg.timestep_spacing,
-                              clip_sample=True)
-    return unet, text_encoder, tokenizer, scheduler
+    return build_pixel_components(cfg.size, tuple(cfg.block_out_channels), cfg.text_hidden, cfg.text_layers,
+                                  cfg.max_tokens, caption_words(), cfg.prediction_type, cfg.timestep_spacing)
 
 
 def render_batch(step: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
@@ -117,30 +94,6 @@ def sampling_declaration(prediction_type: str) -> dict:
                 "300 held-out samples (GenEval-shapes overall 0.553 at 1, 0.603 at 1.5, 0.523 at 2, 0.397 at 3): "
                 "stronger guidance oversaturates colours off the palette (docs/experiments.md, seventh round)"}
     return {"guidance": 3.0, "note": "the first, epsilon base's best on the demo's held-out set (0.460)"}
-
-
-def save_pipeline_folder(out: Path, unet, text_encoder, tokenizer, scheduler, extra: dict | None = None) -> None:
-    """Write an ordinary diffusers-style folder (safetensors) atomically: build in a temp dir, then rename."""
-    from diffusers import DDIMScheduler
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    DDIMScheduler.from_config(scheduler.config).save_pretrained(tmp / "scheduler")
-    import diffusers
-
-    index = {"_class_name": "VisalignPixelPipeline", "_diffusers_version": diffusers.__version__,
-             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-             "unet": ["diffusers", "UNet2DConditionModel"]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    for name, payload in (extra or {}).items():
-        (tmp / name).write_text(json.dumps(payload, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def _load_weights(unet, text_encoder, folder: Path) -> None:
