@@ -237,8 +237,34 @@ def run_job(job: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compile_rows(args, base: dict, prec: str, report: dict) -> None:
+    """torch.compile per method: eager and compiled step, the speed-up, the compile start-up (the compiled
+    process's start-up minus the eager one's) and the break-even run length, start-up / time saved per step
+    (what ``train.compile=auto``'s ``compile_min_steps`` is set from)."""
+    methods = [m for m in args.compile_methods.split(",") if m]
+    if not methods:
+        return
+    print(f"\n{'torch.compile, ' + prec:<20}{'eager ms':>9}{'compiled':>10}{'speed-up':>10}{'start-up s':>11}"
+          f"{'break-even steps':>18}")
+    for name in methods:
+        eager = report.get(f"{name}_{prec}") or run_job(base | {"method": name, "precision": prec})
+        try:
+            comp = run_job(base | {"method": name, "precision": prec, "compile": True})
+        except SystemExit as e:
+            print(f"{name:<20}failed: {str(e).splitlines()[-1][:80]}")
+            continue
+        extra = comp["startup_s"] - eager["startup_s"]
+        saved = (eager["step_ms"] - comp["step_ms"]) / 1000
+        even = extra / saved if saved > 0 else float("inf")
+        report[f"{name}_{prec}_compile"] = comp | {"compile_startup_s": extra, "break_even_steps": even}
+        print(f"{name:<20}{eager['step_ms']:>9.1f}{comp['step_ms']:>10.1f}{eager['step_ms'] / comp['step_ms']:>9.2f}x"
+              f"{extra:>11.1f}{even:>18.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compile-methods", default="diffusion_dpo",
+                    help="methods timed with torch.compile in the options section (comma-separated; empty: none)")
     ap.add_argument("--model", default="pixel", choices=tuple(PRESETS))
     ap.add_argument("--size", default="tiny", choices=("tiny", "real-latent"))
     ap.add_argument("--methods", default="diffusion_dpo,kto,mapo,inpo,smpo,sft")
@@ -305,6 +331,7 @@ def main() -> None:
                 continue
             report[f"diffusion_dpo_{prec}_{option}"] = r
             print(f"{option:<28}{r['step_ms']:>9.1f}{plain['step_ms'] / r['step_ms']:>9.2f}x{r['startup_s']:>11.1f}")
+        compile_rows(args, base, prec, report)
 
     if "curves" in sections and len(precisions) > 1:
         curves = {p: run_job(base | {"method": "diffusion_dpo", "precision": p, "curve": 30})["losses"]

@@ -128,6 +128,10 @@ class TrainConfig:
     resume: str = ""  # "" | latest | PATH of a checkpoint
     gradient_checkpointing: bool = False
     attention: str = "auto"  # auto (xformers when installed on GPU, else PyTorch SDPA) | sdpa | xformers
+    # torch.compile of the denoiser: on | off | auto (on for runs of at least compile_min_steps steps, where the
+    # start-up is paid back: docs/guide.md, "Compiling the denoiser", from scripts/bench_train.py's numbers)
+    compile: str = "auto"
+    compile_min_steps: int = 3000
     ema_decay: float = 0.0  # 0 = off; the final weights are the EMA weights
     prompt_dropout: float = 0.0  # papers used 0.2; off by default
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
@@ -155,6 +159,13 @@ class TrainConfig:
         _require_fraction(self.prompt_dropout, f"{where}.prompt_dropout", closed=True)
         if self.guidance is not None:
             require_positive(self.guidance, f"{where}.guidance", allow_zero=True)
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"{where}.compile={self.compile!r}: expected auto, on or off")
+        require_positive(self.compile_min_steps, f"{where}.compile_min_steps")
+
+    def compiles(self) -> bool:
+        """Whether this run compiles its denoiser: asked for, or long enough to pay the start-up back."""
+        return self.compile == "on" or (self.compile == "auto" and self.steps >= self.compile_min_steps)
 
 
 @dataclass

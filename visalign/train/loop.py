@@ -183,6 +183,8 @@ def _build(cfg: RunConfig, acc, out: Path, method) -> Run:
     dataset, stream = _stream(cfg, acc, method, backbone, dataset)
     optimizer = build_optimizer(params, cfg)
     lr_sched = build_lr_scheduler(optimizer, cfg)
+    if t.compiles():  # the compiled module shares the parameters: the optimizer and the LoRA see the same ones
+        backbone.denoiser = torch.compile(backbone.denoiser)
     backbone.denoiser, optimizer, lr_sched = acc.prepare(backbone.denoiser, optimizer, lr_sched)
     backbone.to_device(acc.device)
     ema = None
