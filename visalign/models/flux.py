@@ -78,15 +78,13 @@ class FluxBackbone(FlowBackbone):
     family = "flux"
     default_guidance = 3.5  # FLUX.1-dev's usual guidance-embedding value; schnell ignores it
     true_cfg = False
-    lora_pipeline, lora_prefix = "FluxPipeline", "transformer"
-    pipeline_class = "FluxPipeline"
+    lora_pipeline = pipeline_class = "FluxPipeline"  # its LoRA writer; transformer.* keys, as every flow family
     tiny_variants = ("flux", "flux-schnell")  # toy dev (guidance input, dynamic shift) and schnell layouts
     tiny_kwargs = {"max_sequence_length": 8, "resolution": 32}
 
     @staticmethod
     def build_tiny(variant: str, out) -> None:
         build_tiny_flux(out, schnell=variant == "flux-schnell")
-    denoiser_subfolder = "transformer"
 
     def __init__(self, path: str, resolution: int = 1024, logit_mean: float = 0.0, logit_std: float = 1.0,
                  max_sequence_length: int = 512, guidance_embed: float = 3.5, revision: str | None = None,

@@ -46,9 +46,7 @@ class QwenImageBackbone(FlowBackbone):
 
     family = "qwenimage"
     default_guidance = 4.0  # QwenImagePipeline's true_cfg_scale
-    lora_pipeline, lora_prefix = "QwenImagePipeline", "transformer"
-    pipeline_class = "QwenImagePipeline"
-    denoiser_subfolder = "transformer"
+    lora_pipeline = pipeline_class = "QwenImagePipeline"  # its LoRA writer; transformer.* keys, as every flow family
     tiny_variants = ("qwenimage",)
     tiny_kwargs = {"resolution": 32, "max_sequence_length": 16}
 

@@ -44,9 +44,7 @@ class SanaBackbone(FlowBackbone):
 
     family = "sana"
     default_guidance = 4.5  # SanaPipeline's default
-    lora_pipeline, lora_prefix = "SanaPipeline", "transformer"
-    pipeline_class = "SanaPipeline"
-    denoiser_subfolder = "transformer"
+    lora_pipeline = pipeline_class = "SanaPipeline"  # its LoRA writer; transformer.* keys, as every flow family
     tiny_variants = ("sana",)
     tiny_kwargs = {"max_sequence_length": 8}
 
