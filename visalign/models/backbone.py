@@ -3,62 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from .lora import set_adapters_enabled
-
-
-@dataclass
-class Noised:
-    """A forward-noised batch: model input x_t at timestep t and the regression target."""
-
-    x_t: Tensor
-    t: Tensor
-    target: Tensor
-
-
-@dataclass
-class Cond:
-    """Text conditioning as named batch-first tensors (hidden states, pooled embeds, SDXL time ids...)."""
-
-    tensors: dict[str, Tensor] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
-
-    def map(self, fn) -> Cond:
-        return Cond({k: fn(v) for k, v in self.tensors.items()})
-
-    def repeat_interleave(self, k: int) -> Cond:
-        return self.map(lambda v: v.repeat_interleave(k, dim=0))
-
-    def __getitem__(self, idx) -> Cond:
-        return self.map(lambda v: v[idx])
-
-    def to(self, *args, **kwargs) -> Cond:
-        return self.map(lambda v: v.to(*args, **kwargs))
-
-    @staticmethod
-    def cat(conds: Sequence[Cond]) -> Cond:
-        keys = conds[0].tensors.keys()
-        return Cond({k: torch.cat([c.tensors[k] for c in conds]) for k in keys})
-
-
-@dataclass
-class SampleOutput:
-    """Generated images in [0, 1] and, when asked, the trajectory: x_t per step, timesteps, log-probs."""
-
-    images: Tensor
-    latents: Tensor
-    trajectory: list[Tensor] | None = None  # x_T ... x_0, each [N, ...]
-    timesteps: Tensor | None = None  # [S]
-    log_probs: Tensor | None = None  # [N, S] per-step log p(x_{t-1} | x_t), mean over elements
+from .cond import Cond, Noised, SampleOutput  # noqa: F401  (re-exported: families import them here)
+from .reference import ReferenceMixin
 
 
 @runtime_checkable
@@ -117,13 +69,10 @@ def sample_output(backbone, x: Tensor, traj: list[Tensor], logps: list[Tensor], 
                         log_probs=torch.stack(logps, 1) if logps else None)
 
 
-class ReferenceMixin:
-    """The DPO reference: LoRA adapters switched off (no second copy), or a frozen copy for full tuning."""
+class BackboneBase(ReferenceMixin):
+    """The shared machinery of diffusers-backed families: sampling with guidance, device moves, the
+    per-image error, full-model saving; the reference comes from ``ReferenceMixin``."""
 
-    denoiser: torch.nn.Module
-    _reference_denoiser: torch.nn.Module | None = None
-    _reference_active: bool = False
-    uses_lora: bool = False
     sample_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: sample under autocast (2x on AMX CPUs)
     # what a family declares beside its code: the model_index.json class naming it, its tiny test folders
     # (models/tiny.py) and the model kwargs they load with
@@ -154,68 +103,6 @@ class ReferenceMixin:
         while hasattr(m, "module"):
             m = m.module
         return getattr(m, "_orig_mod", m)
-
-    def freeze_reference_copy(self, dtype: torch.dtype | None = None) -> None:
-        """Full fine-tuning: keep a frozen deep copy of the current denoiser as the reference."""
-        ref = copy.deepcopy(self.unwrapped()).eval().requires_grad_(False)
-        self._reference_denoiser = ref.to(dtype) if dtype is not None else ref
-
-    def reference_weights(self) -> dict[str, Tensor] | None:
-        """The frozen reference copy's trainable-part weights (the LoRA, or everything), for a checkpoint of a
-        run whose reference moved (Curry-DPO stages); None when the reference is 'adapters off'."""
-        if self._reference_denoiser is None:
-            return None
-        trainable = {n for n, p in self.unwrapped().named_parameters() if p.requires_grad}
-        return {n: p.detach().cpu().contiguous() for n, p in self._reference_denoiser.named_parameters()
-                if n in trainable}
-
-    def restore_reference(self, weights: dict[str, Tensor]) -> None:
-        """A frozen reference copy of the policy with ``weights`` (from ``reference_weights``) put back."""
-        self.freeze_reference_copy()
-        params = dict(self._reference_denoiser.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Inside this context ``predict`` runs the reference model (no grad is implied; callers choose)."""
-        if self._reference_active:
-            yield
-            return
-        self._reference_active = True
-        base = self.unwrapped()
-        try:
-            if self._reference_denoiser is None and self.uses_lora:
-                set_adapters_enabled(base, False)
-            for encoder in self.text_encoders_for_lora().values() if self.text_lora else ():
-                set_adapters_enabled(encoder, False)
-            yield
-        finally:
-            if self._reference_denoiser is None and self.uses_lora:
-                set_adapters_enabled(base, True)
-            for encoder in self.text_encoders_for_lora().values() if self.text_lora else ():
-                set_adapters_enabled(encoder, True)
-            self._reference_active = False
-
-    text_lora: bool = False  # a LoRA on the text encoder(s) too (lora.text_encoder)
-
-    def text_encoders_for_lora(self) -> dict[str, torch.nn.Module]:
-        """The CLIP text encoders a text-encoder LoRA adapts, by the names diffusers' LoRA files give them."""
-        return {n: m for n in ("text_encoder", "text_encoder_2")
-                if isinstance(m := getattr(self, n, None), torch.nn.Module)}
-
-    def encode_for_training(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond:
-        """The conditioning a loss uses: without grad, unless the text encoders carry a LoRA; then with grad,
-        plus the reference's own (adapters off) under ``ref.*`` keys, which ``predict`` uses under
-        ``reference()``."""
-        if not self.text_lora:
-            with torch.no_grad():
-                return self.encode_prompts(prompts, image_meta)
-        cond = self.encode_prompts(prompts, image_meta)
-        with torch.no_grad(), self.reference():
-            ref = self.encode_prompts(prompts, image_meta)
-        return Cond(cond.tensors | {f"ref.{k}": v for k, v in ref.tensors.items()})
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Every torch module the backbone holds (denoiser, encoders, VAE, reference copy)."""
@@ -255,11 +142,6 @@ class ReferenceMixin:
         tmp.rename(out)
         return str(out)
 
-    def active_denoiser(self) -> torch.nn.Module:
-        if self._reference_active and self._reference_denoiser is not None:
-            return self._reference_denoiser
-        return self.denoiser
-
     @property
     def device(self) -> torch.device:
         return next(self.unwrapped().parameters()).device
@@ -283,16 +165,3 @@ class ReferenceMixin:
             return self.predict(x, t, cond)
         u, c = self.predict(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([uncond, cond])).chunk(2)
         return u + guidance * (c - u)
-
-    def _inputs_for(self, model: torch.nn.Module, x_t: Tensor, cond: Cond) -> tuple[Tensor, Cond]:
-        """The reference reads its own text conditioning (``ref.*``, with a text-encoder LoRA) and, kept in
-        lower precision, gets its inputs in its own dtype."""
-        if any(k.startswith("ref.") for k in cond.tensors):
-            own = {k: v for k, v in cond.tensors.items() if not k.startswith("ref.")}
-            ref = {k[4:]: v for k, v in cond.tensors.items() if k.startswith("ref.")}
-            cond = Cond(own | ref) if self._reference_active else Cond(own)
-        if model is self._reference_denoiser and model is not None:
-            dtype = next(model.parameters()).dtype
-            if x_t.dtype != dtype:
-                return x_t.to(dtype), cond.map(lambda v: v.to(dtype) if v.is_floating_point() else v)
-        return x_t, cond

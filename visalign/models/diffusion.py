@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
+from .backbone import BackboneBase, Cond, Noised, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
 
 
 def denoising_target(scheduler, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -13,7 +13,7 @@ def denoising_target(scheduler, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
     return eps if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
 
 
-class DiffusionBackbone(ReferenceMixin):
+class DiffusionBackbone(BackboneBase):
     """A denoiser with a DDPM noise schedule predicting ε or v (from the scheduler's ``prediction_type``).
 
     Subclasses provide ``encode_prompts``, ``encode_images``, ``decode`` and ``_forward`` (how their

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import BACKBONES, register_preset
-from .backbone import Cond, Noised, ReferenceMixin, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
+from .backbone import BackboneBase, Cond, Noised, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
 from .load import load_diffusers, load_transformers
 from .unet import LatentMixin, tokenize
 
@@ -19,7 +19,7 @@ register_preset("sd3", {"model": {"name": "sd3", "path": "stabilityai/stable-dif
 
 
 @BACKBONES.register("sd3")
-class FlowBackbone(LatentMixin, ReferenceMixin):
+class FlowBackbone(LatentMixin, BackboneBase):
     """SD3: x_t = (1−σ)x0 + σε, target v = ε − x0, σ from a shifted logit-normal density; t = 1000σ."""
 
     family = "sd3"
