@@ -99,7 +99,7 @@ def test_open_vocab_geneval_plumbing_with_tiny_configs(tiny_dir, tmp_path, tiny_
 
     owl = tiny_owl
     det = OpenVocabDetector(str(owl), "visalign-tiny-clip", "", threshold=0.0, counting_threshold=0.0)
-    objs = det.objects(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), ["circle", "square"])
+    objs = det.detect(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), ["circle", "square"])
     assert len(objs) == 16 and {o.shape for o in objs} <= {"circle", "square"}  # one box per patch, best class
     assert all(o.color in GENEVAL_COLORS and 0 <= o.box[0] < o.box[2] <= 32 for o in objs)
     meta = tmp_path / "m.jsonl"

@@ -31,8 +31,9 @@ def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: 
 def cmd_eval_geneval(args) -> None:
     import torch
 
-    from ..eval.geneval import check_shapes_records, format_table, generate_and_score, write_results
+    from ..eval.geneval import format_table, generate_and_score, write_results
     from ..models.load import sampling_guidance
+    from ..registry import DETECTORS
     from ..worlds.shapes.render import prompt_records, read_metadata
 
     if args.threads:
@@ -40,14 +41,11 @@ def cmd_eval_geneval(args) -> None:
     records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
     if args.per_task:
         records = first_per_task(records, args.per_task)
-    if args.detector == "shapes":
-        check_shapes_records(records, args.metadata)  # before the model loads
+    options = {"owlv2": lambda: dict(detector=args.owl, clip_arch=args.clip_arch, clip_pretrained=args.clip_pretrained,
+                                     **_thresholds(args.thresholds))}
+    detector = DETECTORS.build(args.detector, **options.get(args.detector, dict)())
+    detector.check_records(records, args.metadata)  # before the model loads
     bb = load_backbone_cli(args.model, args.backbone, args.lora, args.bf16)
-    detector = None
-    if args.detector == "owlv2":
-        from .open_vocab import OpenVocabDetector
-
-        detector = OpenVocabDetector(args.owl, args.clip_arch, args.clip_pretrained, **_thresholds(args.thresholds))
     guidance = sampling_guidance(bb, args.guidance)
     results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, guidance,
                                  detector=detector)
@@ -55,7 +53,7 @@ def cmd_eval_geneval(args) -> None:
         "model": args.model, "lora": args.lora, "metadata": args.metadata or "shapes:eval", "seed": args.seed,
         "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": guidance,
         "bf16": args.bf16,
-        "detector": "shapes-exact" if detector is None else f"owlv2:{args.owl} + open_clip:{args.clip_arch}"})
+        "detector": getattr(detector, "name", None) or f"owlv2:{args.owl} + open_clip:{args.clip_arch}"})
     print(format_table({Path(args.lora or args.model).name: metrics}))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..worlds.shapes.detector import detect, evaluate_objects
-from ..worlds.shapes.vocab import SHAPES, TASKS
+from ..registry import DETECTORS
 from .grid import image_grid, save_png
+from .rules import TASKS, evaluate_objects
 
 
 def sample_seed(seed: int, prompt_idx: int, k: int) -> int:
@@ -39,27 +39,14 @@ def summarise(per_image: Sequence[dict]) -> dict:
     return out
 
 
-def check_shapes_records(records: Sequence[dict], source: str | None = None) -> None:
-    """Every class must be a ShapesWorld shape for the exact detector; checked before any model loads."""
-    where = f"--metadata {source}: " if source else ""
-    for i, r in enumerate(records):
-        for clause in r.get("include", []) + r.get("exclude", []):
-            if clause["class"] not in SHAPES:
-                raise UserError(f"{where}record {i} ({r['prompt']!r}): class {clause['class']!r} is not a "
-                                f"ShapesWorld shape ({', '.join(SHAPES)}); real-model classes need the "
-                                "open-vocabulary detector (--detector owlv2)")
-
-
 @torch.no_grad()
 def generate_and_score(backbone, records: Sequence[dict], samples_per_prompt: int = 4, seed: int = 0,
-                       steps: int = 20, guidance: float = 3.0, batch_size: int = 64, detector=None) -> list[dict]:
-    """One image per (record, k) from a fixed seed; each scored by GenEval's rules.
-
-    ``detector`` None: ShapesWorld's exact detector (classes must be its shapes); else an
-    ``OpenVocabDetector`` for real models.
-    """
-    if detector is None:
-        check_shapes_records(records)
+                       steps: int = 20, guidance: float = 3.0, batch_size: int = 64, detector="shapes") -> list[dict]:
+    """One image per (record, k) from a fixed seed; each scored by GenEval's rules on ``detector``'s objects
+    (a ``DETECTORS`` name or instance: ShapesWorld's exact one, OWLv2 for real models, or a plug-in's)."""
+    if isinstance(detector, str):
+        detector = DETECTORS.build(detector)
+    detector.check_records(records)
     jobs = [(i, k) for i in range(len(records)) for k in range(samples_per_prompt)]
     results = []
     for start in range(0, len(jobs), batch_size):
@@ -69,13 +56,7 @@ def generate_and_score(backbone, records: Sequence[dict], samples_per_prompt: in
         images = backbone.sample([records[i]["prompt"] for i, _ in part], steps=steps, guidance=guidance,
                                  latents=noise).images.cpu()
         for (i, k), img in zip(part, images):
-            if detector is None:
-                objects = detect(img).objects
-            else:
-                from .open_vocab import record_classes
-
-                objects = detector.objects(img, record_classes(records[i]), counting=records[i]["tag"] == "counting")
-            correct, frac, reasons = evaluate_objects(objects, records[i])
+            correct, frac, reasons = evaluate_objects(detector.objects(img, records[i]), records[i])
             results.append({"prompt_index": i, "k": k, "tag": records[i]["tag"], "prompt": records[i]["prompt"],
                             "correct": correct, "constraints": frac, "reasons": reasons, "image": img})
     return results

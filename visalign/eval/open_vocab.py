@@ -11,12 +11,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..worlds.shapes.render import ShapeObject
+from ..registry import DETECTORS
+from .rules import DetectedObject
 
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 COLOR_TEMPLATES = ("a photo of a {c} {o}.", "a photo of a {c}-colored {o}.", "a photo of a {c} object.")
 
 
+@DETECTORS.register("owlv2")
 class OpenVocabDetector:
     """Objects of the record's classes in a generated image, most confident first, with a colour each."""
 
@@ -66,13 +68,20 @@ class OpenVocabDetector:
         return sorted(res["scores"].tolist(), reverse=True)[: self.max_per_class]
 
     @torch.no_grad()
-    def objects(self, image: torch.Tensor, classes: Sequence[str], counting: bool = False) -> list[ShapeObject]:
+    def check_records(self, records: Sequence[dict], source: str | None = None) -> None:
+        """Any class names are open vocabulary: nothing to refuse up front."""
+
+    def objects(self, image: torch.Tensor, record: dict) -> list[DetectedObject]:
+        """GenEval's detector call for one record: its classes, the counting threshold for counting prompts."""
+        return self.detect(image, record_classes(record), counting=record["tag"] == "counting")
+
+    def detect(self, image: torch.Tensor, classes: Sequence[str], counting: bool = False) -> list[DetectedObject]:
         """Detections (class in ``shape``) above GenEval's threshold, sorted by confidence, with CLIP colours."""
         classes = list(dict.fromkeys(classes))
         h, w = image.shape[-2:]
         side = max(h, w)
         res = self._detect(image, classes, self.counting_threshold if counting else self.threshold)
-        found: list[tuple[float, ShapeObject]] = []
+        found: list[tuple[float, DetectedObject]] = []
         for c_idx, cls in enumerate(classes):
             sel = (res["labels"] == c_idx).nonzero().flatten()
             sel = sel[res["scores"][sel].argsort(descending=True)][: self.max_per_class]
@@ -80,7 +89,7 @@ class OpenVocabDetector:
                 x0, y0, x1, y1 = (int(round(float(v))) for v in res["boxes"][i].clamp(0, side))
                 x0, y0 = min(x0, w - 1), min(y0, h - 1)
                 box = (x0, y0, max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1))
-                found.append((float(res["scores"][i]), ShapeObject(cls, self.colour(image, box, cls), box)))
+                found.append((float(res["scores"][i]), DetectedObject(cls, self.colour(image, box, cls), box)))
         found.sort(key=lambda x: -x[0])
         return [o for _, o in found]
 

@@ -1,4 +1,4 @@
-"""Exact object detector for ShapesWorld pixels and GenEval's scoring rules over its detections."""
+"""Exact object detector for ShapesWorld pixels; GenEval's rules over its detections are eval/rules.py's."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
+from ...eval.rules import POSITION_THRESHOLD, evaluate_objects, relative_position  # noqa: F401  (re-exported)
+from ...registry import DETECTORS
 from .captions import parse_caption
 from .render import ShapeObject, shape_mask
 from .vocab import BACKGROUND, COLORS, SHAPES
 
-# GenEval's relative-position margin: offsets smaller than 0.1 x (sum of box sizes) do not count.
-POSITION_THRESHOLD = 0.1
 _PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)
 _COLOR_NAMES = ("background", *COLORS)
 
@@ -94,80 +94,6 @@ def detect(image, min_area: int | None = None) -> Detections:
     return Detections(objects, float(clean))
 
 
-def relative_position(a: ShapeObject, b: ShapeObject) -> set[str]:
-    """Relations of a to b from box-centre offsets less a margin, as GenEval decides them."""
-    ca, cb = np.array(a.center), np.array(b.center)
-    dim_a = np.array([a.box[2] - a.box[0], a.box[3] - a.box[1]], dtype=np.float64)
-    dim_b = np.array([b.box[2] - b.box[0], b.box[3] - b.box[1]], dtype=np.float64)
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
-
-
-def evaluate_objects(objects: Sequence[ShapeObject], record: dict) -> tuple[bool, float, list[str]]:
-    """GenEval's rules on a list of objects (most confident first).
-
-    Returns (correct, fraction of constraints met, reasons for failures). Constraints: per include
-    clause its count, its colour and its position when given; per exclude clause its absence.
-    """
-    by_class: dict[str, list[ShapeObject]] = {}
-    for o in objects:
-        by_class.setdefault(o.shape, []).append(o)
-    met = total = 0
-    reasons: list[str] = []
-    matched: list[list[ShapeObject] | None] = []
-    for req in record.get("include", []):
-        cls, count = req["class"], req["count"]
-        found = by_class.get(cls, [])[:count]
-        ok = len(found) >= count
-        total += 1
-        met += ok
-        if not ok:
-            reasons.append(f"expected {cls}>={count}, found {len(found)}")
-        if "color" in req:
-            total += 1
-            n_color = sum(o.color == req["color"] for o in found)
-            color_ok = ok and n_color >= count
-            met += color_ok
-            if ok and not color_ok:
-                reasons.append(f"expected {req['color']} {cls}>={count}, found {n_color}")
-            ok = ok and color_ok
-        if "position" in req:
-            total += 1
-            rel, target = req["position"]
-            targets = matched[target] if target < len(matched) else None
-            pos_ok = False
-            if ok and targets is None:
-                reasons.append(f"no target for {cls} to be {rel}")
-            elif ok:
-                pos_ok = all(rel in relative_position(o, t) for o in found for t in targets)
-                if not pos_ok:
-                    reasons.append(f"expected {cls} {rel} target")
-            met += pos_ok
-            ok = ok and pos_ok
-        matched.append(found if ok else None)
-    for req in record.get("exclude", []):
-        total += 1
-        n = len(by_class.get(req["class"], []))
-        if n >= req["count"]:
-            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
-        else:
-            met += 1
-    return not reasons, (met / total if total else 1.0), reasons
-
-
 def score(image, record: dict) -> tuple[bool, float, float]:
     """(GenEval-correct, fraction of constraints met, clean term) for one image."""
     det = detect(image)
@@ -188,3 +114,25 @@ def shapes_reward_value(image, record: dict) -> float:
 def record_for_prompt(prompt: str) -> dict:
     """The metadata record a ShapesWorld caption describes (any GenEval template wording; see captions.py)."""
     return parse_caption(prompt)
+
+
+@DETECTORS.register("shapes")
+class ShapesDetector:
+    """ShapesWorld's exact detector as a GenEval detector: every class must be one of its shapes."""
+
+    name = "shapes-exact"
+
+    def check_records(self, records: Sequence[dict], source: str | None = None) -> None:
+        """Every class must be a ShapesWorld shape; checked before any model loads."""
+        from ...errors import UserError
+
+        where = f"--metadata {source}: " if source else ""
+        for i, r in enumerate(records):
+            for clause in r.get("include", []) + r.get("exclude", []):
+                if clause["class"] not in SHAPES:
+                    raise UserError(f"{where}record {i} ({r['prompt']!r}): class {clause['class']!r} is not a "
+                                    f"ShapesWorld shape ({', '.join(SHAPES)}); real-model classes need the "
+                                    "open-vocabulary detector (--detector owlv2)")
+
+    def objects(self, image, record: dict) -> list[Detection]:
+        return detect(image).objects

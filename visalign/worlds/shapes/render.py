@@ -7,27 +7,15 @@ import json
 import random
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import UserError, read_text
-from .vocab import BACKGROUND, COLORS, NUMBERS, PLURALS, RELATIONS, SHAPES, TASKS
+from ...eval.rules import TASKS, DetectedObject
+from .vocab import BACKGROUND, COLORS, NUMBERS, PLURALS, RELATIONS, SHAPES
 
-
-@dataclass(frozen=True)
-class ShapeObject:
-    """One object in a scene: its class, colour and bounding box (x0, y0, x1, y1), end-exclusive."""
-
-    shape: str
-    color: str
-    box: tuple[int, int, int, int]
-
-    @property
-    def center(self) -> tuple[float, float]:
-        x0, y0, x1, y1 = self.box
-        return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+ShapeObject = DetectedObject  # a scene's object is what detectors return
 
 
 def _article(word: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ...eval.rules import TASKS  # noqa: F401  (GenEval's task tags, re-exported for the world's users)
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 # GenEval's colour names; RGB values far apart so a nearest-palette rule is exact on clean renders.
@@ -16,7 +18,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
 BACKGROUND: tuple[int, int, int] = (238, 238, 232)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 NUMBERS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
-TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 def caption_words() -> list[str]:
