@@ -27,6 +27,10 @@ class FlowBackbone(LatentMixin, BackboneBase):
     lora_pipeline, lora_prefix = "StableDiffusion3Pipeline", "transformer"
     pipeline_class = "StableDiffusion3Pipeline"
     tiny_variants = ("sd3",)
+
+    @staticmethod
+    def build_tiny(variant: str, out, **kwargs) -> None:
+        tiny_sd3(out, **kwargs)
     tiny_kwargs = {"max_sequence_length": 8}
     denoiser_subfolder = "transformer"
 
@@ -218,3 +222,22 @@ def _has(path: str, sub: str) -> bool:
 
     p = Path(path)
     return (p / sub).exists() if p.exists() else True
+
+
+def tiny_sd3(out):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from .tiny import _clip_config, _vae, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(shift=True),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -25,6 +25,12 @@ class PixelBackbone(DiffusionBackbone):
     pipeline_class = "VisalignPixelPipeline"  # a folder of plain diffusers/transformers parts, no pipeline class
     tiny_variants = ("pixel",)
 
+    @staticmethod
+    def build_tiny(variant: str, out, **kwargs) -> None:
+        from .tiny import build_pixel  # ShapesWorld's vocabulary: built beside the other toy parts
+
+        build_pixel(out, **kwargs)
+
     def __init__(self, path: str, revision: str | None = None, load_encoders: bool = True):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel

@@ -1,5 +1,6 @@
-"""Tiny but real pipelines built from configs (tests, benchmarks): SD1.5, SDXL, SD3 and pixel here, and the
-tiny builders other families carry in their own file (``tiny_variants`` + ``build_tiny``).
+"""Tiny but real pipelines built from configs (tests, benchmarks): the shared toy parts (a word tokenizer, CLIP,
+T5, an SD-style VAE, a DDIM schedule) and ``build_tiny``, which finds the family that declares a tiny variant
+(``tiny_variants``) and calls its ``build_tiny``; the pixel toy is built here.
 
 Each is saved as an ordinary diffusers folder that diffusers' own pipeline classes reload with
 ``from_pretrained``; nothing is downloaded.
@@ -17,7 +18,6 @@ from .tokenizer import build_word_tokenizer
 # a small general vocabulary for prompts in tests, beyond ShapesWorld's words
 EXTRA_WORDS = ("cat", "dog", "car", "tree", "house", "painting", "astronaut", "riding", "horse", "the", "in",
                "on", "with", "big", "small", "blue", "sky", "portrait", "city", "night")
-FAMILIES = ("sd15", "sdxl", "sd3", "pixel")
 
 
 def tiny_tokenizer(max_length: int = 77):
@@ -57,58 +57,6 @@ def _ddim(prediction_type: str = "epsilon", clip_sample: bool = False):
                          clip_sample=clip_sample, set_alpha_to_one=False, prediction_type=prediction_type)
 
 
-def build_sd15(out: Path, prediction_type: str = "epsilon") -> Path:
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    tok = tiny_tokenizer()
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=32)
-    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok,
-                                   unet=unet, scheduler=_ddim(prediction_type), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def build_sdxl(out: Path) -> Path:
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    tok = tiny_tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80, norm_num_groups=32)
-    pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer_2=tiny_tokenizer(),
-        unet=unet, scheduler=_ddim())
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def build_sd3(out: Path) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
-
-    tok = tiny_tokenizer()
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(shift=True),
-        text_encoder=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer_2=tiny_tokenizer(),
-        text_encoder_3=None, tokenizer_3=None)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def build_pixel(out: Path, size: int = 16, prediction_type: str = "epsilon") -> Path:
     """A tiny pixel-space model with the ShapesWorld folder layout (random weights)."""
     from .pixel import build_pixel_components, save_pixel_folder
@@ -119,9 +67,6 @@ def build_pixel(out: Path, size: int = 16, prediction_type: str = "epsilon") -> 
     sched.register_to_config(prediction_type=prediction_type)
     save_pixel_folder(Path(out), unet.eval(), te.eval(), tok, sched)
     return Path(out)
-
-
-BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "sd3": build_sd3, "pixel": build_pixel}
 
 
 def tiny_variants() -> dict[str, type]:
@@ -143,8 +88,5 @@ def build_tiny(family: str, out: str | Path, seed: int = 0, **kwargs) -> Path:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(variants)}")
     torch.manual_seed(seed)
     out = Path(out)
-    if family in BUILDERS:
-        BUILDERS[family](out, **kwargs)
-    else:
-        variants[family].build_tiny(family, out, **kwargs)
+    variants[family].build_tiny(family, out, **kwargs)
     return out

@@ -59,7 +59,11 @@ class SDBackbone(LatentMixin, DiffusionBackbone):
     default_guidance = 7.5  # the family's usual CFG scale when a model folder declares none
     lora_pipeline, lora_prefix = "StableDiffusionPipeline", "unet"  # whose save_lora_weights writes its LoRA
     pipeline_class = "StableDiffusionPipeline"  # the model_index.json class that names this family
-    tiny_variants = ("sd15",)  # the tiny test folders of this family (models/tiny.py)
+    tiny_variants = ("sd15",)  # the tiny test folders of this family (models/tiny.py finds them)
+
+    @staticmethod
+    def build_tiny(variant: str, out, **kwargs) -> None:
+        tiny_sd15(out, **kwargs)
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
                  variant: str | None = None, load_encoders: bool = True):
@@ -97,6 +101,10 @@ class SDXLBackbone(SDBackbone):
     pipeline_class = "StableDiffusionXLPipeline"
     tiny_variants = ("sdxl",)
 
+    @staticmethod
+    def build_tiny(variant: str, out, **kwargs) -> None:
+        tiny_sdxl(out, **kwargs)
+
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
                  variant: str | None = None, load_encoders: bool = True):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
@@ -131,3 +139,42 @@ class SDXLBackbone(SDBackbone):
     def _forward(self, model, x_t, t, cond):
         added = {"text_embeds": cond.tensors["pooled"], "time_ids": cond.tensors["time_ids"]}
         return model(x_t, t, encoder_hidden_states=cond.tensors["hidden"], added_cond_kwargs=added).sample
+
+
+def tiny_sd15(out, prediction_type: str = "epsilon"):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .tiny import _clip_config, _ddim, _vae, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=32)
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok,
+                                   unet=unet, scheduler=_ddim(prediction_type), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def tiny_sdxl(out):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tiny import _clip_config, _ddim, _vae, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80, norm_num_groups=32)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer_2=tiny_tokenizer(),
+        unet=unet, scheduler=_ddim())
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

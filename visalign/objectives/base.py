@@ -41,8 +41,17 @@ def model_inputs(backbone, batch: PreferenceBatch, generator: torch.Generator | 
         x0 = x0.view(b, k, *x0.shape[1:])
     cond = batch.cond
     if cond is None or getattr(backbone, "text_lora", False):  # a trained text encoder: cached text is stale
-        cond = backbone.encode_for_training(batch.prompts, batch.image_meta or None)
+        cond = text_conditioning(backbone, batch.prompts, batch.image_meta or None)
     return x0.contiguous(), cond
+
+
+def text_conditioning(backbone, prompts, image_meta: dict | None = None):
+    """The conditioning a loss uses (``encode_for_training``: with grad and the reference's own when the text
+    encoder trains); a backbone written before that seam is encoded without grad."""
+    if hasattr(backbone, "encode_for_training"):
+        return backbone.encode_for_training(prompts, image_meta)
+    with torch.no_grad():
+        return backbone.encode_prompts(prompts, image_meta)
 
 
 def shared_noise(backbone, x0: Tensor) -> tuple[Tensor, Tensor]:

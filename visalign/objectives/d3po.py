@@ -6,7 +6,7 @@ import torch
 
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput, as_float
-from .base import Method
+from .base import Method, text_conditioning
 from .heads import d3po_loss
 from .online import score_and_rank
 
@@ -80,7 +80,7 @@ class D3PO(Method):
         usable = torch.nonzero(torch.isfinite(batch.extras["logp"]).all(0).all(0)).flatten()
         n_steps = max(1, round(self.timestep_fraction * len(usable)))
         steps = usable[torch.randperm(len(usable))[:n_steps]].sort().values
-        cond = backbone.encode_for_training(batch.prompts).repeat_interleave(2)
+        cond = text_conditioning(backbone, batch.prompts).repeat_interleave(2)
         uncond = backbone.unconditional(2 * b, self.guidance)
         losses, rho = [], []
         for s in steps.tolist():

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..types import PreferenceBatch
+from .base import text_conditioning
 from .online import score_and_rank
 from .policy import group_advantages
 
@@ -88,7 +89,7 @@ class GroupRollouts:
     def window_logprobs(self, backbone, batch: PreferenceBatch, steps: Tensor, reference: bool = False) -> Tensor:
         """log π_θ(x_{t−1} | x_t, c) [B, len(steps)] of the batch's stored transitions (π_ref with ``reference``)."""
         traj, timesteps = batch.extras["traj"], batch.extras["timesteps"]
-        cond = backbone.encode_for_training(batch.prompts)
+        cond = text_conditioning(backbone, batch.prompts)
         uncond = backbone.unconditional(len(batch.prompts), self.guidance)
         out = []
         for s in steps.tolist():
