@@ -437,7 +437,7 @@ def test_prompt_dropout_changes_what_the_model_sees_with_the_cache_on(tiny_dir, 
 
 
 @pytest.mark.parametrize("mode,steps,compiled", [("off", 5000, False), ("on", 2, True), ("auto", 2, False),
-                                                 ("auto", 3000, True)])
+                                                 ("auto", 6000, True)])
 def test_compile_is_applied_by_the_documented_rule(tiny_dir, pairs, tmp_path, monkeypatch, mode, steps, compiled):
     """train.compile: on, off, or auto (on from compile_min_steps up); the loop wraps the denoiser in
     torch.compile exactly then (the compiler itself stands in here: its start-up is the bench's business)."""

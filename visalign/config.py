@@ -131,7 +131,7 @@ class TrainConfig:
     # torch.compile of the denoiser: on | off | auto (on for runs of at least compile_min_steps steps, where the
     # start-up is paid back: docs/guide.md, "Compiling the denoiser", from scripts/bench_train.py's numbers)
     compile: str = "auto"
-    compile_min_steps: int = 3000
+    compile_min_steps: int = 6000
     ema_decay: float = 0.0  # 0 = off; the final weights are the EMA weights
     prompt_dropout: float = 0.0  # papers used 0.2; off by default
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
