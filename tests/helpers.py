@@ -135,3 +135,21 @@ def load_lora_into(pipe, lora_dir, prefix: str = "transformer"):
         pipe.load_lora_weights(lora_dir)
     else:
         inject_saved_lora(getattr(pipe, prefix), Path(lora_dir) / "pytorch_lora_weights.safetensors", prefix)
+
+
+def tiny_pickscore(root: Path) -> tuple[Path, Path]:
+    """A tiny transformers CLIP (model folder) and its processor folder, as PickScore's are laid out."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from visalign.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+            "num_hidden_layers": 1, "max_position_embeddings": 77, "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 1,
+              "image_size": 32, "patch_size": 8}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "ps")
+    tok.save_pretrained(root / "proc")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "proc")
+    return root / "ps", root / "proc"

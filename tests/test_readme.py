@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_pairs
+from helpers import tiny_pickscore, write_pairs
 
 from visalign.cli import main
 
@@ -46,23 +46,6 @@ def readme_commands() -> list[str]:
     return out
 
 
-def _tiny_pickscore(root: Path) -> tuple[Path, Path]:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from visalign.models.tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
-            "num_hidden_layers": 1, "max_position_embeddings": 77, "eos_token_id": tok.eos_token_id,
-            "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
-    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 1,
-              "image_size": 32, "patch_size": 8}
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "ps")
-    tok.save_pretrained(root / "proc")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "proc")
-    return root / "ps", root / "proc"
-
-
 @pytest.fixture(scope="module")
 def stand_ins(tiny_dir, tmp_path_factory, tiny_owl):
     root = tmp_path_factory.mktemp("readme")
@@ -73,7 +56,7 @@ def stand_ins(tiny_dir, tmp_path_factory, tiny_owl):
     hub = root / "hub"
     (hub / "data").mkdir(parents=True)
     write_pairs(hub / "data" / "train-00000-of-00001.parquet", n=8)
-    ps, proc = _tiny_pickscore(root)
+    ps, proc = tiny_pickscore(root)
     return {"root": root, "pairs": pairs, "hub": hub, "ps": ps, "proc": proc, "owl": owl}
 
 
