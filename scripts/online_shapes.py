@@ -13,28 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
-
-
-def paired_by_task(base: list[dict], tuned: list[dict]) -> dict:
-    """Per task: base and tuned accuracy and the paired change with its SE; overall as GenEval averages."""
-    from visalign.demo import paired_improvement
-
-    by_key = {(r["prompt_index"], r["k"]): r for r in base}
-    tasks: dict[str, list[tuple[float, float]]] = {}
-    for r in tuned:
-        b = by_key[(r["prompt_index"], r["k"])]
-        tasks.setdefault(r["tag"], []).append((float(b["correct"]), float(r["correct"])))
-    out = {}
-    for tag, pairs in tasks.items():
-        d = [t - b for b, t in pairs]
-        m = sum(d) / len(d)
-        se = math.sqrt(sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1) / len(d))
-        out[tag] = {"base": sum(b for b, _ in pairs) / len(pairs), "tuned": sum(t for _, t in pairs) / len(pairs),
-                    "change": m, "se": se, "n": len(d)}
-    return {"overall": paired_improvement(base, tuned), "tasks": out}
 
 
 def evaluate(base_path: str, lora: str | None, per_task: int, seed: int, out: Path, name: str) -> list[dict]:
@@ -72,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = evaluate(args.base, None, args.per_task, args.seed, out, "base")
     tuned = evaluate(args.base, str(run / "lora"), args.per_task, args.seed, out, "tuned")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from visalign.eval.stats import paired_by_task
+
     result = paired_by_task(base, tuned) | {
         "train_seconds": summary["seconds"], "steps": summary["steps"], "trajectories_trained": summary["pairs_seen"],
         "reward_first": rows[0].get("reward_mean"), "reward_last": rows[-1].get("reward_mean"),

@@ -175,3 +175,23 @@ def test_eval_fid_and_winrate_commands(tiny_dir, tmp_path):
     w = json.loads((tmp_path / "wr" / "winrate.json").read_text())
     # a model against itself with the same seeds: every comparison is a tie
     assert w["win_rate"] == 0.5 and w["ties"] == w["n"] == 90
+
+
+def test_paired_statistics_against_the_statistics_module():
+    import statistics
+
+    from visalign.eval.stats import paired_by_task, paired_mean
+
+    d = [0.0, 1.0, 1.0, -1.0, 0.0, 1.0]
+    mean, se = paired_mean(d)
+    assert mean == pytest.approx(statistics.mean(d)) and se == pytest.approx(statistics.stdev(d) / len(d) ** 0.5)
+    base = [{"prompt_index": i, "k": 0, "tag": t, "correct": c} for i, (t, c) in
+            enumerate([("a", 0), ("a", 1), ("a", 0), ("b", 1), ("b", 1)])]
+    tuned = [{"prompt_index": i, "k": 0, "tag": t, "correct": c} for i, (t, c) in
+             enumerate([("a", 1), ("a", 1), ("a", 0), ("b", 0), ("b", 1)])]
+    out = paired_by_task(base, tuned)
+    assert out["tasks"]["a"]["change"] == pytest.approx(1 / 3) and out["tasks"]["b"]["change"] == pytest.approx(-0.5)
+    assert out["tasks"]["a"]["base"] == pytest.approx(1 / 3) and out["tasks"]["b"]["tuned"] == pytest.approx(0.5)
+    se_a, se_b = statistics.stdev([1, 0, 0]) / 3 ** 0.5, statistics.stdev([-1, 0]) / 2 ** 0.5
+    assert out["overall"]["delta"] == pytest.approx((1 / 3 - 0.5) / 2)
+    assert out["overall"]["se"] == pytest.approx((se_a ** 2 + se_b ** 2) ** 0.5 / 2)

@@ -5,35 +5,13 @@ printed tables and report.html."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-
-def paired_improvement(base: list[dict], tuned: list[dict]) -> dict:
-    """Overall improvement and its standard error from per-image pairs (same prompt, same seed).
-
-    Per task: the mean of d = correct_tuned − correct_base and its SE; overall = unweighted mean
-    over tasks (as GenEval's overall), SE = sqrt(Σ SE_task²)/n_tasks.
-    """
-    by_key = {(r["prompt_index"], r["k"]): r for r in base}
-    tasks: dict[str, list[float]] = {}
-    for r in tuned:
-        b = by_key[(r["prompt_index"], r["k"])]
-        tasks.setdefault(r["tag"], []).append(float(r["correct"]) - float(b["correct"]))
-    means, ses = [], []
-    for ds in tasks.values():
-        m = sum(ds) / len(ds)
-        var = sum((d - m) ** 2 for d in ds) / max(len(ds) - 1, 1)
-        means.append(m)
-        ses.append(math.sqrt(var / len(ds)))
-    delta = sum(means) / len(means)
-    se = math.sqrt(sum(s * s for s in ses)) / len(ses)
-    return {"delta": delta, "se": se, "z": delta / se if se > 0 else float("inf")}
-
+from .eval.stats import paired_improvement  # noqa: F401  (the demo's table; scripts import it here)
 
 SAMPLE_STEPS, EVAL_SEED = 20, 1234
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .stats import clustered_se  # re-exported: the held-out pairs use it
+
 
 def pairs_from_results(results: Sequence[dict], min_margin: float = 0.15) -> list[tuple[str, object, object]]:
     """(prompt, winner image, loser image) for every two samples of one prompt whose constraint scores
@@ -60,19 +62,3 @@ def implicit_accuracy(backbone, pairs: Sequence[tuple[str, object, object]], bet
             "se_by_prompt": clustered_se(right, [p for p, _, _ in pairs]), "mean_h": float(h.mean()), "n": len(h)}
 
 
-def clustered_se(values: Sequence[float], clusters: Sequence[object]) -> float:
-    """SE of the mean of ``values`` when those sharing a cluster are correlated (CR1 sandwich):
-    sqrt(G/(G−1) · Σ_c (Σ_{i∈c} (x_i − x̄))²) / n over G clusters.
-
-    Held-out pairs are all pairs of a prompt's samples, so one image sits in many pairs and the pairs of
-    a prompt are not independent draws; the binomial SE treats them as if they were.
-    """
-    n = len(values)
-    mean = sum(values) / n
-    sums: dict[object, float] = {}
-    for x, c in zip(values, clusters):
-        sums[c] = sums.get(c, 0.0) + (x - mean)
-    g = len(sums)
-    if g < 2:
-        return float("nan")
-    return math.sqrt(g / (g - 1) * sum(v * v for v in sums.values())) / n
