@@ -111,11 +111,14 @@ def parse_rewards(specs: list[str]) -> list[tuple[str, float, dict]]:
 
 
 def parse_model(spec: str) -> tuple[str, str]:
-    """'NAME=PATH', a diffusers folder, or 'shapes-render' (the exact ShapesWorld renderer)."""
+    """'NAME=PATH', a diffusers folder, or the name of a registered model without weights (ShapesWorld's
+    exact renderer, ``shapes-render``)."""
     from ..models.load import detect_backbone, resolve_path
+    from ..registry import BACKBONES
 
-    if spec == "shapes-render":
-        return "shapes-render", "shapes-render"
+    if "=" not in spec and not Path(spec).exists() and spec in BACKBONES and \
+            getattr(BACKBONES.get(spec), "needs_weights", True) is False:
+        return spec, spec
     if "=" in spec:
         name, path = spec.split("=", 1)
         return name, resolve_path(path)
@@ -327,16 +330,13 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
     total_images = sum(rows_in) * cfg.images_per_prompt * len(models)
     bar = tqdm(total=total_images, desc=f"make-dataset[{rank}]", unit="img", disable=not progress,
                dynamic_ncols=True)
-    from ..worlds.shapes.oracle import RenderPipeline
-
-    backbones = [RenderPipeline() if b == "shapes-render" else build_backbone(Component(b, {"path": p}))
-                 for b, p in models] if mine else []
-    sizes = [bb.resolution for bb in backbones if not isinstance(bb, RenderPipeline)]
+    backbones = [build_backbone(Component(b, {"path": p})) for b, p in models] if mine else []
+    sizes = [bb.resolution for bb in backbones if not hasattr(bb, "resize_to")]
     for bb in backbones:
-        if isinstance(bb, RenderPipeline) and sizes:
-            bb.resize_to(max(sizes))  # one image size per row: the renderer follows the models
+        if hasattr(bb, "resize_to") and sizes:
+            bb.resize_to(max(sizes))  # one image size per row: a renderer follows the models
     for bb in backbones:
-        if not isinstance(bb, RenderPipeline):  # the renderer draws on the CPU
+        if not getattr(bb, "renders_on_cpu", False):
             bb.to_device(sampling_device(), include_denoiser=True)
         bb.unwrapped().eval()
         bb.sample_dtype = torch.bfloat16 if cfg.bf16 else None

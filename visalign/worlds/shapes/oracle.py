@@ -14,16 +14,21 @@ import numpy as np
 import torch
 
 from ...models.backbone import SampleOutput
+from ...registry import BACKBONES
 from .detector import record_for_prompt
 from .render import render
 
 
+@BACKBONES.register("shapes-render")
 class RenderPipeline(torch.nn.Module):
-    """``sample(prompts, latents=...)`` -> exact renders at ``size``; the seed is a hash of each latent."""
+    """ShapesWorld's exact renderer as a model: ``sample(prompts, latents=...)`` -> always-correct images."""
 
     family = "shapes-render"
+    needs_weights = False  # `make-dataset --model shapes-render`: a name, no folder
+    renders_on_cpu = True
+    default_guidance = 3.0  # unused (a renderer draws what the prompt says); what provenance always recorded
 
-    def __init__(self, size: int = 32):
+    def __init__(self, path: str = "", size: int = 32):
         super().__init__()
         self.size = size
         self.sample_shape = (3, size, size)
