@@ -17,7 +17,6 @@ LAYERS = {"images": 0, "registry": 0, "types": 0, "config": 0, "errors": 0, "fil
 
 KNOWN_UPWARD = {
     ("visalign.config", "visalign.models.load"),
-    ("visalign.eval.commands", "visalign.worlds.shapes.render"),
     ("visalign.eval.fid", "visalign.worlds.shapes.features"),
     ("visalign.models.tiny", "visalign.worlds.shapes.vocab"),
     ("visalign.objectives.ddo", "visalign.worlds.shapes.detector"),

@@ -86,7 +86,8 @@ def _add_eval_parsers(sub) -> None:
     s.add_argument("--model", required=True, help="a diffusers folder (or hub id with --backbone)")
     s.add_argument("--backbone", help="backbone name when the folder has no model_index.json")
     s.add_argument("--lora")
-    s.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl (default: ShapesWorld eval split)")
+    s.add_argument("--metadata", default="shapes:eval",
+                   help="GenEval metadata: a .jsonl file, geneval (its 553 prompts) or shapes:eval (the default)")
     s.add_argument("--samples-per-prompt", type=positive_int, default=4)
     _sampling_args(s)
     s.add_argument("--detector", default="shapes", choices=("shapes", "owlv2"),

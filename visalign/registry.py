@@ -88,6 +88,8 @@ REAL_IMAGES = Registry("real image source")
 METHODS = Registry("method")
 HEADS = Registry("head")
 REWARDS = Registry("reward")
+# GenEval metadata by scheme: 'NAME:SPEC' -> records (a world's splits)
+METADATA_SOURCES = Registry("metadata source")
 # GenEval detectors: name -> a class with ``check_records(records, source)`` and ``objects(image, record)``
 DETECTORS = Registry("detector")
 # model presets (`visalign finetune NAME`): name -> a function returning the preset's config tree; each family

@@ -34,11 +34,11 @@ def cmd_eval_geneval(args) -> None:
     from ..eval.geneval import format_table, generate_and_score, write_results
     from ..models.load import sampling_guidance
     from ..registry import DETECTORS
-    from ..worlds.shapes.render import prompt_records, read_metadata
+    from .rules import read_metadata
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = read_metadata(args.metadata) if args.metadata else prompt_records("eval")
+    records = read_metadata(args.metadata)
     if args.per_task:
         records = first_per_task(records, args.per_task)
     options = {"owlv2": lambda: dict(detector=args.owl, clip_arch=args.clip_arch, clip_pretrained=args.clip_pretrained,

@@ -1,12 +1,17 @@
-"""GenEval's scoring rules over detected objects (Ghosh et al. 2023, ``evaluation/evaluate_images.py``), for any
-detector: ShapesWorld's exact one, or OWLv2 with a CLIP colour classifier for real models."""
+"""GenEval's metadata format and its scoring rules over detected objects (Ghosh et al. 2023,
+``evaluation/evaluate_images.py``), for any detector: ShapesWorld's exact one, or OWLv2 with a CLIP colour
+classifier for real models."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from ..errors import UserError, read_text
 
 # GenEval's tasks, in its order
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -100,3 +105,43 @@ def evaluate_objects(objects: Sequence[DetectedObject], record: dict) -> tuple[b
         else:
             met += 1
     return not reasons, (met / total if total else 1.0), reasons
+
+
+def read_metadata(path: str | Path) -> list[dict]:
+    """GenEval metadata records: a world's split (``shapes:eval``, from ``METADATA_SOURCES``), a named prompt
+    set (``geneval``) or a metadata file, naming the file and line of any malformed record."""
+    from ..prompt_sets import named_prompt_set
+    from ..registry import METADATA_SOURCES
+
+    scheme, _, spec = str(path).partition(":")
+    if spec and scheme in METADATA_SOURCES and not Path(str(path)).exists():
+        return METADATA_SOURCES.get(scheme)(spec, "--metadata")
+    path = named_prompt_set(str(path)) or path
+    records = []
+    for i, line in enumerate(read_text(path, "--metadata").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        problem = _record_problem(r)
+        if problem:
+            raise UserError(f"{path}:{i}: {problem} (GenEval metadata format)")
+        records.append(r)
+    if not records:
+        raise UserError(f"{path}: holds no records (GenEval metadata: one JSON object per line)")
+    return records
+
+
+def _record_problem(r) -> str:
+    if not isinstance(r, dict):
+        return "expected a JSON object"
+    for key in ("tag", "prompt", "include"):
+        if key not in r:
+            return f"record lacks the field {key!r}"
+    for clause in list(r["include"]) + list(r.get("exclude", [])):
+        if not isinstance(clause, dict) or not isinstance(clause.get("class"), str) \
+                or not isinstance(clause.get("count"), int):
+            return f"each include/exclude clause needs a text 'class' and a whole 'count', got {clause!r}"
+    return ""

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserError, read_text
-from ...eval.rules import TASKS, DetectedObject
+from ...eval.rules import TASKS, DetectedObject, read_metadata  # noqa: F401  (read_metadata re-exported)
 from .vocab import BACKGROUND, COLORS, NUMBERS, PLURALS, RELATIONS, SHAPES
 
 ShapeObject = DetectedObject  # a scene's object is what detectors return
@@ -122,41 +121,6 @@ def write_metadata(records: Iterable[dict], path: str | Path) -> Path:
             f.write(json.dumps(r) + "\n")
     tmp.replace(path)
     return path
-
-
-def read_metadata(path: str | Path) -> list[dict]:
-    """Read a GenEval metadata file, naming the file and line of any malformed record."""
-    from ...prompt_sets import named_prompt_set
-
-    path = named_prompt_set(str(path)) or path
-    records = []
-    for i, line in enumerate(read_text(path, "--metadata").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        problem = _record_problem(r)
-        if problem:
-            raise UserError(f"{path}:{i}: {problem} (GenEval metadata format)")
-        records.append(r)
-    if not records:
-        raise UserError(f"{path}: holds no records (GenEval metadata: one JSON object per line)")
-    return records
-
-
-def _record_problem(r) -> str:
-    if not isinstance(r, dict):
-        return "expected a JSON object"
-    for key in ("tag", "prompt", "include"):
-        if key not in r:
-            return f"record lacks the field {key!r}"
-    for clause in list(r["include"]) + list(r.get("exclude", [])):
-        if not isinstance(clause, dict) or not isinstance(clause.get("class"), str) \
-                or not isinstance(clause.get("count"), int):
-            return f"each include/exclude clause needs a text 'class' and a whole 'count', got {clause!r}"
-    return ""
 
 
 # --- drawing -----------------------------------------------------------------------------------

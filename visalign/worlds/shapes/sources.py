@@ -7,7 +7,7 @@ online methods); generic code finds these through the ``PROMPT_SOURCES`` and ``R
 from __future__ import annotations
 
 from ...errors import UserError
-from ...registry import PROMPT_SOURCES, REAL_IMAGES, register_preset
+from ...registry import METADATA_SOURCES, PROMPT_SOURCES, REAL_IMAGES, register_preset
 
 SPLITS = ("train", "eval", "all")
 
@@ -44,3 +44,11 @@ def shapes_renders(spec: str, n: int, seed: int = 0, where: str = "shapes"):
     records = prompt_records(_split(spec, where))
     imgs = [render(records[i % len(records)], seed * 1_000_003 + i)[0] for i in range(n)]
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+
+
+@METADATA_SOURCES.register("shapes")
+def shapes_metadata(spec: str, where: str = "--metadata") -> list[dict]:
+    """ShapesWorld's GenEval metadata records of a split (``--metadata shapes:eval``)."""
+    from .render import prompt_records
+
+    return prompt_records(_split(spec, where))
