@@ -106,7 +106,7 @@ ALL = {"backbones": BACKBONES, "methods": METHODS, "heads": HEADS, "rewards": RE
 
 # the packages whose modules register entries, found by walking them (nothing is listed by hand), and the
 # entry-point group through which another package adds its own methods, heads, rewards or backbones
-PLUGIN_PACKAGES = ("visalign.models", "visalign.objectives", "visalign.rewards", "visalign.worlds")
+PLUGIN_PACKAGES = ("visalign.models", "visalign.objectives", "visalign.rewards", "visalign.eval", "visalign.worlds")
 ENTRY_POINT_GROUP = "visalign.plugins"
 _loaded = False
 
