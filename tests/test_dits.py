@@ -109,3 +109,19 @@ def test_qwenimage_template_and_latent_normalisation(tiny_dir):
     by_hand = (raw - torch.tensor([0.1, -0.2, 0.05, 0.0]).view(1, 4, 1, 1)) / torch.tensor([1.5, 0.8, 1.2, 1.0]).view(
         1, 4, 1, 1)
     assert torch.allclose(mean, by_hand, atol=1e-6) and std.shape == mean.shape
+
+
+@pytest.mark.parametrize("variant", ["sana", "qwenimage"])
+def test_flow_noise_equals_the_schedulers_scale_noise(tiny_dir, variant):
+    """x_t = (1−σ)x0 + σε at the grid's timesteps equals FlowMatchEuler's scale_noise at the family's shift
+    (Sana: its DPM-Solver's flow_shift; Qwen-Image: μ of its resolution), and the target is ε − x0."""
+    from visalign.models.qwenimage import QwenImageBackbone
+
+    cls = SanaBackbone if variant == "sana" else QwenImageBackbone
+    bb = cls(str(tiny_dir(variant)), **cls.tiny_kwargs)
+    sched = bb._scheduler(10)
+    x0, eps = torch.randn(3, *bb.sample_shape), torch.randn(3, *bb.sample_shape)
+    ts = sched.timesteps[[0, 4, 9]]
+    n = bb.noise(x0, t=ts, eps=eps)
+    expect = torch.cat([sched.scale_noise(x0[i:i + 1], ts[i:i + 1], eps[i:i + 1]) for i in range(3)])
+    assert torch.allclose(n.x_t, expect, atol=1e-5) and torch.equal(n.target, eps - x0)
