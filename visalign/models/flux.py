@@ -62,9 +62,9 @@ def resolution_shift(scheduler_config: dict, tokens: int) -> float:
 # Flow-DPO's beta as SD3's (velocity errors on the same scale); LoRA lr and bf16 as flow_grpo/DanceGRPO's Flux
 # runs. dev samples at guidance 3.5 (FluxPipeline's default) over 28 steps; schnell at 4 steps.
 register_preset("flux", {"model": {"name": "flux", "path": "black-forest-labs/FLUX.1-dev"},
-                             "objective": {"name": "diffusion_dpo", "beta": 100.0},
-                             "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True,
-                                       "guidance": 3.5, "sample_steps": 28}})
+                         "objective": {"name": "diffusion_dpo", "beta": 100.0},
+                         "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True,
+                                   "guidance": 3.5, "sample_steps": 28}})
 register_preset("flux-schnell", {"model": {"name": "flux", "path": "black-forest-labs/FLUX.1-schnell"},
                                  "objective": {"name": "diffusion_dpo", "beta": 100.0},
                                  "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True,
