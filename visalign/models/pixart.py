@@ -23,7 +23,7 @@ from .unet import LatentMixin
 register_preset("pixart", {"model": {"name": "pixart", "path": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"},
                           "objective": {"name": "diffusion_dpo", "beta": 5000.0},
                           "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True,
-                          "guidance": 4.5}})
+                                    "guidance": 4.5}})
 
 
 def t5_encode(tokenizer, encoder, prompts: Sequence[str], max_length: int) -> Cond:
