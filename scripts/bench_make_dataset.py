@@ -29,13 +29,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from visalign.cli import _quiet_libraries
+    from visalign.cli import quiet_libraries
     from visalign.config import Component
     from visalign.data.make_dataset import MakeDatasetConfig, image_seed, make_dataset, parse_model
     from visalign.data.prompts import read_prompts
     from visalign.train.setup import build_backbone
 
-    _quiet_libraries()
+    quiet_libraries()
     name, path = parse_model(args.model)
     prompts = read_prompts("shapes:train")[: args.prompts]
     bb = build_backbone(Component(name, {"path": path}))

@@ -70,10 +70,32 @@ def _median_times(fns, steps: int, warmup: int = 3) -> list[float]:
 
 
 # ---------------------------------------------------------------- fixtures (model folder + data), built once
-def build_fixture(model: str, size: str, tmp: Path, batch_size: int, data: str = "") -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import write_pairs
+def write_pairs(path: Path, n: int, size: int = 32, scores: bool = True, seed: int = 0) -> Path:
+    """``n`` Pick-a-Pic-schema rows of random JPEGs (the benchmark times steps, not what they learn)."""
+    import io
 
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def jpeg(shape) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    prompts = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
+    rows = [{"caption": prompts[i % len(prompts)], "jpg_0": jpeg((size, size, 3)), "jpg_1": jpeg((size, size, 3)),
+             "label_0": float(i % 2), **({"score_0": float(rng.random()), "score_1": float(rng.random())}
+                                          if scores else {})} for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def build_fixture(model: str, size: str, tmp: Path, batch_size: int, data: str = "") -> dict:
     from visalign.models.tiny import build_tiny
 
     if size == "real-latent":
@@ -95,7 +117,7 @@ def build_real_latent_sd15(out: Path) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from visalign.models.tiny import _clip_config, _ddim, tiny_tokenizer
+    from visalign.models.tiny import tiny_clip_config, tiny_ddim, tiny_tokenizer
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()
@@ -106,8 +128,8 @@ def build_real_latent_sd15(out: Path) -> Path:
                                 block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=32)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok, unet=unet,
-                                   scheduler=_ddim(), safety_checker=None, feature_extractor=None,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(tiny_clip_config(tok)), tokenizer=tok, unet=unet,
+                                   scheduler=tiny_ddim(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -278,9 +300,9 @@ def main() -> None:
     ap.add_argument("--job", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
-        from visalign.cli import _quiet_libraries
+        from visalign.cli import quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
         job = json.loads(args.job)
         print(json.dumps(measure_d3po(job) if job.get("kind") == "d3po" else measure(job)))
         return

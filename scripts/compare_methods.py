@@ -55,7 +55,7 @@ def flip_labels(src: Path, dst: Path, rate: float, seed: int = 0) -> Path:
 
     if (dst / "flipped.json").exists():
         return dst
-    rows = _pair_rows(src)
+    rows = pair_rows(src)
     rng = random.Random(seed)
     flipped = []
     for i, r in enumerate(rows):
@@ -69,11 +69,11 @@ def flip_labels(src: Path, dst: Path, rate: float, seed: int = 0) -> Path:
     return dst
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _pair_rows(src: Path) -> list[dict]:
+def pair_rows(src: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     return [r for f in sorted(src.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
@@ -86,7 +86,7 @@ def true_label_accuracy(base: str, summary: dict, clean_pairs: Path, flipped: Pa
     from visalign.demo import sampling_backbone
     from visalign.eval.implicit import implicit_accuracy
 
-    rows = _pair_rows(clean_pairs)  # label_0 = 1: image 0 is the true winner
+    rows = pair_rows(clean_pairs)  # label_0 = 1: image 0 is the true winner
     idx = set(json.loads((flipped / "flipped.json").read_text())["indices"])
     bb = sampling_backbone(summary.get("model", base), summary.get("lora"), bf16=False)
 
@@ -161,13 +161,13 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
 
-    from visalign.cli import _quiet_libraries
+    from visalign.cli import quiet_libraries
     from visalign.config import load_config
     from visalign.demo import paired_improvement
     from visalign.models.load import resolve_path
     from visalign.train.loop import train
 
-    _quiet_libraries()
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -198,7 +198,7 @@ def main() -> None:
         summary: dict = {"steps": 0, "pairs_seen": 0}
         over = table[name]
         if over is not None:
-            run = out / "runs" / _slug(name)
+            run = out / "runs" / slug(name)
             pairs = flipped if "flipped" in over else data / ("." if "data.format=lists" in over else "pairs")
             settings = [f"model.path={base}", f"data.path={pairs}", f"train.output_dir={run}",
                         f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
@@ -209,7 +209,7 @@ def main() -> None:
         metrics, per_image = evaluate(base, summary)
         if flipped is not None and over is not None:
             metrics["true_label_acc"] = true_label_accuracy(base, summary, data / "pairs", flipped)
-        per_image_file = out / "per_image" / f"{_slug(name)}.jsonl"
+        per_image_file = out / "per_image" / f"{slug(name)}.jsonl"
         per_image_file.parent.mkdir(exist_ok=True)
         per_image_file.write_text("".join(json.dumps(r) + "\n" for r in per_image))
         if over is None:

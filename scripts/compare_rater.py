@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from compare_methods import _pair_rows, _slug, flip_labels, true_label_accuracy
+from compare_methods import flip_labels, pair_rows, slug, true_label_accuracy
 
 FRESH_SEED, PER_TASK = 4321, 50
 D3PO = ["objective=d3po", "objective.reward=rater", "objective.min_margin=0.05", "objective.steps=10",
@@ -82,7 +82,7 @@ def bt_relabel(src: Path, dst: Path, seed: int = 0) -> tuple[Path, float]:
     meta = dst / "flipped.json"
     if meta.exists():
         return dst, json.loads(meta.read_text())["expected_flip_rate"]
-    rows = _pair_rows(src)
+    rows = pair_rows(src)
     s0 = torch.tensor([r["score_0"] for r in rows], dtype=torch.float64)
     s1 = torch.tensor([r["score_1"] for r in rows], dtype=torch.float64)
     temp = temperature_for_agreement((s0 - s1).abs(), PICK_A_PIC_AGREEMENT)
@@ -202,7 +202,7 @@ def main() -> None:
         if over is not None:
             random.seed(args.seed)
             pairs = source or data / ("." if "data.format=lists" in over else "pairs")
-            summary = train(load_config("shapes", [], _settings(base, pairs, out / "runs" / _slug(name), args, over,
+            summary = train(load_config("shapes", [], _settings(base, pairs, out / "runs" / slug(name), args, over,
                                                                 rate)))
         res = evaluate(base, summary)
         from visalign.eval.geneval import summarise

@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = ap.parse_args(argv)
     import torch
 
-    from visalign.cli import _quiet_libraries
+    from visalign.cli import quiet_libraries
     from visalign.registry import load_all
 
-    _quiet_libraries()
+    quiet_libraries()
     load_all()
     if args.threads:
         torch.set_num_threads(args.threads)

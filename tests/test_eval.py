@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,36 @@ def test_paired_statistics_against_the_statistics_module():
     se_a, se_b = statistics.stdev([1, 0, 0]) / 3 ** 0.5, statistics.stdev([-1, 0]) / 2 ** 0.5
     assert out["overall"]["delta"] == pytest.approx((1 / 3 - 0.5) / 2)
     assert out["overall"]["se"] == pytest.approx((se_a ** 2 + se_b ** 2) ** 0.5 / 2)
+
+
+def test_eval_commands_read_one_typed_config_from_files_flags_and_key_values(tiny_dir, tmp_path, capsys):
+    """`eval winrate -c FILE` (the shipped protocol file) <- flags <- key=value, with the same strict checks."""
+    import yaml
+
+    from visalign.config import load_section
+    from visalign.eval.configs import WinrateConfig
+
+    protocol = str(Path(__file__).resolve().parents[1] / "configs/eval/winrate.yaml")
+    shipped = yaml.safe_load(open(protocol))
+    model = str(tiny_dir("pixel"))
+    cfg = load_section(WinrateConfig, [protocol], {"seed": 7, "steps": None},
+                       ["steps=3", "out=x"], "eval winrate")
+    assert (cfg.reward, cfg.seed, cfg.steps, cfg.samples_per_prompt) == ("rater", 7, 3, shipped["samples_per_prompt"])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a red circle\na photo of two squares\n")
+    out = tmp_path / "wr"
+    assert main(["eval", "winrate", "-c", protocol, f"model={model}", f"baseline={model}",
+                 "--reward", "shapes", f"prompts={prompts}", "steps=2", "--out", str(out)]) == 0
+    w = json.loads((out / "winrate.json").read_text())
+    assert (w["reward"], w["steps"], w["seed"], w["n"]) == ("shapes", 2, shipped["seed"], 2)
+    capsys.readouterr()
+    for argv, expected in (
+            (["eval", "winrate", "-c", protocol, "sample_per_prompt=2"],
+             "unknown key eval winrate.sample_per_prompt; valid keys: .*did you mean 'samples_per_prompt'"),
+            (["eval", "winrate", "-c", protocol], "eval winrate: pass --out"),
+            (["eval", "geneval", "--out", str(tmp_path / "g")], "eval geneval: pass --model"),
+            (["eval", "fid", "--model", model, "--real", "shapes:eval", "--out", "o", "n=0"],
+             r"eval fid.n=0: expected a positive")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(expected, err), (argv, err)

@@ -1,5 +1,6 @@
 """Methods beyond Diffusion-DPO: RankDPO on lists, InPO and SmPO on inverted latents, KTO and MaPO runs."""
 
+import json
 import math
 
 import pytest
@@ -7,11 +8,14 @@ import torch
 from helpers import write_pairs
 
 from visalign.config import load_config
+from visalign.errors import UserError
 from visalign.models.flow import FlowBackbone
 from visalign.models.pixel import PixelBackbone
 from visalign.models.unet import SDBackbone
 from visalign.objectives.smpo import smoothed_preference
+from visalign.registry import ConfigError
 from visalign.train.loop import train
+from visalign.train.setup import build_method
 
 
 def test_per_image_inversion_targets_and_reparametrisation(tiny_dir):
@@ -253,6 +257,44 @@ def test_ddo_trains_in_self_play_rounds(tiny_dir, tmp_path):
                    ["objective=ddo", "objective.prompts_per_round=4", "objective.round_steps=2", "objective.steps=2",
                     "objective.beta=1000"], ["train.steps=4"])
     assert summary["steps"] == 4
+
+
+def _captioned_folder(path, captions, size=32):
+    """An image folder with a metadata.jsonl (datasets' imagefolder layout): one flat-coloured image per caption."""
+    import json
+
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    rows = []
+    for i, text in enumerate(captions):
+        Image.new("RGB", (size + 8, size), (40 * i % 255, 200, 90)).save(path / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text}))
+    (path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_ddo_takes_real_images_from_a_captioned_folder_on_a_latent_model(tiny_dir, tmp_path):
+    """DDO is not tied to ShapesWorld: its real data are a folder's images of the run's own prompts (SD1.5)."""
+    from helpers import finetune_args
+
+    from visalign.cli import main
+    from visalign.data.captioned import captioned_images
+
+    folder = _captioned_folder(tmp_path / "real", ["a red cat", "a blue dog", "a red cat"])
+    imgs = captioned_images(str(folder), ["a blue dog", "a red cat"], torch.Generator().manual_seed(0), 16)
+    assert imgs.shape == (2, 3, 16, 16) and 0 <= imgs.min() and imgs.max() <= 1
+    assert torch.allclose(imgs[0, 1], torch.full((16, 16), 200 / 255), atol=1e-6)  # the dog's image, resized
+    out = tmp_path / "run"
+    main(["finetune", *finetune_args("sd15", tiny_dir("sd15")), "objective=ddo", f"objective.real=images:{folder}",
+          f"data.path={folder}", "objective.prompts_per_round=2", "objective.round_steps=1", "objective.steps=2",
+          f"train.output_dir={out}", "train.steps=2", "train.batch_size=2", "train.threads=1", "train.tracker=none",
+          "train.save_every=0", "train.mixed_precision=no"])
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    with pytest.raises(UserError, match="objective.real: no image in .* is captioned 'a green cow'"):
+        captioned_images(str(folder), ["a green cow"], torch.Generator(), 16, "objective.real")
+    with pytest.raises(ConfigError, match="objective.real='nowhere:x'"):
+        build_method(load_config("shapes", [], ["objective=ddo", "objective.real=nowhere:x"]).objective)
 
 
 def test_inpo_cached_reference_inversions_are_reused_and_exact(tiny_dir):

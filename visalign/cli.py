@@ -7,11 +7,11 @@ import os
 import sys
 
 from .commands import (  # noqa: F401  (the parser's targets)
-    _eval,
     cmd_config,
     cmd_demo,
     cmd_diagnose,
     cmd_doctor,
+    cmd_eval,
     cmd_export_lora,
     cmd_finetune,
     cmd_list,
@@ -25,7 +25,7 @@ from .commands import (  # noqa: F401  (the parser's targets)
 )
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -70,68 +70,75 @@ def _add_score_pairs_parser(sub) -> None:
 
 def _sampling_args(s) -> None:
     """Options shared by the commands that generate: seed, sampler steps, guidance, threads."""
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=positive_int, default=20)
+    s.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    s.add_argument("--steps", type=positive_int, help="sampler steps (default 20)")
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance (default: what the model folder declares in visalign_sampling.json, "
                         "else the family's usual: sd 7.5, sdxl 5, sd3 4.5, pixel 3)")
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (about 2x faster on AMX CPUs)")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--bf16", action="store_true", default=None,
+                   help="sample under bf16 autocast (about 2x faster on AMX CPUs)")
+
+
+def _eval_parser(ev, name: str, help: str):
+    """An `eval NAME` parser: -c FILE and key=value beside its flags, one typed config (eval/configs.py)."""
+    s = ev.add_parser(name, help=help, description=f"{help}. Flags, -c FILE (YAML) and key=value set the same "
+                      "fields (--samples-per-prompt is samples_per_prompt).")
+    s.add_argument("-c", "--config", action="append", default=[])
+    s.add_argument("overrides", nargs="*", help="key=value settings")
+    s.set_defaults(fn=lambda a: cmd_eval(name, a), spellings=EVAL_SPELLINGS)
+    return s
 
 
 def _add_eval_parsers(sub) -> None:
-    """`visalign eval geneval|fid|winrate`."""
+    """`visalign eval geneval|calibrate-detector|fid|winrate`."""
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="what", required=True)
-    s = ev.add_parser("geneval", help="GenEval-style accuracy with fixed seeds")
-    s.add_argument("--model", required=True, help="a diffusers folder (or hub id with --backbone)")
+    s = _eval_parser(ev, "geneval", "GenEval-style accuracy with fixed seeds")
+    s.add_argument("--model", help="a diffusers folder (or hub id with --backbone); required")
     s.add_argument("--backbone", help="backbone name when the folder has no model_index.json")
     s.add_argument("--lora")
-    s.add_argument("--metadata", default="shapes:eval",
-                   help="GenEval metadata: a .jsonl file, geneval (its 553 prompts) or shapes:eval (the default)")
-    s.add_argument("--samples-per-prompt", type=positive_int, default=4)
+    s.add_argument("--metadata", help="GenEval metadata: a .jsonl file, geneval (its 553 prompts) or shapes:eval "
+                   "(the default)")
+    s.add_argument("--samples-per-prompt", type=positive_int, help="default 4")
     _sampling_args(s)
-    s.add_argument("--detector", default="shapes", choices=("shapes", "owlv2"),
-                   help="shapes: ShapesWorld's exact detector; owlv2: open-vocabulary, for real models")
-    s.add_argument("--owl", default="google/owlv2-base-patch16-ensemble", help="OWLv2 folder or hub id")
-    s.add_argument("--clip-arch", default="ViT-L-14")
-    s.add_argument("--clip-pretrained", default="openai", help="open_clip tag or local checkpoint")
+    s.add_argument("--detector", choices=("shapes", "owlv2"),
+                   help="shapes (default): ShapesWorld's exact detector; owlv2: open-vocabulary, for real models")
+    s.add_argument("--owl", help="OWLv2 folder or hub id (default google/owlv2-base-patch16-ensemble)")
+    s.add_argument("--clip-arch", help="default ViT-L-14")
+    s.add_argument("--clip-pretrained", help="open_clip tag or local checkpoint (default openai)")
     s.add_argument("--thresholds", help="owlv2: the JSON `eval calibrate-detector` wrote (default: GenEval's 0.3/0.9)")
     s.add_argument("--per-task", dest="per_task", type=positive_int, help="only the first N prompts of each task")
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=lambda a: _eval('cmd_eval_geneval', a), spellings=EVAL_SPELLINGS)
+    s.add_argument("--out", help="output folder; required")
 
-    s = ev.add_parser("calibrate-detector", help="fit the OWLv2 score thresholds on labelled images")
-    s.add_argument("--labels", required=True, help="JSON lines of {image, class, count}")
-    s.add_argument("--owl", default="google/owlv2-base-patch16-ensemble", help="OWLv2 folder or hub id")
-    s.add_argument("--out", required=True, help="thresholds JSON, for `eval geneval --thresholds`")
-    s.set_defaults(fn=lambda a: _eval('cmd_eval_calibrate_detector', a), spellings=EVAL_SPELLINGS)
+    s = _eval_parser(ev, "calibrate-detector", "fit the OWLv2 score thresholds on labelled images")
+    s.add_argument("--labels", help="JSON lines of {image, class, count}; required")
+    s.add_argument("--owl", help="OWLv2 folder or hub id (default google/owlv2-base-patch16-ensemble)")
+    s.add_argument("--out", help="thresholds JSON, for `eval geneval --thresholds`; required")
 
-    s = ev.add_parser("fid", help="FID against real images with a pinned, documented protocol")
-    s.add_argument("--model", required=True)
+    s = _eval_parser(ev, "fid", "FID against real images with a pinned, documented protocol")
+    s.add_argument("--model", help="required")
     s.add_argument("--backbone")
     s.add_argument("--lora")
-    s.add_argument("--real", required=True, help="shapes:eval|shapes:train renders, an image folder, or a dataset")
-    s.add_argument("--n", type=positive_int, default=1000)
-    s.add_argument("--feature", default="shapes", choices=("shapes", "inception"))
+    s.add_argument("--real", help="shapes:eval|shapes:train renders, an image folder, or a dataset; required")
+    s.add_argument("--n", type=positive_int, help="generated images (default 1000)")
+    s.add_argument("--feature", choices=("shapes", "inception"), help="default shapes")
     s.add_argument("--feature-weights", help="ShapesWorld feature net (default assets/shapes-features)")
     s.add_argument("--inception-weights", help="local pt_inception-2015-12-05-6726825d.pth for --feature inception")
-    s.add_argument("--prompts", help="a text file of prompts (default: ShapesWorld eval prompts)")
+    s.add_argument("--prompts", help="a prompt file or source (default: ShapesWorld eval prompts)")
     _sampling_args(s)
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=lambda a: _eval('cmd_eval_fid', a), spellings=EVAL_SPELLINGS)
+    s.add_argument("--out", help="required")
 
-    s = ev.add_parser("winrate", help="reward win-rate of a model over a baseline, same prompts and seeds")
-    s.add_argument("--model", required=True)
+    s = _eval_parser(ev, "winrate", "reward win-rate of a model over a baseline, same prompts and seeds")
+    s.add_argument("--model", help="required")
     s.add_argument("--lora")
-    s.add_argument("--baseline", required=True)
+    s.add_argument("--baseline", help="required")
     s.add_argument("--baseline-lora")
     s.add_argument("--backbone")
-    s.add_argument("--reward", required=True)
-    s.add_argument("--prompts", required=True, help="shapes:eval, a .txt or .jsonl file, or a dataset")
-    s.add_argument("--samples-per-prompt", type=positive_int, default=2)
+    s.add_argument("--reward", help="NAME[:WEIGHT][:key=value,...]; required")
+    s.add_argument("--prompts", help="shapes:eval, a .txt or .jsonl file, or a dataset; required")
+    s.add_argument("--samples-per-prompt", type=positive_int, help="default 2")
     _sampling_args(s)
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=lambda a: _eval('cmd_eval_winrate', a), spellings=EVAL_SPELLINGS)
+    s.add_argument("--out", help="required")
 
 
 def _add_make_dataset_parser(sub) -> None:
@@ -272,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UserError, spelling
 
     args = _route(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         with spelling(getattr(args, "spellings", {})):
             args.fn(args)

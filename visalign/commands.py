@@ -86,10 +86,20 @@ def cmd_score_pairs(args) -> None:
     print(json.dumps(score_pairs(cfg)))
 
 
-def _eval(name: str, args) -> None:
-    from .eval import commands
+EVAL_COMMANDS = {"geneval": ("cmd_eval_geneval", "GenevalConfig"),
+                 "calibrate-detector": ("cmd_eval_calibrate_detector", "CalibrateConfig"),
+                 "fid": ("cmd_eval_fid", "FidConfig"), "winrate": ("cmd_eval_winrate", "WinrateConfig")}
 
-    getattr(commands, name)(args)
+
+def cmd_eval(name: str, args) -> None:
+    """`eval NAME`: its typed config from -c files, flags and key=value, then the command."""
+    from .config import load_section
+    from .eval import commands, configs
+
+    run, config_class = EVAL_COMMANDS[name]
+    cls = getattr(configs, config_class)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    getattr(commands, run)(load_section(cls, args.config, flags, args.overrides, f"eval {name}"))
 
 
 def cmd_world_features(args) -> None:

@@ -360,7 +360,7 @@ def config_from_dict(tree: dict) -> RunConfig:
         if name:
             REWARDS.get(name)
     if cfg.train.guidance is None:
-        from .models.load import default_guidance
+        from .model_folders import default_guidance
 
         cfg.train.guidance = default_guidance(cfg.model.name, cfg.model.kwargs.get("path"))
     return cfg

@@ -21,6 +21,10 @@ class UserError(ValueError):
     """A problem with what the user passed; the message is one line and says what to pass instead."""
 
 
+class ModelLoadError(UserError, RuntimeError):
+    """Weights could not be found or read; the message says what to pass instead."""
+
+
 class CheckpointError(UserError):
     """A checkpoint or weights file that cannot be read (truncated, not safetensors, wrong kind)."""
 

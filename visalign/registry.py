@@ -82,31 +82,40 @@ class Registry:
 
 
 BACKBONES = Registry("backbone")
-# what a world provides to generic code, by scheme: 'NAME:SPEC' -> prompts, or -> real images [N, 3, H, W] uint8
-PROMPT_SOURCES = Registry("prompt source")
-REAL_IMAGES = Registry("real image source")
-METHODS = Registry("method")
-HEADS = Registry("head")
-REWARDS = Registry("reward")
-# GenEval metadata by scheme: 'NAME:SPEC' -> records (a world's splits)
-METADATA_SOURCES = Registry("metadata source")
-# GenEval detectors: name -> a class with ``check_records(records, source)`` and ``objects(image, record)``
-DETECTORS = Registry("detector")
-# model presets (`visalign finetune NAME`): name -> a function returning the preset's config tree; each family
-# (and world) registers its own next to its code with ``register_preset``
-PRESETS = Registry("model")
+METHODS, HEADS, REWARDS = Registry("method"), Registry("head"), Registry("reward")
+# What a world provides to generic code. By scheme ('NAME:SPEC', e.g. shapes:eval): PROMPT_SOURCES -> prompts;
+# REAL_IMAGES -> real images [N, 3, H, W] uint8 (FID); REAL_FOR_PROMPTS -> fn(spec, prompts, gen, size, where),
+# one real image of each prompt, [N, 3, size, size] in [0, 1] (DDO's real data; a captioned dataset's
+# ``images:PATH`` too); METADATA_SOURCES -> GenEval metadata records. By name: DETECTORS -> a class with
+# ``check_records(records, source)`` and ``objects(image, record)``; FID_FEATURES -> a class with
+# ``load(weights) -> nn.Module`` (uint8 [N, 3, H, W] -> [N, D]), ``default_weights`` and ``resize`` (the protocol
+# line written next to each FID); VOCABULARIES -> () -> the words its prompts use, in a fixed order (the tiny
+# test models' tokenizers know every registered vocabulary).
+PROMPT_SOURCES, REAL_IMAGES, METADATA_SOURCES = (Registry("prompt source"), Registry("real image source"),
+                                                 Registry("metadata source"))
+REAL_FOR_PROMPTS = Registry("prompt-matched real image source")
+DETECTORS, FID_FEATURES, VOCABULARIES = Registry("detector"), Registry("FID feature net"), Registry("vocabulary")
+# DATA_SOURCES: where the loop's batches come from, by the method's ``data`` kind (pairs | lists | prompts): a
+# class with ``open(cfg, acc, method) -> (backbone, dataset)`` and ``batches(cfg, acc, method, backbone, dataset)
+# -> (dataset, stream)``; a plug-in with a new kind of data registers its own. PRESETS: `visalign finetune NAME`
+# -> a function returning the preset's config tree; each family (and world) registers its own with
+# ``register_preset``.
+DATA_SOURCES, PRESETS = Registry("data source"), Registry("model")
 
 
 def register_preset(name: str, tree: dict) -> None:
     """Make ``tree`` (model / objective / train defaults) the preset ``name``; each use gets a fresh copy."""
     frozen = json.dumps(tree)
     PRESETS.register(name)(lambda: json.loads(frozen))
+
+
 ALL = {"backbones": BACKBONES, "methods": METHODS, "heads": HEADS, "rewards": REWARDS}
 
 
 # the packages whose modules register entries, found by walking them (nothing is listed by hand), and the
 # entry-point group through which another package adds its own methods, heads, rewards or backbones
-PLUGIN_PACKAGES = ("visalign.models", "visalign.objectives", "visalign.rewards", "visalign.eval", "visalign.worlds")
+PLUGIN_PACKAGES = ("visalign.models", "visalign.objectives", "visalign.rewards", "visalign.data", "visalign.eval",
+                   "visalign.worlds")
 ENTRY_POINT_GROUP = "visalign.plugins"
 _loaded = False
 

@@ -28,7 +28,7 @@ def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: 
     return bb
 
 
-def cmd_eval_geneval(args) -> None:
+def cmd_eval_geneval(cfg) -> None:
     import torch
 
     from ..eval.geneval import format_table, generate_and_score, write_results
@@ -36,26 +36,26 @@ def cmd_eval_geneval(args) -> None:
     from ..registry import DETECTORS
     from .rules import read_metadata
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    records = read_metadata(args.metadata)
-    if args.per_task:
-        records = first_per_task(records, args.per_task)
-    options = {"owlv2": lambda: dict(detector=args.owl, clip_arch=args.clip_arch, clip_pretrained=args.clip_pretrained,
-                                     **_thresholds(args.thresholds))}
-    detector = DETECTORS.build(args.detector, **options.get(args.detector, dict)())
-    detector.check_records(records, args.metadata)  # before the model loads
-    bb = load_backbone_cli(args.model, args.backbone, args.lora, args.bf16)
-    guidance = sampling_guidance(bb, args.guidance)
-    results = generate_and_score(bb, records, args.samples_per_prompt, args.seed, args.steps, guidance,
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    records = read_metadata(cfg.metadata)
+    if cfg.per_task:
+        records = first_per_task(records, cfg.per_task)
+    options = {"owlv2": lambda: dict(detector=cfg.owl, clip_arch=cfg.clip_arch, clip_pretrained=cfg.clip_pretrained,
+                                     **_thresholds(cfg.thresholds))}
+    detector = DETECTORS.build(cfg.detector, **options.get(cfg.detector, dict)())
+    detector.check_records(records, cfg.metadata)  # before the model loads
+    bb = load_backbone_cli(cfg.model, cfg.backbone, cfg.lora, cfg.bf16)
+    guidance = sampling_guidance(bb, cfg.guidance)
+    results = generate_and_score(bb, records, cfg.samples_per_prompt, cfg.seed, cfg.steps, guidance,
                                  detector=detector)
-    metrics = write_results(results, args.out, extra={
-        "model": args.model, "lora": args.lora, "metadata": args.metadata or "shapes:eval", "seed": args.seed,
-        "samples_per_prompt": args.samples_per_prompt, "steps": args.steps, "guidance": guidance,
-        "bf16": args.bf16,
-        "detector": getattr(detector, "name", None) or f"owlv2:{args.owl} + open_clip:{args.clip_arch}"})
-    print(format_table({Path(args.lora or args.model).name: metrics}))
-    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
+    metrics = write_results(results, cfg.out, extra={
+        "model": cfg.model, "lora": cfg.lora, "metadata": cfg.metadata or "shapes:eval", "seed": cfg.seed,
+        "samples_per_prompt": cfg.samples_per_prompt, "steps": cfg.steps, "guidance": guidance,
+        "bf16": cfg.bf16,
+        "detector": getattr(detector, "name", None) or f"owlv2:{cfg.owl} + open_clip:{cfg.clip_arch}"})
+    print(format_table({Path(cfg.lora or cfg.model).name: metrics}))
+    print(f"wrote {Path(cfg.out) / 'metrics.json'} and {Path(cfg.out) / 'grid.png'}")
 
 
 def first_per_task(records: list[dict], n: int) -> list[dict]:
@@ -84,16 +84,16 @@ def _thresholds(path: str | None) -> dict:
                         "(with threshold and counting_threshold)") from None
 
 
-def cmd_eval_calibrate_detector(args) -> None:
+def cmd_eval_calibrate_detector(cfg) -> None:
     from .calibrate import calibrate, read_labels
     from .open_vocab import OpenVocabDetector
 
-    labels = read_labels(args.labels)
-    fit = calibrate(OpenVocabDetector(args.owl), labels)
-    out = Path(args.out)
+    labels = read_labels(cfg.labels)
+    fit = calibrate(OpenVocabDetector(cfg.owl), labels)
+    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(fit | {"labels": args.labels, "detector": args.owl}, indent=2))
+    tmp.write_text(json.dumps(fit | {"labels": cfg.labels, "detector": cfg.owl}, indent=2))
     tmp.replace(out)
     d = fit["geneval_defaults"]
     print(f"threshold {fit['threshold']:.3f} (presence accuracy {fit['presence_accuracy']:.3f}; GenEval's 0.3: "
@@ -132,36 +132,36 @@ def real_images(source: str, n: int, seed: int = 0):
     return torch.stack([(prepare_image(im, size).tensor * 255 + 0.5).to(torch.uint8) for im in pil])
 
 
-def cmd_eval_fid(args) -> None:
+def cmd_eval_fid(cfg) -> None:
     import torch
 
     from ..data.prompts import read_prompts
     from ..eval.fid import fid, protocol
     from ..models.load import sampling_guidance
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    prompts = read_prompts(args.prompts or "shapes:eval", key="prompts")
-    real = real_images(args.real, args.n, seed=args.seed + 1)
-    bb = load_backbone_cli(args.model, args.backbone, args.lora, args.bf16)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    prompts = read_prompts(cfg.prompts or "shapes:eval", key="prompts")
+    real = real_images(cfg.real, cfg.n, seed=cfg.seed + 1)
+    bb = load_backbone_cli(cfg.model, cfg.backbone, cfg.lora, cfg.bf16)
     fakes = []
-    gen = torch.Generator().manual_seed(args.seed)
-    guidance = sampling_guidance(bb, args.guidance)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    guidance = sampling_guidance(bb, cfg.guidance)
     with torch.no_grad():
-        for i in range(0, args.n, 64):
-            batch = [prompts[j % len(prompts)] for j in range(i, min(i + 64, args.n))]
-            fakes.append(bb.sample(batch, steps=args.steps, guidance=guidance, generator=gen).images.cpu())
-    weights = args.inception_weights if args.feature == "inception" else args.feature_weights
-    value = fid(real, torch.cat(fakes), args.feature, weights)
-    out = Path(args.out)
+        for i in range(0, cfg.n, 64):
+            batch = [prompts[j % len(prompts)] for j in range(i, min(i + 64, cfg.n))]
+            fakes.append(bb.sample(batch, steps=cfg.steps, guidance=guidance, generator=gen).images.cpu())
+    weights = cfg.inception_weights if cfg.feature == "inception" else cfg.feature_weights
+    value = fid(real, torch.cat(fakes), cfg.feature, weights)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"fid": value, **protocol(args.feature, weights, len(real), args.n), "model": args.model,
-              "lora": args.lora, "real": args.real, "seed": args.seed, "steps": args.steps, "guidance": guidance}
+    result = {"fid": value, **protocol(cfg.feature, weights, len(real), cfg.n), "model": cfg.model,
+              "lora": cfg.lora, "real": cfg.real, "seed": cfg.seed, "steps": cfg.steps, "guidance": guidance}
     (out / "fid.json").write_text(json.dumps(result, indent=2))
-    print(f"FID ({args.feature} features, {args.n} vs {len(real)} images): {value:.3f}  -> {out / 'fid.json'}")
+    print(f"FID ({cfg.feature} features, {cfg.n} vs {len(real)} images): {value:.3f}  -> {out / 'fid.json'}")
 
 
-def cmd_eval_winrate(args) -> None:
+def cmd_eval_winrate(cfg) -> None:
     import torch
 
     from ..data.prompts import read_prompts
@@ -170,42 +170,42 @@ def cmd_eval_winrate(args) -> None:
     from ..models.load import sampling_guidance
     from ..rewards.base import build_reward
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     from ..data.make_dataset import parse_rewards
     from ..rewards.base import check_prompts
 
-    prompts = read_prompts(args.prompts, key="prompts")
-    [(name, _, kwargs)] = parse_rewards([args.reward])
+    prompts = read_prompts(cfg.prompts, key="prompts")
+    [(name, _, kwargs)] = parse_rewards([cfg.reward])
     reward = build_reward({"name": name, **kwargs})
     check_prompts(reward, prompts)  # before any model loads or image is sampled
     scores, guidance, terms = {}, {}, {}
-    for name, model, lora in (("model", args.model, args.lora), ("baseline", args.baseline, args.baseline_lora)):
-        bb = load_backbone_cli(model, args.backbone, lora, args.bf16)
-        guidance[name] = sampling_guidance(bb, args.guidance)  # each model at its own declared guidance
-        jobs = [(i, k) for i in range(len(prompts)) for k in range(args.samples_per_prompt)]
+    for name, model, lora in (("model", cfg.model, cfg.lora), ("baseline", cfg.baseline, cfg.baseline_lora)):
+        bb = load_backbone_cli(model, cfg.backbone, lora, cfg.bf16)
+        guidance[name] = sampling_guidance(bb, cfg.guidance)  # each model at its own declared guidance
+        jobs = [(i, k) for i in range(len(prompts)) for k in range(cfg.samples_per_prompt)]
         out = []
         with torch.no_grad():
             for start in range(0, len(jobs), 32):
                 part = jobs[start:start + 32]
                 noise = torch.stack([torch.randn(bb.sample_shape, generator=torch.Generator().manual_seed(
-                    sample_seed(args.seed, i, k))) for i, k in part])
-                imgs = bb.sample([prompts[i] for i, _ in part], steps=args.steps, guidance=guidance[name],
+                    sample_seed(cfg.seed, i, k))) for i, k in part])
+                imgs = bb.sample([prompts[i] for i, _ in part], steps=cfg.steps, guidance=guidance[name],
                                  latents=noise).images.cpu()
                 out.append(reward(imgs, [prompts[i] for i, _ in part]))
                 if hasattr(reward, "terms"):  # a reward with named parts (the rater): keep each for the table
                     terms.setdefault(name, []).extend(reward.terms(im, prompts[i]) for im, (i, _) in zip(imgs, part))
         scores[name] = torch.cat(out)
     result = win_rate(scores["model"], scores["baseline"]) | {
-        "reward": args.reward, "model": args.model, "lora": args.lora, "baseline": args.baseline,
-        "prompts": args.prompts, "samples_per_prompt": args.samples_per_prompt, "seed": args.seed,
-        "steps": args.steps, "guidance": guidance}
+        "reward": cfg.reward, "model": cfg.model, "lora": cfg.lora, "baseline": cfg.baseline,
+        "prompts": cfg.prompts, "samples_per_prompt": cfg.samples_per_prompt, "seed": cfg.seed,
+        "steps": cfg.steps, "guidance": guidance}
     if terms:
         result["terms"] = paired_term_changes(terms["model"], terms["baseline"])
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "winrate.json").write_text(json.dumps(result, indent=2))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "winrate.json").write_text(json.dumps(result, indent=2))
     for term, v in result.get("terms", {}).items():
         print(f"  {term:<8} {v['baseline']:.3f} -> {v['model']:.3f}  paired change {v['change']:+.4f} ± {v['se']:.4f}")
     print(f"win rate {result['win_rate']:.3f} [95% CI {result['ci_low']:.3f}, {result['ci_high']:.3f}] "
-          f"over {result['n']} paired samples ({args.reward})")
+          f"over {result['n']} paired samples ({cfg.reward})")
 

@@ -1,4 +1,5 @@
-"""FID through torchmetrics with one pinned protocol: the ShapesWorld feature net or a local Inception file."""
+"""FID through torchmetrics with one pinned protocol: a world's feature net (``FID_FEATURES``, e.g. ShapesWorld's)
+or a local Inception file."""
 
 from __future__ import annotations
 
@@ -19,20 +20,17 @@ class _Features(torch.nn.Module):
 
 
 def make_fid(feature: str = "shapes", weights: str | None = None):
-    """A torchmetrics FrechetInceptionDistance for ``feature`` = shapes (the ShapesWorld net) or inception.
+    """A torchmetrics FrechetInceptionDistance for ``feature``: a registered feature net or ``inception``.
 
-    Protocol (written next to each number): inputs are uint8 RGB; 'shapes' resizes to 32x32
-    (bilinear, antialiased) inside the net; 'inception' uses torchmetrics' FID Inception (2048-d pool3,
-    torch-fidelity's resize) from the local file ``weights``.
+    Protocol (written next to each number): inputs are uint8 RGB; a world's net (``shapes``) resizes inside
+    itself (its ``resize``); 'inception' uses torchmetrics' FID Inception (2048-d pool3, torch-fidelity's
+    resize) from the local file ``weights``.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if feature == "shapes":
-        from ..models.load import resolve_path
-        from ..worlds.shapes.features import load_feature_net
+    from ..model_folders import resolve_path
+    from ..registry import FID_FEATURES
 
-        net = load_feature_net(weights or resolve_path("assets/shapes-features"))
-        return FrechetInceptionDistance(feature=_Features(net), reset_real_features=False)
     if feature == "inception":
         if not weights or not Path(weights).exists():
             raise FileNotFoundError(
@@ -40,7 +38,10 @@ def make_fid(feature: str = "shapes", weights: str | None = None):
                 "pt_inception-2015-12-05-6726825d.pth (torch-fidelity's FID Inception)")
         return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights,
                                         reset_real_features=False)
-    raise ValueError(f"feature={feature!r}: expected shapes or inception")
+    if feature not in FID_FEATURES:
+        raise ValueError(f"feature={feature!r}: expected inception or one of {', '.join(FID_FEATURES.names())}")
+    net = FID_FEATURES.get(feature).load(weights or resolve_path(FID_FEATURES.get(feature).default_weights))
+    return FrechetInceptionDistance(feature=_Features(net), reset_real_features=False)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,10 @@ def fid(real: torch.Tensor, fake: torch.Tensor, feature: str = "shapes", weights
 
 
 def protocol(feature: str, weights: str | None, n_real: int, n_fake: int) -> dict:
+    from ..registry import FID_FEATURES
+
+    world = FID_FEATURES.get(feature) if feature != "inception" else None
     return {"tool": "torchmetrics.image.fid.FrechetInceptionDistance", "feature": feature,
-            "feature_weights": weights or ("assets/shapes-features" if feature == "shapes" else None),
-            "resize": "bilinear antialiased to 32x32 inside the net" if feature == "shapes"
-            else "torch-fidelity bilinear (TF1-compatible) to 299x299", "n_real": n_real, "n_fake": n_fake}
+            "feature_weights": weights or (world.default_weights if world else None),
+            "resize": world.resize if world else "torch-fidelity bilinear (TF1-compatible) to 299x299",
+            "n_real": n_real, "n_fake": n_fake}

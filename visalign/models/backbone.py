@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..registry import BACKBONES
 from .cond import Cond, Noised, SampleOutput  # noqa: F401  (re-exported: families import them here)
 from .reference import ReferenceMixin
 
@@ -69,6 +70,22 @@ def sample_output(backbone, x: Tensor, traj: list[Tensor], logps: list[Tensor], 
                         log_probs=torch.stack(logps, 1) if logps else None)
 
 
+def register_family(name: str, *, pipeline: str, guidance: float, lora: tuple[str, str] | None = None,
+                    tiny: tuple[str, ...] = (), tiny_kwargs: dict | None = None):
+    """Register a backbone class as the family ``name`` and declare, beside its code, what generic code asks
+    of it: the model_index.json ``pipeline`` class that names the family, its usual CFG ``guidance`` (when a
+    folder declares none), the diffusers pipeline whose ``save_lora_weights`` writes its LoRA and the key
+    prefix (``lora``; default: its own pipeline, the inherited prefix), its ``tiny`` test folders
+    (models/tiny.py builds them with the class's ``build_tiny``) and the model kwargs they load with."""
+    def declare(cls):
+        cls.family, cls.pipeline_class, cls.default_guidance = name, pipeline, guidance
+        cls.lora_pipeline, cls.lora_prefix = lora or (pipeline, cls.lora_prefix)
+        cls.tiny_variants, cls.tiny_kwargs = tiny, dict(tiny_kwargs or {})
+        return BACKBONES.register(name)(cls)
+
+    return declare
+
+
 class BackboneBase(ReferenceMixin):
     """The shared machinery of diffusers-backed families: sampling with guidance, device moves, the
     per-image error, full-model saving; the reference comes from ``ReferenceMixin``."""
@@ -77,6 +94,7 @@ class BackboneBase(ReferenceMixin):
     # what a family declares beside its code: the model_index.json class naming it, its tiny test folders
     # (models/tiny.py) and the model kwargs they load with
     pipeline_class: str = ""
+    lora_prefix: str = "unet"
     tiny_variants: tuple[str, ...] = ()
     tiny_kwargs: dict = {}
 
@@ -91,6 +109,23 @@ class BackboneBase(ReferenceMixin):
             out = self._sample(prompts, steps, guidance, generator, trajectory, eta, latents, image_meta)
         out.images = out.images.float()
         return out
+
+    def noise_inputs(self, x0: Tensor, t: Tensor | None, eps: Tensor | None,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """(t, ε) for ``noise``, drawn when not given (ε seeded over an explicit shape), t on x0's device."""
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], generator)
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        return t.to(x0.device), eps
+
+    def denoiser_inputs(self, x_t: Tensor, t: Tensor, cond: Cond) -> tuple[torch.nn.Module, Tensor, Tensor, Cond]:
+        """(the active denoiser, its input, t per sample, cond) for one ``predict``."""
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        model = self.active_denoiser()
+        x_in, cond = self._inputs_for(model, x_t, cond)
+        return model, x_in, t, cond
 
     def sampling_autocast(self):
         """Autocast for sampling when ``sample_dtype`` is set (training precision is accelerate's business)."""

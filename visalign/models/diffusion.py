@@ -47,19 +47,12 @@ class DiffusionBackbone(BackboneBase):
     def noise(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
               generator: torch.Generator | None = None) -> Noised:
         """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε; target ε or v = √ᾱ_t ε − √(1−ᾱ_t) x0, as the model predicts."""
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], generator)
-        if eps is None:
-            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        t = t.to(x0.device)
+        t, eps = self.noise_inputs(x0, t, eps, generator)
         x_t = self.train_scheduler.add_noise(x0, eps, t)
         return Noised(x_t=x_t, t=t, target=denoising_target(self.train_scheduler, x0, eps, t))
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        model = self.active_denoiser()
-        x_in, cond = self._inputs_for(model, x_t, cond)
+        model, x_in, t, cond = self.denoiser_inputs(x_t, t, cond)
         return self._forward(model, x_in, t, cond).to(x_t.dtype)
 
     # --- DDIM -----------------------------------------------------------------------------------

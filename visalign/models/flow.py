@@ -8,8 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import BACKBONES, register_preset
-from .backbone import BackboneBase, Cond, Noised, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
+from ..registry import register_preset
+from .backbone import (
+    BackboneBase,
+    Cond,
+    Noised,
+    SampleOutput,
+    gaussian_logprob_mean,
+    gaussian_step,
+    register_family,
+    sample_output,
+)
 from .load import load_diffusers, load_transformers
 from .unet import LatentMixin, tokenize
 
@@ -18,20 +27,15 @@ register_preset("sd3", {"model": {"name": "sd3", "path": "stabilityai/stable-dif
                         "train": {"lr": 1e-5, "mixed_precision": "bf16"}})
 
 
-@BACKBONES.register("sd3")
+@register_family("sd3", pipeline="StableDiffusion3Pipeline", guidance=4.5, lora=("StableDiffusion3Pipeline",
+                 "transformer"), tiny=("sd3",), tiny_kwargs={"max_sequence_length": 8})
 class FlowBackbone(LatentMixin, BackboneBase):
     """SD3: x_t = (1−σ)x0 + σε, target v = ε − x0, σ from a shifted logit-normal density; t = 1000σ."""
-
-    family = "sd3"
-    default_guidance = 4.5
-    lora_pipeline, lora_prefix = "StableDiffusion3Pipeline", "transformer"
-    pipeline_class = "StableDiffusion3Pipeline"
-    tiny_variants = ("sd3",)
 
     @staticmethod
     def build_tiny(variant: str, out, **kwargs) -> None:
         tiny_sd3(out, **kwargs)
-    tiny_kwargs = {"max_sequence_length": 8}
+
     denoiser_subfolder = "transformer"
 
     def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0,
@@ -103,19 +107,13 @@ class FlowBackbone(LatentMixin, BackboneBase):
     def noise(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None,
               generator: torch.Generator | None = None) -> Noised:
         """x_t = (1−σ)x0 + σε with σ = t/1000; target = ε − x0 (the velocity the transformer predicts)."""
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], generator)
-        if eps is None:
-            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        t = t.to(x0.device).float()
+        t, eps = self.noise_inputs(x0, t, eps, generator)
+        t = t.float()
         sigma = (t / self.num_train_timesteps).view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         return Noised(x_t=(1 - sigma) * x0 + sigma * eps, t=t, target=eps - x0)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        model = self.active_denoiser()
-        x_in, cond = self._inputs_for(model, x_t, cond)
+        model, x_in, t, cond = self.denoiser_inputs(x_t, t, cond)
         return model(hidden_states=x_in, timestep=t, encoder_hidden_states=cond.tensors["hidden"],
                      pooled_projections=cond.tensors["pooled"]).sample.to(x_t.dtype)
 
@@ -228,16 +226,16 @@ def tiny_sd3(out):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    from .tiny import _clip_config, _vae, tiny_tokenizer
+    from .tiny import tiny_clip_config, tiny_tokenizer, tiny_vae
 
     tok = tiny_tokenizer()
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
                                         caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(shift=True),
-        text_encoder=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer_2=tiny_tokenizer(),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(shift=True),
+        text_encoder=CLIPTextModelWithProjection(tiny_clip_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(tok)), tokenizer_2=tiny_tokenizer(),
         text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(out, safe_serialization=True)
     return out

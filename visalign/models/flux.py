@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..registry import BACKBONES, register_preset
-from .backbone import Cond
+from ..registry import register_preset
+from .backbone import Cond, register_family
 from .flow import FlowBackbone
 from .load import load_diffusers, load_transformers
 from .unet import tokenize
@@ -59,6 +59,23 @@ def resolution_shift(scheduler_config: dict, tokens: int) -> float:
     return tokens * slope + lo - slope * base
 
 
+def packed_shifts(scheduler_config: dict, tokens: int) -> tuple[float, float]:
+    """(μ, the training density's shift): the sampler's own at this resolution (e^μ when shifting dynamically)."""
+    mu = resolution_shift(scheduler_config, tokens)
+    dynamic = scheduler_config.get("use_dynamic_shifting", False)
+    return mu, math.exp(mu) if dynamic else float(scheduler_config.get("shift", 1.0))
+
+
+def packed_grid_scheduler(scheduler_config: dict, steps: int, device, mu: float):
+    """FluxPipeline's (and QwenImagePipeline's) grid: σ = linspace(1, 1/N, N), shifted by μ or the config's shift."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    sched.set_timesteps(steps, device=device, sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+    return sched
+
+
 # Flow-DPO's beta as SD3's (velocity errors on the same scale); LoRA lr and bf16 as flow_grpo/DanceGRPO's Flux
 # runs. dev samples at guidance 3.5 (FluxPipeline's default) over 28 steps; schnell at 4 steps.
 register_preset("flux", {"model": {"name": "flux", "path": "black-forest-labs/FLUX.1-dev"},
@@ -71,16 +88,14 @@ register_preset("flux-schnell", {"model": {"name": "flux", "path": "black-forest
                                            "sample_steps": 4}})
 
 
-@BACKBONES.register("flux")
+# guidance: FLUX.1-dev's usual guidance-embedding value (schnell ignores it); tiny: toy dev (guidance input,
+# dynamic shift) and schnell layouts
+@register_family("flux", pipeline="FluxPipeline", guidance=3.5, tiny=("flux", "flux-schnell"),
+                 tiny_kwargs={"max_sequence_length": 8, "resolution": 32})
 class FluxBackbone(FlowBackbone):
     """FLUX.1-dev / -schnell: rectified flow on packed latents; guidance is an input (dev) or none (schnell)."""
 
-    family = "flux"
-    default_guidance = 3.5  # FLUX.1-dev's usual guidance-embedding value; schnell ignores it
     true_cfg = False
-    lora_pipeline = pipeline_class = "FluxPipeline"  # its LoRA writer; transformer.* keys, as every flow family
-    tiny_variants = ("flux", "flux-schnell")  # toy dev (guidance input, dynamic shift) and schnell layouts
-    tiny_kwargs = {"max_sequence_length": 8, "resolution": 32}
 
     @staticmethod
     def build_tiny(variant: str, out) -> None:
@@ -115,10 +130,7 @@ class FluxBackbone(FlowBackbone):
         self.sample_shape = (int(vae_cfg["latent_channels"]), side, side)
         self.tokens = (side // 2) ** 2
         self.num_train_timesteps = int(self.scheduler_config["num_train_timesteps"])
-        # the training density's shift: the sampler's own at this resolution (e^μ when shifting dynamically)
-        self.mu = resolution_shift(self.scheduler_config, self.tokens)
-        dynamic = self.scheduler_config.get("use_dynamic_shifting", False)
-        self.shift = math.exp(self.mu) if dynamic else float(self.scheduler_config.get("shift", 1.0))
+        self.mu, self.shift = packed_shifts(self.scheduler_config, self.tokens)
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.max_sequence_length, self.guidance_embed = max_sequence_length, guidance_embed
         self.has_guidance_input = bool(self.denoiser.config.guidance_embeds)
@@ -132,10 +144,7 @@ class FluxBackbone(FlowBackbone):
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: float | None = None) -> Tensor:
         """The velocity at (x_t, t); dev's guidance input is ``guidance`` (default ``guidance_embed``)."""
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        model = self.active_denoiser()
-        x_in, cond = self._inputs_for(model, x_t, cond)
+        model, x_in, t, cond = self.denoiser_inputs(x_t, t, cond)
         b, _, h, w = x_in.shape
         hidden = cond.tensors["hidden"]
         g = None
@@ -154,14 +163,7 @@ class FluxBackbone(FlowBackbone):
         return self.predict(x, t, cond, guidance=guidance)
 
     def _scheduler(self, steps: int):
-        """FluxPipeline's grid: σ = linspace(1, 1/N, N), shifted by μ (dynamic) or the scheduler's shift."""
-        import numpy as np
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        sched.set_timesteps(steps, device=self.device, sigmas=np.linspace(1.0, 1 / steps, steps).tolist(),
-                            mu=self.mu)
-        return sched
+        return packed_grid_scheduler(self.scheduler_config, steps, self.device, self.mu)
 
 
 def build_tiny_flux(out, schnell: bool = False):
@@ -169,7 +171,7 @@ def build_tiny_flux(out, schnell: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    from .tiny import _clip_config, _vae, tiny_t5, tiny_tokenizer
+    from .tiny import tiny_clip_config, tiny_t5, tiny_tokenizer, tiny_vae
 
     tok = tiny_tokenizer()
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
@@ -179,7 +181,7 @@ def build_tiny_flux(out, schnell: bool = False):
     sched = FlowMatchEulerDiscreteScheduler(shift=1.0) if schnell else FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
         max_shift=1.15)
-    pipe = FluxPipeline(scheduler=sched, vae=_vae(shift=True), text_encoder=CLIPTextModel(_clip_config(tok)),
+    pipe = FluxPipeline(scheduler=sched, vae=tiny_vae(shift=True), text_encoder=CLIPTextModel(tiny_clip_config(tok)),
                         tokenizer=tok, text_encoder_2=tiny_t5(tok), tokenizer_2=tiny_tokenizer(max_length=512),
                         transformer=transformer)
     pipe.save_pretrained(out, safe_serialization=True)

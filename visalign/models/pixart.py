@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..registry import BACKBONES, register_preset
-from .backbone import Cond
+from ..registry import register_preset
+from .backbone import Cond, register_family
 from .diffusion import DiffusionBackbone
 from .load import load_diffusers, load_transformers
 from .unet import LatentMixin
@@ -34,17 +34,14 @@ def t5_encode(tokenizer, encoder, prompts: Sequence[str], max_length: int) -> Co
     return Cond({"hidden": encoder(tok.input_ids.to(encoder.device), attention_mask=mask)[0], "mask": mask})
 
 
-@BACKBONES.register("pixart")
+# guidance: PixArtSigmaPipeline's default. PixArt pipelines have no LoRA mixin: Sana's writer saves the same
+# transformer.* keys
+@register_family("pixart", pipeline="PixArtSigmaPipeline", guidance=4.5, lora=("SanaPipeline", "transformer"),
+                 tiny=("pixart",), tiny_kwargs={"max_sequence_length": 8})
 class PixArtBackbone(LatentMixin, DiffusionBackbone):
     """PixArt-Σ / -α: a DiT over SD-VAE latents with T5 text; ε (or v) with a learned-variance head dropped."""
 
-    family = "pixart"
-    default_guidance = 4.5  # PixArtSigmaPipeline's default
-    lora_pipeline, lora_prefix = "SanaPipeline", "transformer"  # PixArt pipelines have no LoRA mixin: Sana's
-    pipeline_class = "PixArtSigmaPipeline"                       # writer saves the same transformer.* keys
     denoiser_subfolder = "transformer"
-    tiny_variants = ("pixart",)
-    tiny_kwargs = {"max_sequence_length": 8}
 
     def __init__(self, path: str, resolution: int | None = None, max_sequence_length: int = 300,
                  revision: str | None = None, load_encoders: bool = True):
@@ -87,7 +84,7 @@ class PixArtBackbone(LatentMixin, DiffusionBackbone):
         """A toy PixArt-Σ folder: 1 transformer layer, tiny T5 and SD-style VAE, PixArt's DPM-Solver config."""
         from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
-        from .tiny import _vae, tiny_t5, tiny_tokenizer
+        from .tiny import tiny_t5, tiny_tokenizer, tiny_vae
 
         tok = tiny_tokenizer(max_length=300)
         transformer = PixArtTransformer2DModel(
@@ -96,5 +93,5 @@ class PixArtBackbone(LatentMixin, DiffusionBackbone):
             use_additional_conditions=False)
         sched = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                                             prediction_type="epsilon")
-        PixArtSigmaPipeline(tokenizer=tok, text_encoder=tiny_t5(tok), vae=_vae(), transformer=transformer,
+        PixArtSigmaPipeline(tokenizer=tok, text_encoder=tiny_t5(tok), vae=tiny_vae(), transformer=transformer,
                             scheduler=sched).save_pretrained(out, safe_serialization=True)

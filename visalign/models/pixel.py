@@ -8,22 +8,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..registry import BACKBONES
-from .backbone import Cond
+from .backbone import Cond, register_family
 from .diffusion import DiffusionBackbone
 from .load import load_diffusers, load_transformers
 from .unet import tokenize
 
 
-@BACKBONES.register("pixel")
+# no pipeline class: a folder of plain diffusers/transformers parts (VisalignPixelPipeline names it); its LoRA
+# has SD's unet.* keys
+@register_family("pixel", pipeline="VisalignPixelPipeline", guidance=3.0, lora=("StableDiffusionPipeline", "unet"),
+                 tiny=("pixel",))
 class PixelBackbone(DiffusionBackbone):
     """A text-conditioned UNet2DConditionModel on pixels in [−1, 1] with a CLIP text encoder; ε or v."""
 
-    family = "pixel"
-    default_guidance = 3.0
-    lora_pipeline, lora_prefix = "StableDiffusionPipeline", "unet"
-    pipeline_class = "VisalignPixelPipeline"  # a folder of plain diffusers/transformers parts, no pipeline class
-    tiny_variants = ("pixel",)
 
     @staticmethod
     def build_tiny(variant: str, out, **kwargs) -> None:

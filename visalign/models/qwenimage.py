@@ -16,16 +16,15 @@ The flow conventions are SD3's (``FlowBackbone``); what differs, as ``QwenImageP
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ..registry import BACKBONES, register_preset
-from .backbone import Cond
+from ..registry import register_preset
+from .backbone import Cond, register_family
 from .flow import FlowBackbone
-from .flux import pack, resolution_shift, unpack
+from .flux import pack, packed_grid_scheduler, packed_shifts, unpack
 from .load import load_diffusers, load_transformers
 
 # the pipeline's chat template and how many of its tokens precede the prompt (QwenImagePipeline's own)
@@ -40,15 +39,11 @@ register_preset("qwenimage", {"model": {"name": "qwenimage", "path": "Qwen/Qwen-
                                         "guidance": 4.0, "sample_steps": 50}})
 
 
-@BACKBONES.register("qwenimage")
+# guidance: QwenImagePipeline's true_cfg_scale; its LoRA writer is the pipeline (transformer.* keys)
+@register_family("qwenimage", pipeline="QwenImagePipeline", guidance=4.0, tiny=("qwenimage",),
+                 tiny_kwargs={"resolution": 32, "max_sequence_length": 16})
 class QwenImageBackbone(FlowBackbone):
     """Qwen-Image: rectified flow on packed 3D-VAE latents with Qwen2.5-VL text and norm-rescaled CFG."""
-
-    family = "qwenimage"
-    default_guidance = 4.0  # QwenImagePipeline's true_cfg_scale
-    lora_pipeline = pipeline_class = "QwenImagePipeline"  # its LoRA writer; transformer.* keys, as every flow family
-    tiny_variants = ("qwenimage",)
-    tiny_kwargs = {"resolution": 32, "max_sequence_length": 16}
 
     def __init__(self, path: str, resolution: int = 1024, logit_mean: float = 0.0, logit_std: float = 1.0,
                  max_sequence_length: int = 512, negative_prompt: str = " ", revision: str | None = None,
@@ -76,9 +71,7 @@ class QwenImageBackbone(FlowBackbone):
         self.latents_mean = torch.tensor(vae_cfg["latents_mean"]).view(1, -1, 1, 1)
         self.latents_std = torch.tensor(vae_cfg["latents_std"]).view(1, -1, 1, 1)
         self.num_train_timesteps = int(self.scheduler_config["num_train_timesteps"])
-        self.mu = resolution_shift(self.scheduler_config, (side // 2) ** 2)
-        dynamic = self.scheduler_config.get("use_dynamic_shifting", False)
-        self.shift = math.exp(self.mu) if dynamic else float(self.scheduler_config.get("shift", 1.0))
+        self.mu, self.shift = packed_shifts(self.scheduler_config, (side // 2) ** 2)
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.max_sequence_length, self.negative_prompt = max_sequence_length, negative_prompt
 
@@ -99,10 +92,7 @@ class QwenImageBackbone(FlowBackbone):
         return None if guidance == 1.0 else self.encode_prompts([self.negative_prompt] * n)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        model = self.active_denoiser()
-        x_in, cond = self._inputs_for(model, x_t, cond)
+        model, x_in, t, cond = self.denoiser_inputs(x_t, t, cond)
         b, _, h, w = x_in.shape
         out = model(hidden_states=pack(x_in), timestep=(t.float() / self.num_train_timesteps).to(x_in.dtype),
                     encoder_hidden_states=cond.tensors["hidden"], encoder_hidden_states_mask=cond.tensors["mask"],
@@ -120,13 +110,7 @@ class QwenImageBackbone(FlowBackbone):
         return unpack(combined * scale, x.shape[-2], x.shape[-1])
 
     def _scheduler(self, steps: int):
-        """QwenImagePipeline's grid (FLUX's): σ = linspace(1, 1/N, N), shifted by μ."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        sched.set_timesteps(steps, device=self.device, sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(),
-                            mu=self.mu)
-        return sched
+        return packed_grid_scheduler(self.scheduler_config, steps, self.device, self.mu)
 
     # a one-frame video VAE with per-channel latent normalisation
     def latent_moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,13 +166,13 @@ def chat_tokenizer():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from .tiny import EXTRA_WORDS, caption_words
+    from .tiny import EXTRA_WORDS, world_words
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
     spaced = TEMPLATE.replace("{}", " ")
     for mark in ("<|im_start|>", "<|im_end|>", "\n", ",", ":"):
         spaced = spaced.replace(mark, f" {mark} ")
-    words = [*spaced.split(" "), *caption_words(), *EXTRA_WORDS]
+    words = [*spaced.split(" "), *world_words(), *EXTRA_WORDS]
     vocab = {t: i for i, t in enumerate(specials)}
     for w in words:
         if w and w not in vocab:

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..registry import BACKBONES, register_preset
-from .backbone import Cond
+from ..registry import register_preset
+from .backbone import Cond, register_family
 from .flow import FlowBackbone
 from .load import load_diffusers, load_transformers
 
@@ -38,15 +38,10 @@ def default_instruction() -> str:
     return "\n".join(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
 
 
-@BACKBONES.register("sana")
+@register_family("sana", pipeline="SanaPipeline", guidance=4.5, tiny=("sana",),  # guidance: SanaPipeline's default
+                 tiny_kwargs={"max_sequence_length": 8})
 class SanaBackbone(FlowBackbone):
     """Sana: rectified flow on DC-AE latents with Gemma-2 text (instruction-prefixed prompts)."""
-
-    family = "sana"
-    default_guidance = 4.5  # SanaPipeline's default
-    lora_pipeline = pipeline_class = "SanaPipeline"  # its LoRA writer; transformer.* keys, as every flow family
-    tiny_variants = ("sana",)
-    tiny_kwargs = {"max_sequence_length": 8}
 
     def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0, logit_std: float = 1.0,
                  max_sequence_length: int = 300, instruction: bool = True, revision: str | None = None,
@@ -96,10 +91,7 @@ class SanaBackbone(FlowBackbone):
         return None if guidance == 1.0 else self._encode([""] * n, "")
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        model = self.active_denoiser()
-        x_in, cond = self._inputs_for(model, x_t, cond)
+        model, x_in, t, cond = self.denoiser_inputs(x_t, t, cond)
         out = model(x_in, encoder_hidden_states=cond.tensors["hidden"], encoder_attention_mask=cond.tensors["mask"],
                     timestep=t.to(x_in.dtype) * self.timestep_scale).sample
         return (out.chunk(2, dim=1)[0] if self.learned_sigma else out).to(x_t.dtype)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..worlds.shapes.vocab import caption_words
+from ..registry import VOCABULARIES
 from .tokenizer import build_word_tokenizer
 
 # a small general vocabulary for prompts in tests, beyond ShapesWorld's words
@@ -20,11 +20,16 @@ EXTRA_WORDS = ("cat", "dog", "car", "tree", "house", "painting", "astronaut", "r
                "on", "with", "big", "small", "blue", "sky", "portrait", "city", "night")
 
 
+def world_words() -> list[str]:
+    """Every registered world's words (worlds in name order, each in its own order), once each."""
+    return list(dict.fromkeys(w for name in VOCABULARIES.names() for w in VOCABULARIES.get(name)()))
+
+
 def tiny_tokenizer(max_length: int = 77):
-    return build_word_tokenizer(list(caption_words()) + list(EXTRA_WORDS), max_length=max_length)
+    return build_word_tokenizer(world_words() + list(EXTRA_WORDS), max_length=max_length)
 
 
-def _clip_config(tok, hidden: int = 32, projection: int = 32, max_pos: int = 77):
+def tiny_clip_config(tok, hidden: int = 32, projection: int = 32, max_pos: int = 77):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
@@ -32,7 +37,7 @@ def _clip_config(tok, hidden: int = 32, projection: int = 32, max_pos: int = 77)
                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
-def _vae(shift: bool = False):
+def tiny_vae(shift: bool = False):
     from diffusers import AutoencoderKL
 
     kw = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035) if shift \
@@ -50,7 +55,7 @@ def tiny_t5(tok, d_model: int = 32):
                                    decoder_start_token_id=tok.pad_token_id))
 
 
-def _ddim(prediction_type: str = "epsilon", clip_sample: bool = False):
+def tiny_ddim(prediction_type: str = "epsilon", clip_sample: bool = False):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
@@ -62,7 +67,7 @@ def build_pixel(out: Path, size: int = 16, prediction_type: str = "epsilon") -> 
     from .pixel import build_pixel_components, save_pixel_folder
 
     # ShapesWorld's layout and defaults at toy width (its v + trailing recipe, the prediction type as asked)
-    unet, te, tok, sched = build_pixel_components(size, (32, 32), 32, 1, 16, caption_words(), "v_prediction",
+    unet, te, tok, sched = build_pixel_components(size, (32, 32), 32, 1, 16, world_words(), "v_prediction",
                                                   "trailing")
     sched.register_to_config(prediction_type=prediction_type)
     save_pixel_folder(Path(out), unet.eval(), te.eval(), tok, sched)

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..registry import BACKBONES, register_preset
-from .backbone import Cond
+from ..registry import register_preset
+from .backbone import Cond, register_family
 from .diffusion import DiffusionBackbone
 from .load import load_diffusers, load_transformers
 
@@ -51,15 +51,12 @@ register_preset("sdxl", {"model": {"name": "sdxl", "path": "stabilityai/stable-d
                          "train": {"lr": 1e-5, "mixed_precision": "bf16", "gradient_checkpointing": True}})
 
 
-@BACKBONES.register("sd")
+# guidance: the family's usual CFG scale when a model folder declares none
+@register_family("sd", pipeline="StableDiffusionPipeline", guidance=7.5, lora=("StableDiffusionPipeline", "unet"),
+                 tiny=("sd15",))
 class SDBackbone(LatentMixin, DiffusionBackbone):
     """Stable Diffusion 1.x/2.x: UNet2DConditionModel + AutoencoderKL + CLIP text encoder; ε or v prediction."""
 
-    family = "sd"
-    default_guidance = 7.5  # the family's usual CFG scale when a model folder declares none
-    lora_pipeline, lora_prefix = "StableDiffusionPipeline", "unet"  # whose save_lora_weights writes its LoRA
-    pipeline_class = "StableDiffusionPipeline"  # the model_index.json class that names this family
-    tiny_variants = ("sd15",)  # the tiny test folders of this family (models/tiny.py finds them)
 
     @staticmethod
     def build_tiny(variant: str, out, **kwargs) -> None:
@@ -91,15 +88,9 @@ class SDBackbone(LatentMixin, DiffusionBackbone):
         return Cond({"hidden": self.text_encoder(ids)[0]})
 
 
-@BACKBONES.register("sdxl")
+@register_family("sdxl", pipeline="StableDiffusionXLPipeline", guidance=5.0, tiny=("sdxl",))
 class SDXLBackbone(SDBackbone):
     """SDXL: two CLIP text encoders (penultimate hidden states + pooled) and size/crop micro-conditioning."""
-
-    family = "sdxl"
-    default_guidance = 5.0
-    lora_pipeline, lora_prefix = "StableDiffusionXLPipeline", "unet"
-    pipeline_class = "StableDiffusionXLPipeline"
-    tiny_variants = ("sdxl",)
 
     @staticmethod
     def build_tiny(variant: str, out, **kwargs) -> None:
@@ -145,15 +136,15 @@ def tiny_sd15(out, prediction_type: str = "epsilon"):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .tiny import _clip_config, _ddim, _vae, tiny_tokenizer
+    from .tiny import tiny_clip_config, tiny_ddim, tiny_tokenizer, tiny_vae
 
     tok = tiny_tokenizer()
     unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=32)
-    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok,
-                                   unet=unet, scheduler=_ddim(prediction_type), safety_checker=None,
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_clip_config(tok)), tokenizer=tok,
+                                   unet=unet, scheduler=tiny_ddim(prediction_type), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -163,7 +154,7 @@ def tiny_sdxl(out):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .tiny import _clip_config, _ddim, _vae, tiny_tokenizer
+    from .tiny import tiny_clip_config, tiny_ddim, tiny_tokenizer, tiny_vae
 
     tok = tiny_tokenizer()
     unet = UNet2DConditionModel(
@@ -173,8 +164,8 @@ def tiny_sdxl(out):
         cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=80, norm_num_groups=32)
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=CLIPTextModel(_clip_config(tok)), tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), tokenizer_2=tiny_tokenizer(),
-        unet=unet, scheduler=_ddim())
+        vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_clip_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(tok)), tokenizer_2=tiny_tokenizer(),
+        unet=unet, scheduler=tiny_ddim())
     pipe.save_pretrained(out, safe_serialization=True)
     return out

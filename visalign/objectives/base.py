@@ -11,13 +11,13 @@ from ..types import PreferenceBatch, as_float
 class Method:
     """A preference objective: ``method(backbone, batch) -> StepOutput``.
 
-    ``data`` names the batch shape it needs (pairs | lists | prompts), ``online`` says
-    whether it samples from the model during training, ``needs`` lists optional Backbone
-    capabilities (``invert``, ``step_logprob``) checked before any weights load.
+    ``data`` names the batch shape it needs (pairs | lists | prompts) and so the source the loop reads
+    batches from (``DATA_SOURCES``); ``needs`` lists optional Backbone capabilities (``invert``,
+    ``step_logprob``) checked before any weights load; ``uses_reference`` says whether full fine-tuning
+    keeps a frozen copy of the denoiser.
     """
 
     data: str = "pairs"
-    online: bool = False
     needs: tuple[str, ...] = ()
     uses_reference: bool = True
 
@@ -27,6 +27,32 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class OnlineMethod(Method):
+    """A method that samples its own training data from the model being trained, in rounds.
+
+    Every ``round_steps`` optimizer steps the round source calls ``make_round`` (under no_grad, the model in
+    eval mode) on the run's prompts; micro-batches are then ``take(items, idx)`` of the round's
+    ``round_size(items)`` items. With ``reset_reference`` the reference is a frozen copy of the policy at each
+    round start (D3PO's paper, DDO's self-play, iterative DPO).
+    """
+
+    data = "prompts"
+    round_steps: int = 1
+    reset_reference: bool = False
+
+    def make_round(self, backbone, prompts: list[str], gen: torch.Generator, round_idx: int = 0) -> dict:
+        """Sample and score one round's data with the current model."""
+        raise NotImplementedError
+
+    def round_size(self, items: dict) -> int:
+        """How many items ``take`` may index in this round."""
+        raise NotImplementedError
+
+    def take(self, items: dict, idx: Tensor) -> PreferenceBatch | None:
+        """The micro-batch of the round's items ``idx`` (None when nothing in them is usable)."""
+        raise NotImplementedError
 
 
 def model_inputs(backbone, batch: PreferenceBatch, generator: torch.Generator | None = None):

@@ -6,13 +6,13 @@ import torch
 
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput, as_float
-from .base import Method, text_conditioning
+from .base import OnlineMethod, text_conditioning
 from .heads import d3po_loss
 from .online import score_and_rank
 
 
 @METHODS.register("d3po")
-class D3PO(Method):
+class D3PO(OnlineMethod):
     """D3PO: clipped per-step log-ratio DPO on trajectory pairs ranked by a reward (authors: β 0.1, ε 0.1, η 1).
 
     ``guidance=None`` samples at the run's ``train.guidance`` (filled in by the trainer): the trajectories
@@ -21,8 +21,6 @@ class D3PO(Method):
     cleanliness term to decide ties); rounds are fresh (32 pairs, 4 steps of 8: each pair about once).
     """
 
-    data = "prompts"
-    online = True
     needs = ("step_logprob", "sample")
 
     def __init__(self, beta: float = 0.1, clip_eps: float = 0.1, steps: int = 10, eta: float = 1.0,

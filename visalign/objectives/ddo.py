@@ -4,41 +4,32 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import METHODS
+from ..registry import METHODS, REAL_FOR_PROMPTS, ConfigError
 from ..types import PreferenceBatch, StepOutput, as_float
-from .base import Method
+from .base import OnlineMethod
 from .heads import ddo_loss
 from .implicit import implicit_reward
 
 
-def shapes_real_images(prompts: list[str], gen: torch.Generator, size: int = 32) -> torch.Tensor:
-    """ShapesWorld 'real data': exact renders of each prompt, in [0, 1], resized to ``size`` if needed."""
-    import numpy as np
-
-    from ..worlds.shapes.detector import record_for_prompt
-    from ..worlds.shapes.render import render
-
-    seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=gen).tolist()
-    imgs = [render(record_for_prompt(p), s)[0] for p, s in zip(prompts, seeds)]
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
-    if x.shape[-1] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    return x
-
-
 @METHODS.register("ddo")
-class DDO(Method):
-    """DDO: −log σ(r(real)) − α log σ(−r(fake)), r the implicit reward vs the reference; self-play rounds."""
+class DDO(OnlineMethod):
+    """DDO: −log σ(r(real)) − α log σ(−r(fake)), r the implicit reward vs the reference; self-play rounds.
 
-    data = "prompts"
-    online = True
+    ``real`` names where each prompt's real image comes from (``REAL_FOR_PROMPTS``): ``shapes`` (ShapesWorld's
+    exact renders) or ``images:PATH`` (a captioned dataset or image folder; data.path = the same, so the
+    prompts are its captions). Fakes are the reference's samples (the policy at each round start).
+    """
+
     needs = ("sample",)
 
     def __init__(self, beta: float = 5000.0, alpha: float = 1.0, prompts_per_round: int = 64, round_steps: int = 50,
                  steps: int = 20, guidance: float = 1.0, real: str = "shapes", reset_reference: bool = True):
-        if real != "shapes":
-            raise ValueError("ddo.real: only 'shapes' (renders) is built in; pass real images as a pairs dataset "
-                             "with the winner column as real data through method 'diffusion_dpo' instead")
+        scheme = real.partition(":")[0]
+        if scheme not in REAL_FOR_PROMPTS:
+            raise ConfigError(f"objective.real={real!r}: expected a prompt-matched real image source, one of "
+                              f"{', '.join(s + ':...' for s in REAL_FOR_PROMPTS.names())} (images:PATH is a "
+                              "captioned dataset or image folder; train on its captions)")
+        self.real = real
         self.beta, self.alpha, self.steps, self.guidance = beta, alpha, steps, guidance
         self.prompts_per_round, self.round_steps, self.reset_reference = prompts_per_round, round_steps, reset_reference
 
@@ -49,7 +40,8 @@ class DDO(Method):
         noise = torch.randn((len(chosen), *backbone.sample_shape), generator=gen).to(backbone.device)
         with backbone.reference():
             fake = backbone.sample(chosen, steps=self.steps, guidance=self.guidance, latents=noise).images.cpu()
-        real = shapes_real_images(chosen, gen, fake.shape[-1])
+        scheme, _, spec = self.real.partition(":")
+        real = REAL_FOR_PROMPTS.get(scheme)(spec, chosen, gen, fake.shape[-1], "objective.real")
         return {"prompts": chosen, "images": torch.stack([real, fake], 1)}
 
     def round_size(self, items: dict) -> int:

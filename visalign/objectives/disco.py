@@ -6,13 +6,13 @@ import torch
 
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput, as_float
-from .base import Method
+from .base import OnlineMethod
 from .policy import disco_objective
 from .rollouts import GroupRollouts
 
 
 @METHODS.register("disco")
-class DisCO(GroupRollouts, Method):
+class DisCO(GroupRollouts, OnlineMethod):
     """DisCO: raise the score of above-mean rollouts, lower it for below-mean ones, KL(π_old ‖ π_θ) ≤ δ.
 
     Score s_θ(o) = mean over trained steps of the likelihood ratio π_θ/π_old ('ratio', the authors'

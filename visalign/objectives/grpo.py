@@ -6,13 +6,13 @@ import torch
 
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput, as_float
-from .base import Method
+from .base import OnlineMethod
 from .policy import clipped_surrogate, k3_kl
 from .rollouts import GroupRollouts
 
 
 @METHODS.register("grpo")
-class GRPO(GroupRollouts, Method):
+class GRPO(GroupRollouts, OnlineMethod):
     """GRPO: G rollouts per prompt, Â = (r − mean_g) / std, clipped ratio on the early steps, optional KL.
 
     L = mean over trained steps and rollouts of −min(ρ_t·Â, clip(ρ_t, 1 ± ε)·Â) + λ_KL·KL_k3(π_θ ‖ π_ref),

@@ -8,13 +8,13 @@ import torch
 
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput
-from .base import Method
+from .base import OnlineMethod
 from .diffusion_dpo import DiffusionDPO
 from .online import score_and_rank
 
 
 @METHODS.register("online_dpo")
-class OnlineDPO(Method):
+class OnlineDPO(OnlineMethod):
     """Iterative on-policy DPO: rounds of K samples per prompt, reward-ranked pairs, reference reset per round.
 
     ``pairs``: 'best-worst' (one pair per prompt) or 'all' (every pair at least ``min_margin`` apart).
@@ -22,8 +22,6 @@ class OnlineDPO(Method):
     policy at its start (DNO, iterative DPO), so each round is a small step from the last.
     """
 
-    data = "prompts"
-    online = True
     needs = ("sample",)
 
     def __init__(self, beta: float = 5000.0, head: str | dict = "sigmoid", samples_per_prompt: int = 4,

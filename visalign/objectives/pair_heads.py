@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -50,35 +52,38 @@ class Hinge(PairHead):
 
 
 @HEADS.register("ipo")
+@dataclass
 class IPO(PairHead):
     """(h − 1/(2τ))²: IPO, a fixed target margin instead of an unbounded push."""
 
-    def __init__(self, tau: float = 0.1):
-        self.tau = tau
+    tau: float = 0.1
 
     def __call__(self, h, p):
         return heads.ipo_loss(h, self.tau)
 
 
-@HEADS.register("conservative")
-class Conservative(PairHead):
-    """cDPO / label smoothing with rate eps."""
+@dataclass
+class LabelNoiseHead(PairHead):
+    """A head told the labels' flip rate eps: cDPO smooths with it, rDPO corrects for it."""
 
-    def __init__(self, eps: float = 0.1):
-        self.eps = eps
+    eps: float = 0.1
+
+
+@HEADS.register("conservative")
+class Conservative(LabelNoiseHead):
+    """cDPO / label smoothing with rate eps."""
 
     def __call__(self, h, p):
         return heads.conservative_loss(h, self.eps)
 
 
 @HEADS.register("robust")
-class Robust(PairHead):
+class Robust(LabelNoiseHead):
     """rDPO: unbiased under a known label-flip rate eps < 0.5."""
 
-    def __init__(self, eps: float = 0.1):
-        if not 0.0 <= eps < 0.5:
-            raise ValueError(f"objective.head.eps={eps}: a label-flip rate in [0, 0.5) is expected")
-        self.eps = eps
+    def __post_init__(self):
+        if not 0.0 <= self.eps < 0.5:
+            raise ValueError(f"objective.head.eps={self.eps}: a label-flip rate in [0, 0.5) is expected")
 
     def __call__(self, h, p):
         return heads.robust_loss(h, self.eps)
@@ -93,11 +98,11 @@ class SoftLabel(PairHead):
 
 
 @HEADS.register("smpo")
+@dataclass
 class SmPO(PairHead):
     """SmPO's smoothed objective −log σ(g(2p−1)h) with p from reward scores."""
 
-    def __init__(self, gain: float = 10.0):
-        self.gain = gain
+    gain: float = 10.0
 
     def __call__(self, h, p):
         return heads.smpo_loss(h, p, self.gain)

@@ -22,10 +22,7 @@ class GroupRollouts:
     ``prompts_per_round``, ``shared_noise``, ``adv_scale``), ``round_steps`` and ``reward``.
     """
 
-    data = "prompts"
-    online = True
     needs = ("step_logprob", "sample")
-    reset_reference = False
 
     def configure_rollouts(self, group_size: int, prompts_per_round: int, round_steps: int, steps: int, eta: float,
                            window: int, guidance: float | None, shared_noise: bool, reward) -> None:

@@ -20,8 +20,6 @@ from ..types import as_float
 from .checkpoint import check_same_run, find_resume, load_checkpoint, save_checkpoint
 from .outputs import save_outputs, save_validation_grid
 from .setup import (
-    BatchStream,
-    build_backbone,
     build_lr_scheduler,
     build_method,
     build_optimizer,
@@ -29,61 +27,13 @@ from .setup import (
     check_data_format,
     prepare_trainable,
 )
+from .sources import data_source
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive non-finite losses or gradients."""
-
-
-def _dataset(cfg: RunConfig, backbone):
-    from ..data.pairs import PreferenceDataset
-
-    d = cfg.data
-    return PreferenceDataset(d.path, resolution=backbone.resolution, format=d.format, split=d.split,
-                             drop_ties=d.drop_ties, on_error=d.on_error, hflip=d.hflip, max_rows=d.max_rows,
-                             seed=cfg.train.seed)
-
-
-def _backbone_and_data(cfg: RunConfig, acc, method):
-    """The backbone and the dataset; with the cache on, a complete cache means no VAE or text encoder is loaded."""
-    from ..data.cache import CachedDataset, build_cache, cache_dir_for, is_complete
-
-    if getattr(method, "online", False):
-        from ..data.prompts import read_prompts
-
-        return build_backbone(cfg.model), read_prompts(cfg.data.path or "shapes:train")
-
-    if cfg.data.streaming:
-        from ..data.cache import cache_root
-        from ..data.stream import StreamedPairs
-
-        backbone = build_backbone(cfg.model)
-        backbone.to_device(acc.device)
-        d = cfg.data
-        return backbone, StreamedPairs(d.path, backbone, cache_root(d.cache_dir), d.split, d.format, d.drop_ties,
-                                       d.max_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
-                                       d.stream_chunk_rows)
-    samples_during_training = bool(cfg.train.validation_every and cfg.train.validation_prompts) or bool(
-        cfg.train.gold_reward and cfg.train.gold_every)
-    needs_encoders = not cfg.data.cache or samples_during_training or cfg.lora.text_encoder
-    backbone = build_backbone(cfg.model, load_encoders=needs_encoders)
-    dataset = _dataset(cfg, backbone)
-    if cfg.data.weighting != "none" or cfg.data.curriculum:
-        dataset.margins()  # score columns are needed: say so now, not at the first step
-    if not cfg.data.cache:
-        return backbone, dataset
-    path = cache_dir_for(dataset, backbone, cfg.data.cache_dir)
-    if not is_complete(path):
-        if acc.is_main_process:
-            encoder = backbone if needs_encoders else build_backbone(cfg.model)
-            encoder.to_device(acc.device)
-            build_cache(encoder, dataset, path)
-            del encoder
-        acc.wait_for_everyone()
-    log.info("training from the cache at %s", path)
-    return backbone, CachedDataset(path, dataset)
 
 
 @dataclass
@@ -178,9 +128,10 @@ def _build(cfg: RunConfig, acc, out: Path, method) -> Run:
     from .data_options import reference_resets
 
     t = cfg.train
-    backbone, dataset = _backbone_and_data(cfg, acc, method)
+    source = data_source(method)  # pairs, lists or online rounds: the method's data kind decides
+    backbone, dataset = source.open(cfg, acc, method)
     params = prepare_trainable(backbone, cfg)
-    dataset, stream = _stream(cfg, acc, method, backbone, dataset)
+    dataset, stream = source.batches(cfg, acc, method, backbone, dataset)
     optimizer = build_optimizer(params, cfg)
     lr_sched = build_lr_scheduler(optimizer, cfg)
     if t.compiles():  # the compiled module shares the parameters: the optimizer and the LoRA see the same ones
@@ -194,24 +145,6 @@ def _build(cfg: RunConfig, acc, out: Path, method) -> Run:
         ema = EMAModel(params, decay=t.ema_decay)
     return Run(cfg, acc, out, method, backbone, dataset, stream, params, optimizer, lr_sched, ema,
                reference_resets(cfg))
-
-
-def _stream(cfg: RunConfig, acc, method, backbone, dataset):
-    """(dataset, the source of micro-batches): online rounds, a streamed dataset, or deterministic epochs."""
-    from .data_options import pair_order, pair_stages, stage_steps
-
-    t = cfg.train
-    if getattr(method, "online", False):
-        from ..objectives.online import RoundSource
-
-        rounds = RoundSource(method, backbone, dataset, t.batch_size, t.grad_accum, t.seed, acc.process_index,
-                             acc.num_processes)
-        return rounds, rounds
-    if getattr(dataset, "streaming", False):
-        return dataset, dataset
-    return dataset, BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
-                                order=pair_order(cfg, dataset), stages=pair_stages(cfg, dataset),
-                                stage_micro_steps=stage_steps(cfg) * t.grad_accum)
 
 
 def _resume(run: Run, resume_dir: Path | None) -> tuple[int, int]:

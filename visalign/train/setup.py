@@ -10,7 +10,7 @@ import torch
 
 from ..config import Component, RunConfig
 from ..models.load import build_backbone, sampling_device  # noqa: F401  (re-exported: the loop's pieces)
-from ..registry import METHODS, ConfigError
+from ..registry import DATA_SOURCES, METHODS, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,11 @@ def build_method(objective: Component, guidance: float | None = None):
 
 
 def check_data_format(method, cfg: RunConfig) -> None:
-    need = getattr(method, "data", "pairs")
+    from . import sources  # noqa: F401  (registers the built-in data sources)
+
+    need = method.data
+    if need not in DATA_SOURCES:
+        raise ConfigError(f"method {cfg.objective.name} trains on {need!r}, for which no data source is registered")
     if need in ("pairs", "lists") and cfg.data.format != need:
         raise ConfigError(f"method {cfg.objective.name} trains on {need}; set data.format={need}")
     if need in ("pairs", "lists") and not cfg.data.path:
@@ -38,7 +42,7 @@ def check_data_format(method, cfg: RunConfig) -> None:
 
 def check_capabilities(method, backbone_cls) -> None:
     """A method's optional needs (``invert``, ``step_logprob``) against the backbone class, before weights load."""
-    for cap in getattr(method, "needs", ()):
+    for cap in method.needs:
         if not hasattr(backbone_cls, cap):
             raise ConfigError(f"method {type(method).__name__} needs backbone capability {cap!r}, "
                               f"which {backbone_cls.__name__} lacks")
@@ -48,7 +52,7 @@ def prepare_trainable(backbone, cfg: RunConfig) -> list[torch.nn.Parameter]:
     """LoRA adapters (reference = adapters off) or the whole denoiser (reference = frozen copy)."""
     from ..models.lora import LoraSpec, add_lora
 
-    method_uses_ref = getattr(METHODS.get(cfg.objective.name), "uses_reference", True)  # a class attribute
+    method_uses_ref = METHODS.get(cfg.objective.name).uses_reference  # a class attribute
     if cfg.lora.enabled:
         add_lora(backbone, LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                     targets=tuple(cfg.lora.targets), init=cfg.lora.init, use_dora=cfg.lora.use_dora,

@@ -1,13 +1,22 @@
-"""What ShapesWorld provides to generic code: its preset, its prompt splits and its exact renders as real images.
+"""What ShapesWorld provides to generic code: its preset, prompt splits, GenEval metadata, exact renders as real
+images (for FID, and one per prompt for DDO), FID feature net and caption vocabulary.
 
 ``shapes:train|eval|all`` names a split wherever prompts or real images are read (make-dataset, eval, FID,
-online methods); generic code finds these through the ``PROMPT_SOURCES`` and ``REAL_IMAGES`` registries.
+online methods); generic code finds each through its registry (``PROMPT_SOURCES``, ``REAL_IMAGES``, ...).
 """
 
 from __future__ import annotations
 
 from ...errors import UserError
-from ...registry import METADATA_SOURCES, PROMPT_SOURCES, REAL_IMAGES, register_preset
+from ...registry import (
+    FID_FEATURES,
+    METADATA_SOURCES,
+    PROMPT_SOURCES,
+    REAL_FOR_PROMPTS,
+    REAL_IMAGES,
+    VOCABULARIES,
+    register_preset,
+)
 
 SPLITS = ("train", "eval", "all")
 
@@ -52,3 +61,42 @@ def shapes_metadata(spec: str, where: str = "--metadata") -> list[dict]:
     from .render import prompt_records
 
     return prompt_records(_split(spec, where))
+
+
+@FID_FEATURES.register("shapes")
+class ShapesFeatures:
+    """ShapesWorld's FID features: a small net trained to tell its shapes, colours and counts apart."""
+
+    default_weights = "assets/shapes-features"
+    resize = "bilinear antialiased to 32x32 inside the net"
+
+    @staticmethod
+    def load(weights: str):
+        from .features import load_feature_net
+
+        return load_feature_net(weights)
+
+
+@VOCABULARIES.register("shapes")
+def shapes_words() -> list[str]:
+    """Every word a ShapesWorld caption can contain (its tokenizer's vocabulary)."""
+    from .vocab import caption_words
+
+    return caption_words()
+
+
+@REAL_FOR_PROMPTS.register("shapes")
+def shapes_real_images(spec: str, prompts: list[str], gen, size: int = 32, where: str = "shapes"):
+    """ShapesWorld 'real data': an exact render of each prompt, in [0, 1], resized to ``size`` if needed."""
+    import numpy as np
+    import torch
+
+    from .detector import record_for_prompt
+    from .render import render
+
+    seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=gen).tolist()
+    imgs = [render(record_for_prompt(p), s)[0] for p, s in zip(prompts, seeds)]
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x

@@ -1,0 +1,54 @@
+"""What a model folder declares, read without loading a model: where a relative path points and the sampling
+defaults in ``visalign_sampling.json``. Core (no model code), so config validation can fill in the guidance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLING_FILE = "visalign_sampling.json"  # a model folder's own sampling defaults: {"guidance": ..., "note": ...}
+
+
+def resolve_path(path: str) -> str:
+    """A relative model path is looked up from the working directory, then from the visalign checkout."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute() or not path.startswith(("assets", "./assets")):
+        return path
+    alt = REPO_ROOT / path
+    return str(alt) if alt.exists() else path
+
+
+def declared_sampling(path: str | None) -> dict:
+    """The sampling defaults a model folder declares in ``visalign_sampling.json`` ({} when it has none)."""
+    f = Path(resolve_path(path)).expanduser() / SAMPLING_FILE if path else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or set(data) - {"guidance", "note"}:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ModelLoadError(f"{f}: expected a mapping with the keys guidance, note; found {found}")
+    g = data.get("guidance")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g <= 0):
+        raise ModelLoadError(f"{f}: guidance={g!r}: expected a positive number")
+    return data
+
+
+def default_guidance(backbone: str, path: str | None) -> float:
+    """The guidance a model is sampled at unless told otherwise: its folder's declaration, else its family's."""
+    from .registry import BACKBONES
+
+    declared = declared_sampling(path).get("guidance")
+    if declared is not None:
+        return float(declared)
+    return float(getattr(BACKBONES.get(backbone), "default_guidance", 3.0)) if backbone in BACKBONES else 3.0
+
+
+def sampling_guidance(backbone, requested: float | None) -> float:
+    """``requested`` when given, else the backbone's folder's declared guidance, else its family's usual one."""
+    return requested if requested is not None else default_guidance(backbone.family, getattr(backbone, "path", None))

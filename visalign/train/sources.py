@@ -1,0 +1,108 @@
+"""Where a run's batches come from, chosen by the method's ``data`` kind through ``DATA_SOURCES``.
+
+- ``pairs`` / ``lists``: a preference dataset (Pick-a-Pic-schema pairs or ranked lists), read in
+  deterministic epochs, streamed from the hub (``data.streaming``), or from the latent cache (``data.cache``);
+- ``prompts``: online rounds (``objectives.online.RoundSource``): the method samples and scores its own data.
+
+Each source opens in two phases because the order is part of every checkpointed run: the backbone and the
+dataset first, then (after the LoRA's random init) the stream of micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import RunConfig
+from ..models.load import build_backbone
+from ..registry import DATA_SOURCES
+from .setup import BatchStream
+
+log = logging.getLogger(__name__)
+
+
+@DATA_SOURCES.register("pairs")
+@DATA_SOURCES.register("lists")
+class PreferenceSource:
+    """A preference dataset: pairs or ranked lists, cached, streamed or in deterministic epochs."""
+
+    def open(self, cfg: RunConfig, acc, method) -> tuple[object, object]:
+        """The backbone and the dataset; with the cache on, a complete cache means no VAE or text encoder loads."""
+        if cfg.data.streaming:
+            return self._streamed(cfg, acc)
+        from ..data.cache import CachedDataset, build_cache, cache_dir_for, is_complete
+
+        t = cfg.train
+        samples_during_training = bool(t.validation_every and t.validation_prompts) or bool(
+            t.gold_reward and t.gold_every)
+        needs_encoders = not cfg.data.cache or samples_during_training or cfg.lora.text_encoder
+        backbone = build_backbone(cfg.model, load_encoders=needs_encoders)
+        dataset = _dataset(cfg, backbone)
+        if cfg.data.weighting != "none" or cfg.data.curriculum:
+            dataset.margins()  # score columns are needed: say so now, not at the first step
+        if not cfg.data.cache:
+            return backbone, dataset
+        path = cache_dir_for(dataset, backbone, cfg.data.cache_dir)
+        if not is_complete(path):
+            if acc.is_main_process:
+                encoder = backbone if needs_encoders else build_backbone(cfg.model)
+                encoder.to_device(acc.device)
+                build_cache(encoder, dataset, path)
+                del encoder
+            acc.wait_for_everyone()
+        log.info("training from the cache at %s", path)
+        return backbone, CachedDataset(path, dataset)
+
+    @staticmethod
+    def _streamed(cfg: RunConfig, acc) -> tuple[object, object]:
+        from ..data.cache import cache_root
+        from ..data.stream import StreamedPairs
+
+        backbone = build_backbone(cfg.model)
+        backbone.to_device(acc.device)
+        d = cfg.data
+        return backbone, StreamedPairs(d.path, backbone, cache_root(d.cache_dir), d.split, d.format, d.drop_ties,
+                                       d.max_rows, cfg.train.batch_size, acc.process_index, acc.num_processes,
+                                       d.stream_chunk_rows)
+
+    def batches(self, cfg: RunConfig, acc, method, backbone, dataset) -> tuple[object, object]:
+        """(dataset, stream): a streamed dataset is its own stream; otherwise seeded epochs (ordered, staged)."""
+        from .data_options import pair_order, pair_stages, stage_steps
+
+        if getattr(dataset, "streaming", False):
+            return dataset, dataset
+        t = cfg.train
+        return dataset, BatchStream(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
+                                    order=pair_order(cfg, dataset), stages=pair_stages(cfg, dataset),
+                                    stage_micro_steps=stage_steps(cfg) * t.grad_accum)
+
+
+@DATA_SOURCES.register("prompts")
+class RoundsSource:
+    """Online rounds: the method samples from the model being trained and scores what it drew."""
+
+    def open(self, cfg: RunConfig, acc, method) -> tuple[object, object]:
+        from ..data.prompts import read_prompts
+
+        return build_backbone(cfg.model), read_prompts(cfg.data.path)
+
+    def batches(self, cfg: RunConfig, acc, method, backbone, prompts) -> tuple[object, object]:
+        from ..objectives.online import RoundSource
+
+        t = cfg.train
+        rounds = RoundSource(method, backbone, prompts, t.batch_size, t.grad_accum, t.seed, acc.process_index,
+                             acc.num_processes)
+        return rounds, rounds
+
+
+def _dataset(cfg: RunConfig, backbone):
+    from ..data.pairs import PreferenceDataset
+
+    d = cfg.data
+    return PreferenceDataset(d.path, resolution=backbone.resolution, format=d.format, split=d.split,
+                             drop_ties=d.drop_ties, on_error=d.on_error, hflip=d.hflip, max_rows=d.max_rows,
+                             seed=cfg.train.seed)
+
+
+def data_source(method):
+    """The registered source for the method's data kind."""
+    return DATA_SOURCES.get(method.data)()
