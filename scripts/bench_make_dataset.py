@@ -33,7 +33,7 @@ def main() -> None:
     from visalign.config import Component
     from visalign.data.make_dataset import MakeDatasetConfig, image_seed, make_dataset, parse_model
     from visalign.data.prompts import read_prompts
-    from visalign.train.setup import build_backbone
+    from visalign.train.build import build_backbone
 
     quiet_libraries()
     name, path = parse_model(args.model)

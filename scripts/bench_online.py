@@ -18,7 +18,7 @@ def measure(method_name: str, base: str, repeats: int = 2) -> dict:
 
     from visalign.config import load_config
     from visalign.data.prompts import read_prompts
-    from visalign.train.setup import build_backbone, build_method, prepare_trainable
+    from visalign.train.build import build_backbone, build_method, prepare_trainable
 
     cfg = load_config("shapes", [f"configs/shapes/{method_name}.yaml"], [f"model.path={base}"])
     method = build_method(cfg.objective, guidance=cfg.train.guidance)

@@ -17,10 +17,10 @@ def run(base: str, optimizer: str, rank: int, steps: int) -> dict:
     import torch
 
     from visalign.config import load_config
-    from visalign.objectives.base import errors
+    from visalign.objectives.base import denoising_errors
     from visalign.objectives.implicit import dpo_logit
+    from visalign.train.build import build_backbone, build_optimizer, prepare_trainable
     from visalign.train.dct_adamw import state_bytes
-    from visalign.train.setup import build_backbone, build_optimizer, prepare_trainable
 
     cfg = load_config("shapes", [], [f"model.path={base}", "lora.enabled=false", f"train.optimizer={optimizer}",
                                      f"train.optimizer_rank={rank}", "train.lr=1e-5"])
@@ -34,7 +34,7 @@ def run(base: str, optimizer: str, rank: int, steps: int) -> dict:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        err, ref = errors(bb, x0, cond)
+        err, ref = denoising_errors(bb, x0, cond)
         loss = -torch.nn.functional.logsigmoid(dpo_logit(err[:, 0], err[:, 1], ref[:, 0], ref[:, 1], 5000.0)).mean()
         loss.backward()
         opt.step()

@@ -140,7 +140,7 @@ def _setup(job: dict):
     from visalign.config import load_config
     from visalign.data.cache import CachedDataset, build_cache, cache_dir_for
     from visalign.data.pairs import PreferenceDataset
-    from visalign.train.setup import build_backbone, build_method, build_optimizer, prepare_trainable
+    from visalign.train.build import build_backbone, build_method, build_optimizer, prepare_trainable
 
     torch.manual_seed(0)
     preset, backbone_name = PRESETS[job["model"]]
@@ -179,11 +179,11 @@ def _train_step(method, bb, batch, opt, ctx) -> float:
 def _policy_step(bb, batch, opt, ctx, reference: bool) -> float:
     """Policy forward + backward on the 2B images (+ the reference forward on 2B under no_grad when asked)
     and the optimizer step: a pair method's limit, or, without the reference, a LoRA SFT step."""
-    from visalign.objectives.base import errors, model_inputs
+    from visalign.objectives.base import denoising_errors, model_inputs
 
     with ctx:
         x0, cond = model_inputs(bb, batch)
-        err, _ = errors(bb, x0, cond, reference=reference)
+        err, _ = denoising_errors(bb, x0, cond, reference=reference)
     err.mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -220,7 +220,7 @@ def measure_d3po(job: dict) -> dict:
     from visalign.config import Component
     from visalign.models.lora import LoraSpec, add_lora
     from visalign.objectives.d3po import D3PO
-    from visalign.train.setup import build_backbone
+    from visalign.train.build import build_backbone
 
     torch.set_num_threads(job["threads"])
     bb = build_backbone(Component(PRESETS[job["model"]][1], {"path": job["model_dir"]}))

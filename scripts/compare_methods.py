@@ -84,7 +84,7 @@ def true_label_accuracy(base: str, summary: dict, clean_pairs: Path, flipped: Pa
     whose label was flipped (a model that fits the noise ranks these wrong) and the untouched ones."""
     from visalign.data.pairs import decode_image, prepare_image
     from visalign.demo import sampling_backbone
-    from visalign.eval.implicit import implicit_accuracy
+    from visalign.eval.implicit_accuracy import implicit_accuracy
 
     rows = pair_rows(clean_pairs)  # label_0 = 1: image 0 is the true winner
     idx = set(json.loads((flipped / "flipped.json").read_text())["indices"])

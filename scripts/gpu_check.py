@@ -3,7 +3,8 @@
     bash scripts/gpu_check.sh            # writes gpu_check.json
     python scripts/gpu_check.py --device cpu --size tiny --steps 1 --out /tmp/check.json  # same code path, tiny
 
-LoRA Diffusion-DPO steps in bf16 with gradient checkpointing: step time and peak memory, with PyTorch
+visalign's own LoRA Diffusion-DPO steps (the family's backbone class, `add_lora`, `diffusion_dpo`) in bf16
+with gradient checkpointing: step time and peak memory, with PyTorch
 SDPA and (when it loads) xformers. SDXL at 1024x1024 (latents 128x128); SD3-medium at 1024 (latents 128);
 FLUX.1-dev (12 B, weights in bf16) at 1024 (4,096 packed tokens + 512 T5 tokens, guidance input), which
 also times one GRPO update: the clipped ratio of the Flow-GRPO SDE step over a group of 4 rollouts.
@@ -19,8 +20,11 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+from visalign.types import PreferenceBatch
 
 # the real architectures, and tiny ones with the same structure for a CPU run of the same code path
 SDXL = {
@@ -55,13 +59,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _bench(model, make_inputs, device: str, steps: int = 6) -> dict:
-    from peft import LoraConfig
+def library_backbone(variant: str, denoiser: torch.nn.Module, latent_side: int, device: str):
+    """visalign's own backbone for the family (built from its tiny folder: scheduler, VAE factor, training
+    density), with the measured ``denoiser`` swapped in and a LoRA from visalign's ``add_lora``: the step
+    timed below is the library's Diffusion-DPO through the family's own noise/predict/error, not a copy."""
+    import tempfile
 
-    model.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    model.enable_gradient_checkpointing()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    from visalign.config import Component
+    from visalign.models.load import build_backbone
+    from visalign.models.lora import LoraSpec, add_lora
+    from visalign.models.tiny import build_tiny, tiny_variants
+
+    cls = tiny_variants()[variant]
+    folder = build_tiny(variant, Path(tempfile.mkdtemp()) / variant)
+    kwargs = {"path": str(folder), **cls.tiny_kwargs}
+    probe = build_backbone(Component(cls.family, kwargs), load_encoders=False)
+    factor = probe.resolution // probe.sample_shape[-1]  # the folder's VAE factor: latents of latent_side
+    bb = build_backbone(Component(cls.family, kwargs | {"resolution": latent_side * factor}), load_encoders=False)
+    bb.denoiser = denoiser
+    bb.to_device(torch.device(device))
+    add_lora(bb, LoraSpec(rank=8, alpha=8))
+    bb.unwrapped().enable_gradient_checkpointing()
+    bb.unwrapped().train()
+    return bb
+
+
+def _bench(bb, make_batch, device: str, steps: int = 6) -> dict:
+    """LoRA Diffusion-DPO steps (visalign's ``diffusion_dpo``) in bf16 autocast: median time, peak memory."""
+    from visalign.registry import METHODS
+
+    method = METHODS.build("diffusion_dpo", beta=5000.0)
+    params = [p for p in bb.unwrapped().parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     times, losses = [], []
     if device == "cuda":
@@ -70,15 +98,7 @@ def _bench(model, make_inputs, device: str, steps: int = 6) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16):
-            x, kw, target = make_inputs()
-            err = ((model(x, **kw).sample.float() - target) ** 2).flatten(1).mean(1)  # policy on [w; l]
-            with torch.no_grad():
-                model.disable_adapters()
-                ref = ((model(x, **kw).sample.float() - target) ** 2).flatten(1).mean(1)
-                model.enable_adapters()
-            w, l_ = err.chunk(2)
-            rw, rl = ref.chunk(2)
-            loss = -torch.nn.functional.logsigmoid(-2500 * ((w - rw) - (l_ - rl))).mean()
+            loss = method(bb, make_batch()).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -88,7 +108,17 @@ def _bench(model, make_inputs, device: str, steps: int = 6) -> dict:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return {"step_s": statistics.median(times), "peak_gib": peak, "losses": losses,
-            "trainable_m": sum(p.numel() for p in params) / 1e6}
+            "trainable_m": sum(p.numel() for p in params) / 1e6,
+            "params_m": sum(p.numel() for p in bb.unwrapped().parameters()) / 1e6}
+
+
+def _pairs(b: int, channels: int, side: int, device: str, **cond_shapes) -> PreferenceBatch:
+    """``b`` pairs of cached latents [b, 2, C, side, side] with random text conditioning of the given shapes."""
+    from visalign.models.cond import Cond
+
+    cond = Cond({k: torch.randn(b, *shape, device=device) for k, shape in cond_shapes.items()})
+    return PreferenceBatch(prompts=[""] * b, label=torch.ones(b, device=device),
+                           latent_mean=torch.randn(b, 2, channels, side, side, device=device), cond=cond)
 
 
 def sdxl(attention: str, device: str = "cuda", size: str = "real", steps: int = 6) -> dict:
@@ -104,19 +134,15 @@ def sdxl(attention: str, device: str = "cuda", size: str = "real", steps: int = 
     if attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
     b, side, tokens = 2, arch["sample_size"], TOKENS[size][0]
-    pixels = side * 8
+    bb = library_backbone("sdxl", unet, side, device)
+    time_ids = bb.time_ids(b, None, torch.device(device))
 
-    def inputs():
-        x = torch.randn(2 * b, 4, side, side, device=device)
-        kw = {"timestep": torch.randint(0, 1000, (2 * b,), device=device),
-              "encoder_hidden_states": torch.randn(2 * b, tokens, arch["cross_attention_dim"], device=device),
-              "added_cond_kwargs": {"text_embeds": torch.randn(2 * b, SDXL_POOLED[size], device=device),
-                                    "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * 2 * b,
-                                                             device=device)}}
-        return x, kw, torch.randn_like(x)
+    def batch():
+        out = _pairs(b, 4, side, device, hidden=(tokens, arch["cross_attention_dim"]), pooled=(SDXL_POOLED[size],))
+        out.cond.tensors["time_ids"] = time_ids
+        return out
 
-    return _bench(unet, inputs, device, steps) | {"pairs": b,
-                                                  "params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
+    return _bench(bb, batch, device, steps) | {"pairs": b}
 
 
 def sd3(attention: str, device: str = "cuda", size: str = "real", steps: int = 6) -> dict:
@@ -128,81 +154,43 @@ def sd3(attention: str, device: str = "cuda", size: str = "real", steps: int = 6
     if attention == "xformers":
         model.enable_xformers_memory_efficient_attention()
     b, side, tokens = 2, arch["sample_size"], TOKENS[size][1]
-
-    def inputs():
-        x = torch.randn(2 * b, 16, side, side, device=device)
-        kw = {"timestep": torch.rand(2 * b, device=device) * 1000,
-              "encoder_hidden_states": torch.randn(2 * b, tokens, arch["joint_attention_dim"], device=device),
-              "pooled_projections": torch.randn(2 * b, arch["pooled_projection_dim"], device=device)}
-        return x, kw, torch.randn_like(x)
-
-    return _bench(model, inputs, device, steps) | {"pairs": b,
-                                                   "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    bb = library_backbone("sd3", model, side, device)
+    return _bench(bb, lambda: _pairs(b, 16, side, device, hidden=(tokens, arch["joint_attention_dim"]),
+                                     pooled=(arch["pooled_projection_dim"],)), device, steps) | {"pairs": b}
 
 
 def flux(attention: str, device: str = "cuda", size: str = "real", steps: int = 6) -> dict:
-    """FLUX.1-dev: the LoRA-DPO step, then one GRPO update (clipped per-step ratio) on the same model."""
+    """FLUX.1-dev: the LoRA-DPO step, then one GRPO update (clipped per-step ratio) on the same backbone."""
     from diffusers import FluxTransformer2DModel
-
-    from visalign.models.flux import image_ids, pack, unpack
 
     arch = FLUX[size]
     with torch.device(device):
         model = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **arch)
-    model.to(torch.bfloat16)  # 12 B parameters: bf16 weights as FLUX is trained; the LoRA stays fp32
+    model.to(torch.bfloat16)  # 12 B parameters: bf16 weights as FLUX is trained; add_lora keeps the LoRA fp32
     if attention == "xformers":
         model.enable_xformers_memory_efficient_attention()
     side, text = FLUX_SIDE[size], TOKENS[size][1] if size == "tiny" else 512
-    ids = image_ids(side, side, device, torch.bfloat16)
-
-    class Packed(torch.nn.Module):  # latents in, latents out, as visalign's FluxBackbone calls it
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x, **kw):
-            out = self.inner(hidden_states=pack(x), img_ids=ids, **kw).sample
-            return type("Out", (), {"sample": unpack(out, side, side)})
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self.inner, name)
-
-    def inputs(n=4):
-        x = torch.randn(n, 16, side, side, device=device)
-        kw = {"timestep": torch.rand(n, device=device), "guidance": torch.full((n,), 3.5, device=device),
-              "encoder_hidden_states": torch.randn(n, text, arch["joint_attention_dim"], device=device),
-              "pooled_projections": torch.randn(n, arch["pooled_projection_dim"], device=device),
-              "txt_ids": torch.zeros(text, 3, device=device)}
-        return x, kw, torch.randn_like(x)
-
-    wrapped = Packed(model)
-    out = _bench(wrapped, inputs, device, steps)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    out["grpo_update_s"] = _grpo_update(wrapped, inputs, device)
-    return out | {"pairs": 2, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    bb = library_backbone("flux", model, side, device)
+    shapes = {"hidden": (text, arch["joint_attention_dim"]), "pooled": (arch["pooled_projection_dim"],)}
+    out = _bench(bb, lambda: _pairs(2, 16, side, device, **shapes), device, steps)
+    out["grpo_update_s"] = _grpo_update(bb, _pairs(4, 16, side, device, **shapes), device)
+    return out | {"pairs": 2}
 
 
-def _grpo_update(model, make_inputs, device: str, group: int = 4) -> float:
-    """One GRPO update: the policy's SDE-step log-density of stored transitions, the clipped surrogate, backward."""
-    from visalign.models.backbone import gaussian_logprob_mean
+def _grpo_update(bb, batch: PreferenceBatch, device: str, steps: int = 10) -> float:
+    """One GRPO update: the backbone's own SDE-step log-density (Flow-GRPO) of stored transitions at the first
+    (high-noise) step, the clipped surrogate, backward."""
     from visalign.objectives.policy import clipped_surrogate
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in bb.unwrapped().parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4)
-    x, kw, x_prev = make_inputs(group)
-    sigma, step = 0.8, 0.1
+    x_t, x_prev = batch.latent_mean.unbind(1)
+    t = bb.sampling_scheduler(steps).timesteps[0]
     _sync(device)
     t0 = time.perf_counter()
     with torch.autocast(device, dtype=torch.bfloat16):
-        v = model(x, **kw).sample.float()
-        std = torch.full((group, 1, 1, 1), 0.7 * (sigma / (1 - sigma)) ** 0.5 * step ** 0.5, device=device)
-        logp = gaussian_logprob_mean(x_prev, x - step * v, std)
-        loss = clipped_surrogate(logp, logp.detach(), torch.randn(group, device=device), 1e-4).mean()
+        logp = bb.step_logprob(x_t, x_prev, t, batch.cond, steps=steps, guidance=3.5)
+        loss = clipped_surrogate(logp, logp.detach(), torch.randn(len(logp), device=device), 1e-4).mean()
     loss.backward()
     opt.step()
     _sync(device)

@@ -72,7 +72,7 @@ def test_every_run_yaml_validates(path):
     raw = yaml.safe_load(path.read_text())
     assert cfg.objective.name == raw["objective"]["name"]
     from visalign.registry import BACKBONES
-    from visalign.train.setup import build_method, check_capabilities
+    from visalign.train.build import build_method, check_capabilities
 
     check_capabilities(build_method(cfg.objective), BACKBONES.get(cfg.model.name))
 

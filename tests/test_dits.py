@@ -119,7 +119,7 @@ def test_flow_noise_equals_the_schedulers_scale_noise(tiny_dir, variant):
 
     cls = SanaBackbone if variant == "sana" else QwenImageBackbone
     bb = cls(str(tiny_dir(variant)), **cls.tiny_kwargs)
-    sched = bb._scheduler(10)
+    sched = bb.sampling_scheduler(10)
     x0, eps = torch.randn(3, *bb.sample_shape), torch.randn(3, *bb.sample_shape)
     ts = sched.timesteps[[0, 4, 9]]
     n = bb.noise(x0, t=ts, eps=eps)

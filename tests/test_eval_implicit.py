@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from visalign.eval.implicit import implicit_accuracy, pairs_from_results
+from visalign.eval.implicit_accuracy import implicit_accuracy, pairs_from_results
 from visalign.models.backbone import Noised
 
 
@@ -73,7 +73,7 @@ def test_implicit_accuracy_of_the_base_is_zero_logit(tiny_dir):
 
 
 def test_clustered_se_matches_a_hand_calculation_and_ignores_duplication():
-    from visalign.eval.implicit import clustered_se
+    from visalign.eval.implicit_accuracy import clustered_se
 
     values, clusters = [1, 1, 0, 1, 0, 0], ["a", "a", "a", "b", "b", "c"]
     # by hand: mean 0.5; cluster sums of deviations a: 0.5, b: 0, c: -0.5; G = 3

@@ -62,7 +62,7 @@ def test_noise_target_and_training_density_follow_the_scheduler(tiny_dir):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     bb = _backbone(tiny_dir, "flux")
-    sched = bb._scheduler(10)
+    sched = bb.sampling_scheduler(10)
     x0 = torch.randn(3, *bb.sample_shape)
     eps = torch.randn_like(x0)
     ts = sched.timesteps[[0, 4, 9]]
@@ -159,7 +159,7 @@ def test_finetune_full_changes_only_the_transformer_and_reloads(tiny_dir, tmp_pa
 
 def test_grpo_ratio_is_one_on_policy_with_the_guidance_input(tiny_dir):
     from visalign.config import Component
-    from visalign.train.setup import build_method
+    from visalign.train.build import build_method
 
     bb = _backbone(tiny_dir, "flux")
     add_lora(bb, LoraSpec(init="gaussian"))

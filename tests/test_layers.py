@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "visalign"
-LAYERS = {"images": 0, "model_folders": 0, "registry": 0, "types": 0, "config": 0, "errors": 0, "files": 0,
+LAYERS = {"images": 0, "model_folders": 0, "seeds": 0, "registry": 0, "types": 0, "config": 0, "errors": 0, "files": 0,
           "coercion": 0, "__init__": 0,
           "models": 1, "objectives": 2, "rewards": 2, "data": 3, "train": 3, "eval": 3,
           "worlds": 4, "prompt_sets": 0, "cli": 5, "commands": 5, "demo": 5, "__main__": 5}
@@ -133,3 +133,34 @@ def test_scripts_use_only_public_names_and_not_the_tests():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("visalign"):
                 offenders += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not offenders, offenders
+
+
+IMPORT_ALONE = """
+import importlib, os, sys
+import numpy, torch  # third-party libraries only: each child below imports visalign afresh
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(name)
+            os._exit(0)
+        except BaseException as e:
+            sys.stderr.write(f"{name}: {type(e).__name__}: {e}\\n")
+            os._exit(1)
+    if os.waitpid(pid, 0)[1]:
+        failed.append(name)
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_alone_first():
+    """Each module of visalign/ imported first and alone (a forked child of an interpreter that has loaded only
+    third-party libraries), so no import order hides a circle."""
+    import subprocess
+    import sys
+
+    names = sorted(_module_name(p) for p in PKG.rglob("*.py") if p.name != "__main__.py")  # that one runs the CLI
+    assert len(names) > 90
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALONE, *names], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]

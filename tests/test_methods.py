@@ -14,8 +14,8 @@ from visalign.models.pixel import PixelBackbone
 from visalign.models.unet import SDBackbone
 from visalign.objectives.smpo import smoothed_preference
 from visalign.registry import ConfigError
+from visalign.train.build import build_method
 from visalign.train.loop import train
-from visalign.train.setup import build_method
 
 
 def test_per_image_inversion_targets_and_reparametrisation(tiny_dir):
@@ -118,7 +118,7 @@ def test_dpo_raises_implicit_accuracy_on_held_out_pairs(tiny_dir, tmp_path):
     from PIL import Image
 
     from visalign.data.pairs import PreferenceDataset
-    from visalign.objectives.base import errors, model_inputs
+    from visalign.objectives.base import denoising_errors, model_inputs
     from visalign.objectives.implicit import dpo_logit
     from visalign.worlds.shapes.render import render, sample_records
 
@@ -153,7 +153,7 @@ def test_dpo_raises_implicit_accuracy_on_held_out_pairs(tiny_dir, tmp_path):
         with torch.no_grad():
             for _ in range(4):
                 x0, cond = model_inputs(bb, batch)
-                err, ref = errors(bb, x0, cond)
+                err, ref = denoising_errors(bb, x0, cond)
                 accs.append((dpo_logit(err[:, 0], err[:, 1], ref[:, 0], ref[:, 1], 1000.0) > 0).float().mean())
         return float(torch.stack(accs).mean())
 
@@ -203,7 +203,7 @@ def test_d3po_round_log_probs_equal_step_logprob_and_training_runs(tiny_dir, tmp
 def test_d3po_samples_at_the_runs_guidance_unless_its_config_says_otherwise(tiny_dir):
     from visalign.config import Component
     from visalign.objectives.d3po import D3PO
-    from visalign.train.setup import build_method
+    from visalign.train.build import build_method
 
     run = build_method(Component("d3po", {"reward": "test_brightness"}), guidance=1.5)
     assert run.guidance == 1.5
@@ -218,8 +218,8 @@ def test_d3po_samples_at_the_runs_guidance_unless_its_config_says_otherwise(tiny
 def test_ddo_real_and_fake_terms_push_rewards_apart(tiny_dir):
     from visalign.models.lora import LoraSpec, add_lora
     from visalign.objectives.ddo import DDO
-    from visalign.objectives.heads import ddo_loss
     from visalign.objectives.implicit import implicit_reward
+    from visalign.objectives.losses import ddo_loss
 
     bb = PixelBackbone(str(tiny_dir("pixel")))
     add_lora(bb, LoraSpec(rank=4, alpha=4.0))

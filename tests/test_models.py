@@ -324,7 +324,7 @@ def test_cond_helpers():
 
 def test_sampling_device_follows_the_environment_and_moves_every_module(tiny_dir, monkeypatch):
     from visalign.registry import ConfigError
-    from visalign.train.setup import sampling_device
+    from visalign.train.build import sampling_device
 
     monkeypatch.setenv("VISALIGN_DEVICE", "gpu0")
     with pytest.raises(ConfigError, match="VISALIGN_DEVICE='gpu0' is not a torch device"):

@@ -63,7 +63,7 @@ def test_ratio_is_one_before_the_first_update_and_kl_zero_at_init(tiny_dir, meth
     from visalign.config import Component
     from visalign.models.lora import LoraSpec, add_lora
     from visalign.models.pixel import PixelBackbone
-    from visalign.train.setup import build_method
+    from visalign.train.build import build_method
 
     bb = PixelBackbone(str(tiny_dir("pixel")))
     add_lora(bb, LoraSpec(init="gaussian"))

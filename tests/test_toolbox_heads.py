@@ -9,7 +9,7 @@ import torch
 from helpers import write_pairs
 
 from visalign.config import load_config
-from visalign.objectives import heads
+from visalign.objectives import losses as heads
 from visalign.objectives.pair_heads import build_head
 from visalign.train.loop import train
 
@@ -104,7 +104,7 @@ def test_beta_dpo_scale_filter_and_state_by_hand():
 
 
 def test_curriculum_stages_cut_easy_to_hard():
-    from visalign.objectives.weights import curriculum_stages
+    from visalign.objectives.margins import curriculum_stages
 
     margin = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2])
     stages = curriculum_stages(margin, 3)
@@ -112,7 +112,7 @@ def test_curriculum_stages_cut_easy_to_hard():
 
 
 def test_stream_serves_each_stage_its_own_rows():
-    from visalign.train.setup import BatchStream
+    from visalign.train.build import BatchStream
 
     class Rows:
         def __len__(self):

@@ -235,7 +235,7 @@ def test_cache_gives_the_same_loss_and_skips_encoders(tiny_dir, tmp_path, family
     from visalign.data.cache import CachedDataset, build_cache, cache_dir_for, is_complete
     from visalign.data.pairs import PreferenceDataset
     from visalign.objectives.diffusion_dpo import DiffusionDPO
-    from visalign.train.setup import build_backbone
+    from visalign.train.build import build_backbone
 
     cfg = _cfg(tiny_dir(family), write_pairs(tmp_path / "p.parquet", n=6, labels=[1, 0, 1, 0, 1, 0]),
                tmp_path / "run", family)
@@ -268,7 +268,7 @@ def test_cache_builders_sharing_a_folder_never_see_each_others_files(tiny_dir, t
     finish publishes, the second finds the cache complete and succeeds; a stale half-built folder is replaced."""
     import visalign.data.cache as cache
     from visalign.data.pairs import PreferenceDataset
-    from visalign.train.setup import build_backbone
+    from visalign.train.build import build_backbone
 
     cfg = _cfg(tiny_dir("pixel"), write_pairs(tmp_path / "p.parquet", n=6, labels=[1, 0, 1, 0, 1, 0]),
                tmp_path / "run", "pixel")

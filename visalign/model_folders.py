@@ -10,6 +10,8 @@ from .errors import ModelLoadError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLING_FILE = "visalign_sampling.json"  # a model folder's own sampling defaults: {"guidance": ..., "note": ...}
+# a model folder's prediction target when it is not the scheduler's ε or v: {"target": "k", "k": ..., ...}
+PARAMETERISATION_FILE = "visalign_parameterisation.json"
 
 
 def resolve_path(path: str) -> str:
@@ -52,3 +54,19 @@ def default_guidance(backbone: str, path: str | None) -> float:
 def sampling_guidance(backbone, requested: float | None) -> float:
     """``requested`` when given, else the backbone's folder's declared guidance, else its family's usual one."""
     return requested if requested is not None else default_guidance(backbone.family, getattr(backbone, "path", None))
+
+
+def declared_parameterisation(path: str | None) -> dict:
+    """The k-Diff parameterisation a model folder declares ({} for the scheduler's own ε or v)."""
+    f = Path(resolve_path(path)).expanduser() / PARAMETERISATION_FILE if path else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{f}: not valid JSON ({e})") from None
+    k = data.get("k") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("target") != "k" or isinstance(k, bool) or not isinstance(
+            k, (int, float)) or not 0 <= k <= 2:
+        raise ModelLoadError(f"{f}: expected {{\"target\": \"k\", \"k\": a number in [0, 2]}}, found {data!r}")
+    return data

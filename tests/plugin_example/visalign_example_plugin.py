@@ -3,7 +3,7 @@ entry-point group, with no edit to visalign. It adds a method and a reward."""
 
 import torch
 
-from visalign.objectives.base import Method, errors, model_inputs
+from visalign.objectives.base import Method, denoising_errors, model_inputs
 from visalign.registry import METHODS, REWARDS
 from visalign.types import PreferenceBatch, StepOutput
 
@@ -16,7 +16,7 @@ class WinnerSFT(Method):
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         x0, cond = model_inputs(backbone, batch)
-        err, _ = errors(backbone, x0[:, :1], cond, reference=False)
+        err, _ = denoising_errors(backbone, x0[:, :1], cond, reference=False)
         return StepOutput(err.mean(), {"err_w": float(err.mean())})
 
 

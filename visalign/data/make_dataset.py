@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from ..errors import UserError, require_positive
 from ..images import to_pil
+from ..seeds import derived_seed
 
 
 @dataclass
@@ -127,7 +127,7 @@ def parse_model(spec: str) -> tuple[str, str]:
 
 
 def image_seed(seed: int, prompt_idx: int, model_idx: int, k: int) -> int:
-    return zlib.crc32(f"{seed}/{prompt_idx}/{model_idx}/{k}".encode())
+    return derived_seed(seed, prompt_idx, model_idx, k)
 
 
 def png_bytes(img: torch.Tensor) -> bytes:
@@ -264,16 +264,13 @@ def _sample_shard(cfg: MakeDatasetConfig, j: int, ids: list[int], prompts: list[
 def _rank_shard(cfg: MakeDatasetConfig, ids: list[int], prompts: list[str], images, sources, seeds, reward_fns,
                 weights) -> tuple[list[dict], list[dict]]:
     """Score, normalise per prompt, rank; the ranked rows and (with ``cfg.pairs``) the pairs derived from them."""
-    from ..rewards.base import ensemble_scores
+    from ..rewards.base import score_and_rank
 
     rows, pair_rows = [], []
-    per_reward = {}
     flat_imgs = torch.stack([img for i in ids for img in images[i]])
     flat_prompts = [prompts[i] for i in ids for _ in images[i]]
-    n_per = len(images[ids[0]])
-    for name, fn in reward_fns.items():
-        per_reward[name] = fn(flat_imgs, flat_prompts).float().view(len(ids), n_per)
-    agg = ensemble_scores(per_reward, weights, cfg.normalise)
+    agg, per_reward = score_and_rank(flat_imgs, flat_prompts, reward_fns, weights, len(images[ids[0]]),
+                                     cfg.normalise)
     for r, i in enumerate(ids):
         scores = agg[r].tolist()
         row = {"prompt": prompts[i], "prompt_index": i, "images": [png_bytes(im) for im in images[i]],
@@ -292,7 +289,7 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
 
     from ..config import Component
     from ..data.prompts import read_prompts
-    from ..models.load import build_backbone, default_guidance, sampling_device
+    from ..models.load import build_backbone, default_guidance, ready_for_sampling
     from ..registry import load_all
     from ..rewards.base import build_reward, check_prompts
 
@@ -336,10 +333,7 @@ def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress
         if hasattr(bb, "resize_to") and sizes:
             bb.resize_to(max(sizes))  # one image size per row: a renderer follows the models
     for bb in backbones:
-        if not getattr(bb, "renders_on_cpu", False):
-            bb.to_device(sampling_device(), include_denoiser=True)
-        bb.unwrapped().eval()
-        bb.sample_dtype = torch.bfloat16 if cfg.bf16 else None
+        ready_for_sampling(bb, bf16=cfg.bf16)
     t0, made = time.time(), [0]
     for j in mine:
         ids = list(range(j * cfg.shard_size, min((j + 1) * cfg.shard_size, len(prompts))))

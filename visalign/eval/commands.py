@@ -8,24 +8,12 @@ from pathlib import Path
 
 def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: bool = False):
     """A backbone from a folder (family from model_index.json unless named), with an optional LoRA, in eval mode."""
-    from ..config import Component
-    from ..models.load import build_backbone, detect_backbone, resolve_path, sampling_device
+    from ..models.load import detect_backbone, for_sampling, resolve_path
     from ..registry import load_all
 
     load_all()
     path = resolve_path(model)
-    bb = build_backbone(Component(backbone or detect_backbone(path), {"path": path}))
-    if lora:
-        from ..models.lora import load_lora
-
-        load_lora(bb, lora)
-    bb.to_device(sampling_device(), include_denoiser=True)
-    bb.unwrapped().eval()
-    if bf16:
-        import torch
-
-        bb.sample_dtype = torch.bfloat16
-    return bb
+    return for_sampling(backbone or detect_backbone(path), path, lora, bf16)
 
 
 def cmd_eval_geneval(cfg) -> None:

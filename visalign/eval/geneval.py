@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,12 +11,13 @@ import torch
 
 from ..errors import UserError
 from ..registry import DETECTORS
+from ..seeds import derived_seed
 from .grid import image_grid, save_png
 from .rules import TASKS, evaluate_objects
 
 
 def sample_seed(seed: int, prompt_idx: int, k: int) -> int:
-    return zlib.crc32(f"geneval/{seed}/{prompt_idx}/{k}".encode())
+    return derived_seed("geneval", seed, prompt_idx, k)
 
 
 def summarise(per_image: Sequence[dict]) -> dict:

@@ -62,8 +62,7 @@ def plot_curves(rows: list[dict], out: Path, gold: list[dict]) -> list[Path]:
 @torch.no_grad()
 def before_after_grid(run: Path, cfg: dict, out: Path, prompts: list[str], seed: int = 0) -> Path | None:
     """Base vs tuned on the same prompts and seeds (rows: base, tuned)."""
-    from ..config import Component
-    from ..models.load import build_backbone, sampling_device
+    from ..models.load import for_sampling
     from .grid import image_grid, save_png
 
     model = cfg["model"]
@@ -71,17 +70,12 @@ def before_after_grid(run: Path, cfg: dict, out: Path, prompts: list[str], seed:
     steps, guidance = cfg["train"].get("sample_steps", 20), cfg["train"].get("guidance", 3.0)
     images = []
     for tuned in (False, True):
-        bb = build_backbone(Component(model["name"], kwargs))
-        if tuned and (run / "lora").exists():
-            from ..models.lora import load_lora
-
-            load_lora(bb, run / "lora")
-        elif tuned and (run / "model").exists():
-            bb = build_backbone(Component(model["name"], kwargs | {"path": str(run / "model")}))
-        elif tuned:
+        if tuned and not ((run / "lora").exists() or (run / "model").exists()):
             return None
-        bb.to_device(sampling_device(), include_denoiser=True)
-        bb.unwrapped().eval()
+        full = tuned and not (run / "lora").exists()  # a full fine-tune saved its whole model
+        bb = for_sampling(model["name"], str(run / "model") if full else kwargs.get("path", ""),
+                          str(run / "lora") if tuned and not full else None,
+                          **{k: v for k, v in kwargs.items() if k != "path"})
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(prompts), *bb.sample_shape), generator=gen)
         images += list(bb.sample(prompts, steps=steps, guidance=guidance, latents=noise).images.cpu())

@@ -25,6 +25,18 @@ class Backbone(Protocol):
     denoiser: torch.nn.Module
     family: str
     sample_shape: tuple[int, ...]  # one model-space sample: latent [C, h, w] or pixels [3, H, W]
+    resolution: int  # image side in pixels
+    num_train_timesteps: int
+    device: torch.device
+
+    # the model: the trainable module (LoRA-wrapped or not), device moves, eval mode while sampling
+    def unwrapped(self) -> torch.nn.Module: ...
+    def to_device(self, device, include_denoiser: bool = False) -> None: ...
+    def sampling_mode(self) -> contextlib.AbstractContextManager: ...
+    # the reference: adapters off (LoRA) or a frozen copy (full fine-tuning, Curry-DPO stages, online rounds)
+    def reference(self) -> contextlib.AbstractContextManager: ...
+    def freeze_reference_copy(self, dtype: torch.dtype | None = None) -> None: ...
+    # text, images and the diffusion process
 
     def encode_prompts(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond: ...
     def encode_for_training(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond: ...
@@ -37,7 +49,6 @@ class Backbone(Protocol):
               generator: torch.Generator | None = None) -> Noised: ...
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
     def error(self, noised: Noised, cond: Cond) -> Tensor: ...
-    def reference(self) -> contextlib.AbstractContextManager: ...
     def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 3.0, *,
                generator: torch.Generator | None = None, trajectory: bool = False, eta: float = 0.0,
                latents: Tensor | None = None) -> SampleOutput: ...
@@ -126,6 +137,17 @@ class BackboneBase(ReferenceMixin):
         model = self.active_denoiser()
         x_in, cond = self._inputs_for(model, x_t, cond)
         return model, x_in, t, cond
+
+    @contextlib.contextmanager
+    def sampling_mode(self):
+        """The denoiser in eval mode for the block (sampling mid-training), its training mode restored after."""
+        model = self.unwrapped()
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
 
     def sampling_autocast(self):
         """Autocast for sampling when ``sample_dtype`` is set (training precision is accelerate's business)."""

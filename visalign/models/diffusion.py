@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .backbone import BackboneBase, Cond, Noised, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
+from .kdiff import k_split, k_target, velocity_error
 
 
 def denoising_target(scheduler, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -14,7 +15,8 @@ def denoising_target(scheduler, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
 
 
 class DiffusionBackbone(BackboneBase):
-    """A denoiser with a DDPM noise schedule predicting ε or v (from the scheduler's ``prediction_type``).
+    """A denoiser with a DDPM noise schedule predicting ε or v (from the scheduler's ``prediction_type``), or
+    k-Diff's y_k when the folder declares a k (``kdiff_k``; the error is then measured in v-space, as trained).
 
     Subclasses provide ``encode_prompts``, ``encode_images``, ``decode`` and ``_forward`` (how their
     denoiser takes the conditioning). Timesteps are integers in [0, T).
@@ -22,7 +24,8 @@ class DiffusionBackbone(BackboneBase):
 
     family = "diffusion"
 
-    def __init__(self, denoiser: torch.nn.Module, scheduler_config: dict, sample_shape: tuple[int, ...]):
+    def __init__(self, denoiser: torch.nn.Module, scheduler_config: dict, sample_shape: tuple[int, ...],
+                 kdiff_k: float | None = None):
         from diffusers import DDPMScheduler
 
         self.denoiser = denoiser
@@ -32,6 +35,9 @@ class DiffusionBackbone(BackboneBase):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not supported "
                              "(expected 'epsilon' or 'v_prediction')")
+        self.kdiff_k = kdiff_k
+        if kdiff_k is not None:
+            self.prediction_type = "k"
         self.num_train_timesteps = int(self.train_scheduler.config.num_train_timesteps)
         self.alphas_cumprod = self.train_scheduler.alphas_cumprod.float()
         self.sample_shape = tuple(sample_shape)
@@ -49,7 +55,16 @@ class DiffusionBackbone(BackboneBase):
         """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε; target ε or v = √ᾱ_t ε − √(1−ᾱ_t) x0, as the model predicts."""
         t, eps = self.noise_inputs(x0, t, eps, generator)
         x_t = self.train_scheduler.add_noise(x0, eps, t)
+        if self.kdiff_k is not None:
+            return Noised(x_t=x_t, t=t, target=k_target(x0, eps, self._alpha(t).to(x0.device), self.kdiff_k))
         return Noised(x_t=x_t, t=t, target=denoising_target(self.train_scheduler, x0, eps, t))
+
+    def error(self, noised: Noised, cond: Cond) -> Tensor:
+        """Per-image error against the target; for k-Diff in v-space (‖ŷ − y‖² / D², as it was trained)."""
+        if self.kdiff_k is None:
+            return super().error(noised, cond)
+        pred = self.predict(noised.x_t, noised.t, cond)
+        return velocity_error(pred, noised.target, self._alpha(noised.t).to(pred.device), self.kdiff_k)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         model, x_in, t, cond = self.denoiser_inputs(x_t, t, cond)
@@ -65,7 +80,9 @@ class DiffusionBackbone(BackboneBase):
     def split_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(x̂0, ε̂) from the model output, with x̂0 clipped as the scheduler config asks (DDIM Eq. 12)."""
         a = self._alpha(t).to(x_t.device).view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
-        if self.prediction_type == "epsilon":
+        if self.kdiff_k is not None:
+            x0, eps = k_split(pred, x_t, a.flatten().float(), self.kdiff_k)
+        elif self.prediction_type == "epsilon":
             eps = pred
             x0 = (x_t - (1 - a).sqrt() * pred) / a.sqrt()
         else:
@@ -91,9 +108,20 @@ class DiffusionBackbone(BackboneBase):
     def sampling_scheduler(self, steps: int):
         from diffusers import DDIMScheduler
 
-        sched = DDIMScheduler.from_config(self.scheduler_config)
+        config = self.scheduler_config | ({"prediction_type": "v_prediction"} if self.kdiff_k is not None else {})
+        sched = DDIMScheduler.from_config(config)
         sched.set_timesteps(steps, device=self.device)
         return sched
+
+    def as_scheduler_output(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The model output as the sampling scheduler reads it: itself, or for k-Diff the velocity it implies
+        (v̂ = √ᾱ ε̂ − √(1−ᾱ) x̂0, well conditioned at every t, unlike ε̂ or x̂0 alone)."""
+        if self.kdiff_k is None:
+            return pred
+        a = self._alpha(t).to(x_t.device).float().expand(x_t.shape[0])
+        x0, eps = k_split(pred, x_t, a, self.kdiff_k)
+        shape = (-1, *([1] * (x_t.ndim - 1)))
+        return (a.sqrt().view(shape) * eps - (1 - a).sqrt().view(shape) * x0).to(pred.dtype)
 
     def _prev_t(self, t: Tensor, steps: int) -> Tensor:
         return t - self.num_train_timesteps // steps
@@ -116,7 +144,7 @@ class DiffusionBackbone(BackboneBase):
                 x, logp = gaussian_step(mean, std, generator)
                 logps.append(logp)
             else:
-                x = sched.step(pred, t, x, eta=eta, generator=generator).prev_sample
+                x = sched.step(self.as_scheduler_output(pred, x, t), t, x, eta=eta, generator=generator).prev_sample
             if trajectory:
                 traj.append(x)
         return sample_output(self, x, traj, logps, sched.timesteps, trajectory)
@@ -178,6 +206,8 @@ class DiffusionBackbone(BackboneBase):
         return x, reached.to(x0.device)
 
     def _eps(self, pred: Tensor, x: Tensor, a_t: float) -> Tensor:
+        if self.kdiff_k is not None:
+            return k_split(pred, x, torch.full((x.shape[0],), float(a_t)), self.kdiff_k)[1]
         return pred if self.prediction_type == "epsilon" else a_t**0.5 * pred + (1 - a_t) ** 0.5 * x
 
     def inversion_grid(self, steps: int) -> Tensor:

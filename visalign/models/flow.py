@@ -117,7 +117,7 @@ class FlowBackbone(LatentMixin, BackboneBase):
         return model(hidden_states=x_in, timestep=t, encoder_hidden_states=cond.tensors["hidden"],
                      pooled_projections=cond.tensors["pooled"]).sample.to(x_t.dtype)
 
-    def _scheduler(self, steps: int):
+    def sampling_scheduler(self, steps: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
@@ -142,7 +142,7 @@ class FlowBackbone(LatentMixin, BackboneBase):
     @torch.no_grad()
     def _sample(self, prompts, steps, guidance, generator, trajectory, eta, latents, image_meta) -> SampleOutput:
         n = len(prompts)
-        sched = self._scheduler(steps)
+        sched = self.sampling_scheduler(steps)
         x = latents if latents is not None else torch.randn((n, *self.sample_shape), generator=generator)
         x = x.to(self.device)
         cond = self.encode_prompts(prompts)
@@ -165,7 +165,7 @@ class FlowBackbone(LatentMixin, BackboneBase):
     def step_logprob(self, x_t: Tensor, x_prev: Tensor, t: Tensor, cond: Cond, *, steps: int,
                      eta: float = 0.7, uncond: Cond | None = None, guidance: float = 1.0) -> Tensor:
         """Per-image mean log-density of the SDE step x_t → x_prev under the current model (Flow-GRPO)."""
-        sched = self._scheduler(steps)
+        sched = self.sampling_scheduler(steps)
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         s, sp = self._sigma_pair(sched, t)
         v = self.guided(x_t, t, cond, uncond, guidance)
@@ -182,7 +182,7 @@ class FlowBackbone(LatentMixin, BackboneBase):
         ``renoise`` averages velocities at the provisional next point (ReNoise); ``eta`` adds noise;
         ``path``, when given, receives each grid step's latent.
         """
-        sched = self._scheduler(steps)
+        sched = self.sampling_scheduler(steps)
         sigmas = sched.sigmas.flip(0).cpu()  # ascending: 0, ..., σ_max
         n = x0.shape[0]
         limit = torch.full((n,), float("inf")) if until is None else torch.as_tensor(until).float().cpu().expand(n)
@@ -207,7 +207,7 @@ class FlowBackbone(LatentMixin, BackboneBase):
         return x, reached.to(x0.device)
 
     def inversion_grid(self, steps: int) -> Tensor:
-        return (self._scheduler(steps).sigmas.flip(0)[1:] * self.num_train_timesteps).cpu()
+        return (self.sampling_scheduler(steps).sigmas.flip(0)[1:] * self.num_train_timesteps).cpu()
 
     def eps_from_xt(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """ε̂ with x_t = (1−σ)x0 + σε̂, σ = t/1000."""

@@ -162,7 +162,7 @@ class FluxBackbone(FlowBackbone):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         return self.predict(x, t, cond, guidance=guidance)
 
-    def _scheduler(self, steps: int):
+    def sampling_scheduler(self, steps: int):
         return packed_grid_scheduler(self.scheduler_config, steps, self.device, self.mu)
 
 

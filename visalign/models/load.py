@@ -98,6 +98,29 @@ def build_backbone(model, **extra):
     return BACKBONES.build(model.name, **kwargs)
 
 
+def ready_for_sampling(backbone, lora: str | None = None, bf16: bool = False):
+    """``backbone`` (with the LoRA folder ``lora`` loaded, if given) on the sampling device, in eval mode,
+    sampling under bf16 autocast when asked: what every command that generates needs."""
+    import torch
+
+    if lora:
+        from .lora import load_lora
+
+        load_lora(backbone, lora)
+    if not getattr(backbone, "renders_on_cpu", False):  # a renderer draws on the CPU
+        backbone.to_device(sampling_device(), include_denoiser=True)
+    backbone.unwrapped().eval()
+    backbone.sample_dtype = torch.bfloat16 if bf16 else None
+    return backbone
+
+
+def for_sampling(name: str, path: str, lora: str | None = None, bf16: bool = False, **kwargs):
+    """The registered backbone ``name`` loaded from ``path`` and made ready for sampling."""
+    from ..config import Component
+
+    return ready_for_sampling(build_backbone(Component(name, {"path": path, **kwargs})), lora, bf16)
+
+
 def sampling_device():
     """Where sampling (make-dataset, eval, the demo) runs: ``VISALIGN_DEVICE`` if set, else this process's GPU
     (``LOCAL_RANK`` under ``accelerate launch``), else the CPU."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..model_folders import declared_parameterisation
 from .backbone import Cond, register_family
 from .diffusion import DiffusionBackbone
 from .load import load_diffusers, load_transformers
@@ -19,8 +20,7 @@ from .unet import tokenize
 @register_family("pixel", pipeline="VisalignPixelPipeline", guidance=3.0, lora=("StableDiffusionPipeline", "unet"),
                  tiny=("pixel",))
 class PixelBackbone(DiffusionBackbone):
-    """A text-conditioned UNet2DConditionModel on pixels in [−1, 1] with a CLIP text encoder; ε or v."""
-
+    """A text-conditioned UNet2DConditionModel on pixels in [−1, 1] with a CLIP text encoder; ε, v or k-Diff."""
 
     @staticmethod
     def build_tiny(variant: str, out, **kwargs) -> None:
@@ -43,7 +43,8 @@ class PixelBackbone(DiffusionBackbone):
         self.path = path
         self.vae = None
         self.resolution = int(unet.config.sample_size)
-        super().__init__(unet, sched.config, (unet.config.in_channels, self.resolution, self.resolution))
+        super().__init__(unet, sched.config, (unet.config.in_channels, self.resolution, self.resolution),
+                         declared_parameterisation(path).get("k"))
 
     def encode_prompts(self, prompts: Sequence[str], image_meta: dict | None = None) -> Cond:
         ids = tokenize(self.tokenizer, prompts, self.text_encoder.device)

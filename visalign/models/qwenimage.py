@@ -109,7 +109,7 @@ class QwenImageBackbone(FlowBackbone):
         scale = c_tokens.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True)
         return unpack(combined * scale, x.shape[-2], x.shape[-1])
 
-    def _scheduler(self, steps: int):
+    def sampling_scheduler(self, steps: int):
         return packed_grid_scheduler(self.scheduler_config, steps, self.device, self.mu)
 
     # a one-frame video VAE with per-channel latent normalisation

@@ -4,7 +4,8 @@ Each method module registers itself when imported; ``registry.load_all`` finds t
 package, so a new method is one new file.
 """
 
-from .heads import (
+from .implicit import dpo_logit, implicit_reward
+from .losses import (
     conservative_loss,
     d3po_loss,
     ddo_loss,
@@ -19,8 +20,7 @@ from .heads import (
     smpo_loss,
     soft_label_loss,
 )
-from .implicit import dpo_logit, implicit_reward
-from .weights import curriculum_order, difficulty_weights, margin_weights
+from .margins import curriculum_order, difficulty_weights, margin_weights
 
 __all__ = [
     "conservative_loss", "curriculum_order", "d3po_loss", "ddo_loss", "difficulty_weights", "dpo_logit",

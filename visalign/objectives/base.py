@@ -89,7 +89,7 @@ def shared_noise(backbone, x0: Tensor) -> tuple[Tensor, Tensor]:
     return t, eps
 
 
-def errors(backbone, x0: Tensor, cond, reference: bool = True) -> tuple[Tensor, Tensor | None]:
+def denoising_errors(backbone, x0: Tensor, cond, reference: bool = True) -> tuple[Tensor, Tensor | None]:
     """Per-image policy and reference errors [B, K] at a shared (t, ε) per list."""
     b, k = x0.shape[:2]
     t, eps = shared_noise(backbone, x0)

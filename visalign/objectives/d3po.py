@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..registry import METHODS
+from ..rewards.base import score_and_rank
 from ..types import PreferenceBatch, StepOutput, as_float
 from .base import OnlineMethod, text_conditioning
-from .heads import d3po_loss
-from .online import score_and_rank
+from .losses import d3po_loss
 
 
 @METHODS.register("d3po")

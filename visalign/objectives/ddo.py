@@ -7,8 +7,8 @@ import torch
 from ..registry import METHODS, REAL_FOR_PROMPTS, ConfigError
 from ..types import PreferenceBatch, StepOutput, as_float
 from .base import OnlineMethod
-from .heads import ddo_loss
 from .implicit import implicit_reward
+from .losses import ddo_loss
 
 
 @METHODS.register("ddo")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput
-from .base import Method, errors, model_inputs, pair_metrics, weighted_mean
+from .base import Method, denoising_errors, model_inputs, pair_metrics, weighted_mean
 from .implicit import implicit_reward
 from .pair_heads import build_head
 
@@ -19,7 +19,7 @@ class DiffusionDPO(Method):
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         x0, cond = model_inputs(backbone, batch)
-        err, ref = errors(backbone, x0, cond)
+        err, ref = denoising_errors(backbone, x0, cond)
         r = implicit_reward(err, ref, self.beta)  # r_w − r_l is Diffusion-DPO's logit h (Eq. 14 inside σ)
         losses = self.head.pair_loss(r[:, 0], r[:, 1], batch.label.to(r), batch.scores)
         return StepOutput(weighted_mean(losses, batch.weights), pair_metrics(r[:, 0] - r[:, 1], err, ref)

@@ -7,8 +7,8 @@ import torch
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput, as_float
 from .base import Method, model_inputs
-from .heads import kto_loss
 from .implicit import implicit_reward
+from .losses import kto_loss
 
 
 @METHODS.register("kto")

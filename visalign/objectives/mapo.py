@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput, as_float
-from .base import Method, errors, model_inputs, weighted_mean
-from .heads import mapo_loss
+from .base import Method, denoising_errors, model_inputs, weighted_mean
+from .losses import mapo_loss
 
 
 @METHODS.register("mapo")
@@ -19,7 +19,7 @@ class MaPO(Method):
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         x0, cond = model_inputs(backbone, batch)
-        err, _ = errors(backbone, x0, cond, reference=False)
+        err, _ = denoising_errors(backbone, x0, cond, reference=False)
         losses = mapo_loss(err[:, 0], err[:, 1], self.beta, self.gamma, self.T)
         margin = err[:, 1] - err[:, 0]
         return StepOutput(weighted_mean(losses, batch.weights), {

@@ -1,6 +1,6 @@
 """Rounds for online methods: sample with the current model, score, train on the round's data, repeat.
 
-The same sample -> score -> rank path as make-dataset (``score_and_rank``). A round is a pure
+The same sample -> score -> rank path as make-dataset (``rewards.base.score_and_rank``). A round is a pure
 function of (seed, round index, model state at its start); with ``reset_reference`` the DPO
 reference becomes a frozen copy of the policy at each round start (D3PO's paper, DDO's self-play).
 """
@@ -8,25 +8,16 @@ reference becomes a frozen copy of the policy at each round start (D3PO's paper,
 from __future__ import annotations
 
 import logging
-import zlib
-from collections.abc import Sequence
 
 import torch
+
+from ..seeds import derived_seed
 
 log = logging.getLogger(__name__)
 
 
-def score_and_rank(images: torch.Tensor, prompts: Sequence[str], rewards: dict, weights: dict,
-                   group: int, normalise: str = "zscore") -> tuple[torch.Tensor, dict]:
-    """Scores [P, group] for images laid out prompt-major, normalised per prompt and combined (Syn-Pic)."""
-    from ..rewards.base import ensemble_scores
-
-    per = {n: fn(images, list(prompts)).float().view(-1, group) for n, fn in rewards.items()}
-    return ensemble_scores(per, weights, normalise), per
-
-
 def round_seed(seed: int, round_idx: int, rank: int) -> int:
-    return zlib.crc32(f"round/{seed}/{round_idx}/{rank}".encode())
+    return derived_seed("round", seed, round_idx, rank)
 
 
 class RoundSource:
@@ -48,15 +39,10 @@ class RoundSource:
         r = micro_step // (self.method.round_steps * self.grad_accum)
         if r != self.round_idx:
             gen = torch.Generator().manual_seed(round_seed(self.seed, r, self.rank))
-            model = self.backbone.unwrapped()
-            was_training = model.training
-            model.eval()
             if self.method.reset_reference and r > 0:
                 self.backbone.freeze_reference_copy()
-            with torch.no_grad():
+            with torch.no_grad(), self.backbone.sampling_mode():
                 self.items = self.method.make_round(self.backbone, self.prompts, gen, r)
-            if was_training:
-                model.train()
             self.round_idx = r
             log.info("online round %d: %d items", r, self.method.round_size(self.items))
         n = self.method.round_size(self.items)

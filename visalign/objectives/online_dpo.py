@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from ..registry import METHODS
+from ..rewards.base import score_and_rank
 from ..types import PreferenceBatch, StepOutput
 from .base import OnlineMethod
 from .diffusion_dpo import DiffusionDPO
-from .online import score_and_rank
 
 
 @METHODS.register("online_dpo")

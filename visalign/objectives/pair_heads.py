@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import HEADS
-from . import heads
+from . import losses
 
 
 class PairHead:
@@ -40,7 +40,7 @@ class Sigmoid(PairHead):
     """−log σ(h): Diffusion-DPO's own head."""
 
     def __call__(self, h, p):
-        return heads.sigmoid_loss(h)
+        return losses.sigmoid_loss(h)
 
 
 @HEADS.register("hinge")
@@ -48,7 +48,7 @@ class Hinge(PairHead):
     """max(0, 1 − h): SLiC-style hinge."""
 
     def __call__(self, h, p):
-        return heads.hinge_loss(h)
+        return losses.hinge_loss(h)
 
 
 @HEADS.register("ipo")
@@ -59,7 +59,7 @@ class IPO(PairHead):
     tau: float = 0.1
 
     def __call__(self, h, p):
-        return heads.ipo_loss(h, self.tau)
+        return losses.ipo_loss(h, self.tau)
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Conservative(LabelNoiseHead):
     """cDPO / label smoothing with rate eps."""
 
     def __call__(self, h, p):
-        return heads.conservative_loss(h, self.eps)
+        return losses.conservative_loss(h, self.eps)
 
 
 @HEADS.register("robust")
@@ -86,7 +86,7 @@ class Robust(LabelNoiseHead):
             raise ValueError(f"objective.head.eps={self.eps}: a label-flip rate in [0, 0.5) is expected")
 
     def __call__(self, h, p):
-        return heads.robust_loss(h, self.eps)
+        return losses.robust_loss(h, self.eps)
 
 
 @HEADS.register("soft_label")
@@ -94,7 +94,7 @@ class SoftLabel(PairHead):
     """Cross-entropy with the pair's soft preference p (keeps ties when data.drop_ties=false)."""
 
     def __call__(self, h, p):
-        return heads.soft_label_loss(h, p)
+        return losses.soft_label_loss(h, p)
 
 
 @HEADS.register("smpo")
@@ -105,7 +105,7 @@ class SmPO(PairHead):
     gain: float = 10.0
 
     def __call__(self, h, p):
-        return heads.smpo_loss(h, p, self.gain)
+        return losses.smpo_loss(h, p, self.gain)
 
 
 @HEADS.register("fdpo")
@@ -113,9 +113,9 @@ class FDPO(PairHead):
     """f-DPO: −log σ(β[f′(u_w) − f′(u_l)]) for reverse_kl | forward_kl | js | alpha (u = per-image log-ratio)."""
 
     def __init__(self, divergence: str = "js", alpha: float = 0.5, beta: float = 1.0):
-        if divergence not in heads.F_DIVERGENCES:
+        if divergence not in losses.F_DIVERGENCES:
             raise ValueError(f"objective.head.divergence={divergence!r}: expected one of "
-                             f"{', '.join(heads.F_DIVERGENCES)}")
+                             f"{', '.join(losses.F_DIVERGENCES)}")
         if divergence == "alpha" and not 0.0 < alpha <= 1.0:
             raise ValueError(f"objective.head.alpha={alpha}: the α-divergence needs 0 < α <= 1")
         if beta <= 0:
@@ -126,7 +126,7 @@ class FDPO(PairHead):
         raise TypeError("the fdpo head needs each image's implicit reward: call pair_loss(r_w, r_l, p)")
 
     def pair_loss(self, r_w, r_l, p, scores=None):
-        return heads.fdpo_loss(r_w, r_l, self.divergence, self.alpha, self.beta)
+        return losses.fdpo_loss(r_w, r_l, self.divergence, self.alpha, self.beta)
 
 
 @HEADS.register("adpo")
@@ -148,7 +148,7 @@ class ADPO(PairHead):
 
     def __call__(self, h, p):
         q = torch.stack([p, 1.0 - p], -1)
-        return heads.adpo_loss(torch.stack([h, torch.zeros_like(h)], -1), q, self.tau)
+        return losses.adpo_loss(torch.stack([h, torch.zeros_like(h)], -1), q, self.tau)
 
     def pair_loss(self, r_w, r_l, p, scores=None):
         if self.target == "scores" and scores is not None:
@@ -160,7 +160,7 @@ class ADPO(PairHead):
             q = torch.softmax(scores.to(r) / self.target_tau, -1)
         else:
             q = torch.nn.functional.one_hot(scores.argmax(-1), r.shape[-1]).to(r)
-        return heads.adpo_loss(r, q, self.tau)
+        return losses.adpo_loss(r, q, self.tau)
 
 
 @HEADS.register("beta_dpo")
@@ -191,11 +191,11 @@ class BetaDPO(PairHead):
             self.m0 = self.momentum * self.m0 + (1.0 - self.momentum) * mean
             self.sigma = self.momentum * self.sigma + (1.0 - self.momentum) * max(spread, 1e-6)
         n_keep = max(1, round(self.keep * m.numel()))
-        probs = heads.gaussian_keep_probs(m, self.m0, self.sigma)
+        probs = losses.gaussian_keep_probs(m, self.m0, self.sigma)
         kept = torch.multinomial(probs, n_keep, replacement=False)
         mask = torch.zeros_like(h).index_fill_(0, kept.to(h.device), 1.0)
-        self.scale = heads.dynamic_beta_scale(float(m[kept].mean()), self.m0, self.alpha)
-        return heads.sigmoid_loss(self.scale * h) * mask * (m.numel() / n_keep)
+        self.scale = losses.dynamic_beta_scale(float(m[kept].mean()), self.m0, self.alpha)
+        return losses.sigmoid_loss(self.scale * h) * mask * (m.numel() / n_keep)
 
     def metrics(self):
         return {"beta_scale": self.scale, "margin_m0": self.m0 if self.m0 is not None else 0.0}

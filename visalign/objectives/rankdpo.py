@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..registry import METHODS
 from ..types import PreferenceBatch, StepOutput, as_float
-from .base import Method, errors, model_inputs
-from .heads import ranked_loss
+from .base import Method, denoising_errors, model_inputs
 from .implicit import implicit_reward
+from .losses import ranked_loss
 from .pair_heads import build_head
 
 
@@ -29,7 +29,7 @@ class RankDPO(Method):
         if batch.scores is None:
             raise ValueError("rankdpo needs per-image scores (the 'scores' column of a ranked-list dataset)")
         x0, cond = model_inputs(backbone, batch)
-        err, ref = errors(backbone, x0, cond)
+        err, ref = denoising_errors(backbone, x0, cond)
         r = implicit_reward(err, ref, self.beta)
         gt = batch.scores.to(r)
         loss = (ranked_loss(r, gt) if self.head is None else self.head.list_loss(r, gt)).mean()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rewards.base import score_and_rank
 from ..types import PreferenceBatch
 from .base import text_conditioning
-from .online import score_and_rank
 from .policy import group_advantages
 
 

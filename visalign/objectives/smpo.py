@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..registry import METHODS
+from ..rewards.base import rescale
 from ..types import PreferenceBatch, StepOutput, as_float
 from .base import Method, pair_metrics, weighted_mean
 from .implicit import dpo_logit
@@ -19,14 +20,10 @@ def smoothed_preference(scores: Tensor, normalise: str = "none", temperature: fl
     The authors min-max normalise PickScore with constants fitted to Pick-a-Pic; here the range
     comes from the data ('minmax' over the batch), or 'zscore', or raw scores ('none').
     """
-    s = scores.float()
-    if normalise == "minmax":
-        lo, hi = s.min(), s.max()
-        s = (s - lo) / (hi - lo).clamp_min(1e-12)
-    elif normalise == "zscore":
-        s = (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-12)
-    elif normalise != "none":
+    if normalise not in ("none", "minmax", "zscore"):
         raise ValueError(f"normalise={normalise!r}: expected none, minmax or zscore")
+    s = scores.float()
+    s = rescale(s.reshape(1, -1), normalise).view_as(s)  # one row: normalised over the whole batch
     return torch.sigmoid((s[:, 0] - s[:, 1]) / temperature)
 
 

@@ -57,18 +57,29 @@ def check_prompts(reward, prompts: Sequence[str]) -> None:
 
 
 def normalise(scores: Tensor, how: str) -> Tensor:
-    """Per-prompt normalisation of [P, N] scores: 'zscore', 'rank' (average rank in [0, 1]) or 'none'."""
+    """Per-prompt normalisation of [P, N] scores (make-dataset's ``--normalise``): 'zscore', 'rank' or 'none'."""
+    if how not in ("zscore", "rank", "none"):
+        raise UserError(f"normalisation {how!r}: expected zscore, rank or none")
+    return rescale(scores, how)
+
+
+def rescale(scores: Tensor, how: str) -> Tensor:
+    """Per-row rescaling of [P, N] scores: 'zscore', 'minmax' (to [0, 1]), 'rank' (average rank in [0, 1]) or
+    'none'. A row without spread maps to 0."""
     if how == "none":
         return scores
     if how == "zscore":
         std = scores.std(-1, keepdim=True, unbiased=False)
         return (scores - scores.mean(-1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
+    if how == "minmax":
+        lo, hi = scores.min(-1, keepdim=True).values, scores.max(-1, keepdim=True).values
+        return (scores - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     if how == "rank":
         n = scores.shape[-1]
         less = (scores.unsqueeze(-1) > scores.unsqueeze(-2)).sum(-1).float()
         ties = (scores.unsqueeze(-1) == scores.unsqueeze(-2)).sum(-1).float() - 1
         return (less + 0.5 * ties) / max(n - 1, 1)
-    raise UserError(f"normalisation {how!r}: expected zscore, rank or none")
+    raise UserError(f"rescaling {how!r}: expected zscore, minmax, rank or none")
 
 
 def ensemble_scores(per_reward: dict[str, Tensor], weights: dict[str, float], how: str = "zscore") -> Tensor:
@@ -81,3 +92,12 @@ def ensemble_scores(per_reward: dict[str, Tensor], weights: dict[str, float], ho
         term = weights[name] * normalise(s.float(), how)
         out = term if out is None else out + term
     return out / total
+
+
+def score_and_rank(images: torch.Tensor, prompts: Sequence[str], rewards: dict, weights: dict,
+                   group: int, normalise: str = "zscore") -> tuple[torch.Tensor, dict]:
+    """(combined scores [P, group], each reward's raw scores) for images laid out prompt-major: every reward
+    scores the batch, scores are normalised per prompt and combined by weight (Syn-Pic). make-dataset and the
+    online methods both rank with it."""
+    per = {n: fn(images, list(prompts)).float().view(-1, group) for n, fn in rewards.items()}
+    return ensemble_scores(per, weights, normalise), per

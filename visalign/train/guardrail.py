@@ -29,14 +29,11 @@ class Guardrail:
     @torch.no_grad()
     def evaluate(self, acc, backbone, step: int) -> dict:
         t = self.cfg.train
-        model = backbone.unwrapped()
-        was_training = model.training
-        model.eval()
         gen = torch.Generator().manual_seed(t.seed + 7)
         noise = torch.randn((len(self.prompts), *backbone.sample_shape), generator=gen).to(backbone.device)
-        images = backbone.sample(self.prompts, steps=t.sample_steps, guidance=t.guidance, latents=noise).images.cpu()
-        if was_training:
-            model.train()
+        with backbone.sampling_mode():
+            images = backbone.sample(self.prompts, steps=t.sample_steps, guidance=t.guidance,
+                                     latents=noise).images.cpu()
         row = {"step": step, "gold": float(self.gold(images, self.prompts).mean())}
         if self.proxy is not None:
             row["proxy"] = float(self.proxy(images, self.prompts).mean())

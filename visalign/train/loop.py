@@ -17,9 +17,7 @@ from ..errors import UserError
 from ..files import trim_jsonl
 from ..models.lora import text_lora_weights
 from ..types import as_float
-from .checkpoint import check_same_run, find_resume, load_checkpoint, save_checkpoint
-from .outputs import save_outputs, save_validation_grid
-from .setup import (
+from .build import (
     build_lr_scheduler,
     build_method,
     build_optimizer,
@@ -27,6 +25,8 @@ from .setup import (
     check_data_format,
     prepare_trainable,
 )
+from .checkpoint import check_same_run, find_resume, load_checkpoint, save_checkpoint
+from .outputs import save_outputs, save_validation_grid
 from .sources import data_source
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _checked_method(cfg: RunConfig):
 def _build(cfg: RunConfig, acc, out: Path, method) -> Run:
     """Backbone, data, trainable parameters, batch stream, optimizer, schedule and EMA (in this order: the
     LoRA's random init comes after the data, as every checkpointed run was made)."""
-    from .data_options import reference_resets
+    from .margin_plan import reference_resets
 
     t = cfg.train
     source = data_source(method)  # pairs, lists or online rounds: the method's data kind decides
@@ -169,7 +169,7 @@ def _resume(run: Run, resume_dir: Path | None) -> tuple[int, int]:
 
 def _accumulate(run: Run, step: int) -> tuple[list[dict], int]:
     """Forward and backward over the step's micro-batches; returns their metrics and the pairs seen."""
-    from .data_options import pair_weights
+    from .margin_plan import pair_weights
 
     t, acc, window, seen = run.cfg.train, run.acc, [], 0
     for micro in range(t.grad_accum):

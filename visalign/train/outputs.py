@@ -69,12 +69,9 @@ def save_validation_grid(acc, backbone, cfg: RunConfig, step: int) -> None:
         return
     prompts = list(cfg.train.validation_prompts)
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    was_training = backbone.unwrapped().training
-    backbone.unwrapped().eval()
-    images = backbone.sample(prompts, steps=cfg.train.sample_steps, guidance=cfg.train.guidance,
-                             generator=gen).images
-    if was_training:
-        backbone.unwrapped().train()
+    with backbone.sampling_mode():
+        images = backbone.sample(prompts, steps=cfg.train.sample_steps, guidance=cfg.train.guidance,
+                                 generator=gen).images
     grid = image_grid(list(images.cpu()), prompts, cols=min(8, len(prompts)))
     save_png(grid, Path(cfg.train.output_dir) / "samples" / f"step-{step:07d}.png")
     for tracker in acc.trackers:

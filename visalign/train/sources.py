@@ -15,7 +15,7 @@ import logging
 from ..config import RunConfig
 from ..models.load import build_backbone
 from ..registry import DATA_SOURCES
-from .setup import BatchStream
+from .build import BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class PreferenceSource:
 
     def batches(self, cfg: RunConfig, acc, method, backbone, dataset) -> tuple[object, object]:
         """(dataset, stream): a streamed dataset is its own stream; otherwise seeded epochs (ordered, staged)."""
-        from .data_options import pair_order, pair_stages, stage_steps
+        from .margin_plan import pair_order, pair_stages, stage_steps
 
         if getattr(dataset, "streaming", False):
             return dataset, dataset

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from ...errors import UserError, require_positive
+from ...model_folders import PARAMETERISATION_FILE, SAMPLING_FILE
 from ...models.diffusion import denoising_target
-from ...models.load import SAMPLING_FILE
+from ...models.kdiff import LearnedK, k_target, velocity_error
 from ...models.pixel import save_pixel_folder as save_pipeline_folder
 from .contrast import near_miss
 from .render import draw, sample_records, scene_for
@@ -47,8 +48,12 @@ class PretrainConfig:
     step_offset: int = 0  # continue the data stream here (init_from's steps_done), so no batch repeats
     # v rather than ε: an ε loss barely weighs an image's mean colour at high noise, so ε bases drew tinted
     # backgrounds and off-palette objects; v with trailing timesteps (sampling starts at t = T−1) fixes both
-    prediction_type: str = "v_prediction"
+    # k: k-Diff's generalised target y_k (models/kdiff.py; 0 = ε, 1 = v, 2 = x), trained in v-space, with k fixed
+    # or learned with the network (learn_k, from k); the folder declares it in visalign_parameterisation.json
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction | k
     timestep_spacing: str = "trailing"
+    k: float = 1.0
+    learn_k: bool = False
 
     def check(self, where: str = "pretrain") -> None:
         for key in ("size", "steps", "batch_size", "lr", "text_hidden", "text_layers", "max_tokens"):
@@ -58,6 +63,10 @@ class PretrainConfig:
             require_positive(getattr(self, key), f"{where}.{key}", allow_zero=True)
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"{where}.ema_decay={self.ema_decay!r}: expected a number in [0, 1)")
+        if self.prediction_type not in ("epsilon", "v_prediction", "k"):
+            raise UserError(f"{where}.prediction_type={self.prediction_type!r}: expected epsilon, v_prediction or k")
+        if not 0 <= self.k <= 2:
+            raise UserError(f"{where}.k={self.k!r}: expected a number in [0, 2] (0 = ε, 1 = v, 2 = x)")
 
 
 def build_components(cfg: PretrainConfig):
@@ -65,7 +74,9 @@ def build_components(cfg: PretrainConfig):
     from ...models.pixel import build_pixel_components
 
     return build_pixel_components(cfg.size, tuple(cfg.block_out_channels), cfg.text_hidden, cfg.text_layers,
-                                  cfg.max_tokens, caption_words(), cfg.prediction_type, cfg.timestep_spacing)
+                                  cfg.max_tokens, caption_words(),
+                                  "v_prediction" if cfg.prediction_type == "k" else cfg.prediction_type,
+                                  cfg.timestep_spacing)
 
 
 def render_batch(step: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
@@ -89,6 +100,8 @@ def _render_for_caption(record: dict, seed: int, cfg: PretrainConfig) -> np.ndar
 
 def sampling_declaration(prediction_type: str) -> dict:
     """The guidance a base of this recipe samples best at, as measured on the shipped bases (README)."""
+    if prediction_type == "k":
+        return {"guidance": 1.5, "note": "a k-Diff base: the v-prediction base's best guidance, not tuned for k"}
     if prediction_type == "v_prediction":
         return {"guidance": 1.5, "note": "best classifier-free guidance of the shipped v-prediction base on the demo's "
                 "300 held-out samples (GenEval-shapes overall 0.553 at 1, 0.603 at 1.5, 0.523 at 2, 0.397 at 3): "
@@ -115,6 +128,34 @@ def _load_weights(unet, text_encoder, folder: Path) -> None:
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def _continue_from(cfg: PretrainConfig, unet, text_encoder) -> dict:
+    """With ``init_from``: its weights loaded, and its recipe returned, so that the whole recipe travels with
+    the weights (a continued run records the config of the run it continues)."""
+    if not cfg.init_from:
+        return {}
+    _load_weights(unet, text_encoder, Path(cfg.init_from))
+    earlier = Path(cfg.init_from) / "visalign_pretrain.json"
+    return {"continued_from": json.loads(earlier.read_text())} if earlier.exists() else {}
+
+
+def _declarations(cfg: PretrainConfig, learned_k) -> dict:
+    """The files a saved base declares beside its weights: sampling defaults and, for k-Diff, its k."""
+    declared = {SAMPLING_FILE: sampling_declaration(cfg.prediction_type)}
+    if cfg.prediction_type == "k":
+        k_now = float(learned_k()) if learned_k is not None else cfg.k
+        declared[PARAMETERISATION_FILE] = {"target": "k", "k": k_now, "learned": cfg.learn_k}
+    return declared
+
+
+def _denoising_loss(cfg: PretrainConfig, scheduler, pred, x0, eps, t, learned_k):
+    """The pretraining loss: MSE to the scheduler's ε or v target, or k-Diff's error measured in v-space."""
+    if cfg.prediction_type != "k":
+        return ((pred.float() - denoising_target(scheduler, x0, eps, t)) ** 2).mean()
+    k = learned_k() if learned_k is not None else cfg.k  # k changes what the network outputs, not the weighting
+    alpha_bar = scheduler.alphas_cumprod[t]
+    return velocity_error(pred, k_target(x0, eps, alpha_bar, k), alpha_bar, k).mean()
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
     """Train the base from scratch and write it (EMA weights) to ``out`` every ``save_every`` steps."""
     import copy
@@ -128,17 +169,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     unet, text_encoder, tokenizer, scheduler = build_components(cfg)
-    # the whole recipe travels with the weights: a continued run records the config of the run it continues
-    history: dict = {}
-    if cfg.init_from:
-        _load_weights(unet, text_encoder, Path(cfg.init_from))
-        earlier = Path(cfg.init_from) / "visalign_pretrain.json"
-        if earlier.exists():
-            history = {"continued_from": json.loads(earlier.read_text())}
+    history = _continue_from(cfg, unet, text_encoder)
     unet.train()
     text_encoder.train()
+    learned_k = LearnedK(cfg.k) if cfg.prediction_type == "k" and cfg.learn_k else None
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params + ([learned_k.logit] if learned_k is not None else []), lr=cfg.lr,
+                            weight_decay=1e-2)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -168,7 +205,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             cond = text_encoder(ids).last_hidden_state
             pred = unet(x_t, t, cond).sample
-        loss = ((pred.float() - denoising_target(scheduler, x0, eps, t)) ** 2).mean()
+        loss = _denoising_loss(cfg, scheduler, pred, x0, eps, t, learned_k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -177,21 +214,20 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         ema_te.step(text_encoder.parameters())
         if step % log_every == 0:
             value = float(loss.detach())
-            log.append({"step": step, "loss": value, "lr": lr_at(step), "seconds": time.time() - t0})
+            log.append({"step": step, "loss": value, "lr": lr_at(step), "seconds": time.time() - t0}
+                       | ({"k": float(learned_k())} if learned_k is not None else {}))
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{(step + 1) * cfg.batch_size / (time.time() - t0):.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             eu, et = copy.deepcopy(unet), copy.deepcopy(text_encoder)
             ema_unet.copy_to(eu.parameters())
             ema_te.copy_to(et.parameters())
             cfg_dict = asdict(cfg) | {"steps_done": cfg.step_offset + step + 1} | history
-            sampling = sampling_declaration(cfg.prediction_type)
+            declared = _declarations(cfg, learned_k)
             save_pipeline_folder(out, eu.eval(), et.eval(), tokenizer, scheduler,
-                                 extra={"visalign_pretrain.json": cfg_dict, "training_log.json": log,
-                                        SAMPLING_FILE: sampling})
+                                 extra={"visalign_pretrain.json": cfg_dict, "training_log.json": log, **declared})
             if cfg.save_raw:
                 save_pipeline_folder(out.with_name(out.name + "-raw"), unet, text_encoder, tokenizer, scheduler,
-                                     extra={"visalign_pretrain.json": cfg_dict | {"raw": True},
-                                            SAMPLING_FILE: sampling})
+                                     extra={"visalign_pretrain.json": cfg_dict | {"raw": True}, **declared})
                 unet.train()
                 text_encoder.train()
     return out

@@ -36,7 +36,7 @@ def pairs_from_results(results: Sequence[dict], min_margin: float = 0.15) -> lis
 def implicit_accuracy(backbone, pairs: Sequence[tuple[str, object, object]], beta: float = 5000.0,
                       draws: int = 8, batch_size: int = 32, seed: int = 0) -> dict:
     """Share of pairs with mean h > 0 (with its binomial SE), the mean h, and the pair count."""
-    from ..objectives.base import errors, model_inputs
+    from ..objectives.base import denoising_errors, model_inputs
     from ..objectives.implicit import dpo_logit
     from ..types import PreferenceBatch
 
@@ -52,7 +52,7 @@ def implicit_accuracy(backbone, pairs: Sequence[tuple[str, object, object]], bet
         x0, cond = model_inputs(backbone, batch)
         h = 0.0
         for _ in range(draws):
-            err, ref = errors(backbone, x0, cond)
+            err, ref = denoising_errors(backbone, x0, cond)
             h = h + dpo_logit(err[:, 0], err[:, 1], ref[:, 0], ref[:, 1], beta).float()
         h_all.append(h / draws)
     h = torch.cat(h_all)

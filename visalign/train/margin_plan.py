@@ -7,7 +7,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.pairs import DataError
-from ..objectives.weights import curriculum_order, curriculum_stages, difficulty_weights, margin_weights
+from ..objectives.margins import curriculum_order, curriculum_stages, difficulty_weights, margin_weights
 
 
 def pair_weights(cfg: RunConfig, batch) -> torch.Tensor | None:
