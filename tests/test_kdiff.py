@@ -129,3 +129,15 @@ def test_bad_k_settings_and_files_are_one_line_errors(tiny_dir, tmp_path, capsys
     assert main(["eval", "geneval", "--model", str(broken), "--out", str(tmp_path / "g"), "--per-task", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "visalign_parameterisation.json" in err and "[0, 2]" in err
+
+
+def test_the_kdiff_comparison_script_runs_each_target_and_writes_its_table(tmp_path, capsys):
+    from helpers import load_script
+
+    mod = load_script("kdiff_shapes")
+    mod.main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--per-task", "1", "--threads", "1",
+              "--variants", "x (k=2),learned k (from 1)"])
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["x (k=2)", "learned k (from 1)"]
+    assert rows[0]["k_final"] == 2.0 and rows[1]["learned"] and rows[1]["n"] == 6 and rows[1]["fid"] > 0
+    assert "| x (k=2) | 2.00 -> 2.000 |" in (tmp_path / "table.md").read_text()

@@ -170,7 +170,8 @@ def _add_world_parsers(sub) -> None:
     shapes = w.add_parser("shapes", help="ShapesWorld").add_subparsers(dest="action", required=True)
     s = shapes.add_parser("pretrain", help="train the ShapesWorld base model")
     s.add_argument("--out", required=True)
-    s.add_argument("overrides", nargs="*", help="PretrainConfig key=value, e.g. steps=2400")
+    s.add_argument("overrides", nargs="*", help="PretrainConfig key=value, e.g. steps=2400; prediction_type="
+                   "epsilon|v_prediction|k (k-Diff: a generalised target, k=0 ε, 1 v, 2 x; learn_k=true learns it)")
     s.set_defaults(fn=cmd_world_pretrain)
     s = shapes.add_parser("features", help="train the ShapesWorld FID feature network")
     s.add_argument("--out", required=True)

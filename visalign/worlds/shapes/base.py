@@ -142,7 +142,7 @@ def _declarations(cfg: PretrainConfig, learned_k) -> dict:
     """The files a saved base declares beside its weights: sampling defaults and, for k-Diff, its k."""
     declared = {SAMPLING_FILE: sampling_declaration(cfg.prediction_type)}
     if cfg.prediction_type == "k":
-        k_now = float(learned_k()) if learned_k is not None else cfg.k
+        k_now = learned_k().item() if learned_k is not None else cfg.k
         declared[PARAMETERISATION_FILE] = {"target": "k", "k": k_now, "learned": cfg.learn_k}
     return declared
 
@@ -215,7 +215,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         if step % log_every == 0:
             value = float(loss.detach())
             log.append({"step": step, "loss": value, "lr": lr_at(step), "seconds": time.time() - t0}
-                       | ({"k": float(learned_k())} if learned_k is not None else {}))
+                       | ({"k": learned_k().item()} if learned_k is not None else {}))
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{(step + 1) * cfg.batch_size / (time.time() - t0):.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             eu, et = copy.deepcopy(unet), copy.deepcopy(text_encoder)
