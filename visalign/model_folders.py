@@ -23,15 +23,22 @@ def resolve_path(path: str) -> str:
     return str(alt) if alt.exists() else path
 
 
-def declared_sampling(path: str | None) -> dict:
-    """The sampling defaults a model folder declares in ``visalign_sampling.json`` ({} when it has none)."""
-    f = Path(resolve_path(path)).expanduser() / SAMPLING_FILE if path else None
+def _declaration(path: str | None, name: str) -> tuple[Path | None, object]:
+    """(the file, its JSON) of a declaration file in a model folder; (None, {}) when there is none."""
+    f = Path(resolve_path(path)).expanduser() / name if path else None
     if f is None or not f.is_file():
-        return {}
+        return None, {}
     try:
-        data = json.loads(f.read_text())
+        return f, json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{f}: not valid JSON ({e})") from None
+
+
+def declared_sampling(path: str | None) -> dict:
+    """The sampling defaults a model folder declares in ``visalign_sampling.json`` ({} when it has none)."""
+    f, data = _declaration(path, SAMPLING_FILE)
+    if f is None:
+        return {}
     if not isinstance(data, dict) or set(data) - {"guidance", "note"}:
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ModelLoadError(f"{f}: expected a mapping with the keys guidance, note; found {found}")
@@ -58,13 +65,9 @@ def sampling_guidance(backbone, requested: float | None) -> float:
 
 def declared_parameterisation(path: str | None) -> dict:
     """The k-Diff parameterisation a model folder declares ({} for the scheduler's own ε or v)."""
-    f = Path(resolve_path(path)).expanduser() / PARAMETERISATION_FILE if path else None
-    if f is None or not f.is_file():
+    f, data = _declaration(path, PARAMETERISATION_FILE)
+    if f is None:
         return {}
-    try:
-        data = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{f}: not valid JSON ({e})") from None
     k = data.get("k") if isinstance(data, dict) else None
     if not isinstance(data, dict) or data.get("target") != "k" or isinstance(k, bool) or not isinstance(
             k, (int, float)) or not 0 <= k <= 2:
