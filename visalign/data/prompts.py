@@ -11,14 +11,15 @@ from ..registry import PROMPT_SOURCES
 
 
 def read_prompts(source: str, column: str = "prompt", key: str = "data.path") -> list[str]:
-    """Prompts from 'shapes:train|eval|all', a text file (one per line), a GenEval metadata JSONL or a dataset.
+    """Prompts from a world's named split (``SCHEME:SPEC``, e.g. shapes:eval), a text file (one per line), a
+    GenEval metadata JSONL or a dataset.
 
     A file's format is told by its suffix (.txt, .jsonl, .json) or, for any other name, by its first line
     (a JSON object: metadata; else one prompt per line). ``key`` is the setting the user typed, for errors.
     """
     where = f"{spelled(key)}{source!r}" if source else spelled(key).rstrip("= ")
     if not source:
-        raise UserError(f"{where}: no prompt source given; pass a text file, a GenEval .jsonl, shapes:train|eval|all "
+        raise UserError(f"{where}: no prompt source given; pass a text file, a GenEval .jsonl, {_world_splits()} "
                         "or a dataset")
     scheme, _, spec = source.partition(":")
     if spec and scheme.isidentifier() and scheme in PROMPT_SOURCES:  # a world's named prompts, e.g. shapes:eval
@@ -27,8 +28,8 @@ def read_prompts(source: str, column: str = "prompt", key: str = "data.path") ->
 
     p = named_prompt_set(source) or Path(source)
     if not p.exists() and "/" not in source and not source.startswith("."):
-        raise UserError(f"{where}: no such file, and not a named prompt set ({', '.join(NAMED)}, shapes:train|eval|"
-                        "all) or a hub dataset id (owner/name)")
+        raise UserError(f"{where}: no such file, and not a named prompt set ({', '.join(NAMED)}, {_world_splits()}) "
+                        "or a hub dataset id (owner/name)")
     if p.is_file() and p.suffix not in (".parquet", ".arrow"):
         prompts = _from_text(read_text(p, spelled(key).rstrip("= ")), column, where, p.suffix)
     else:
@@ -36,6 +37,13 @@ def read_prompts(source: str, column: str = "prompt", key: str = "data.path") ->
     if not prompts:
         raise UserError(f"{where}: holds no prompts")
     return prompts
+
+
+def _world_splits() -> str:
+    """The worlds' prompt sources as a user types them (``shapes:train|eval|all``): each registered scheme with
+    the specs its source lists in ``specs``."""
+    return ", ".join(f"{scheme}:{'|'.join(getattr(PROMPT_SOURCES.get(scheme), 'specs', ('SPLIT',)))}"
+                     for scheme in PROMPT_SOURCES.names()) or "a world's SCHEME:SPLIT"
 
 
 def _from_text(text: str, column: str, where: str, suffix: str) -> list[str]:

@@ -26,7 +26,7 @@ class RoundSource:
     def __init__(self, method, backbone, prompts: list[str], batch_size: int, grad_accum: int, seed: int,
                  rank: int = 0, world: int = 1):
         if not prompts:
-            raise ValueError("an online method needs prompts (data.path: a prompt file, dataset or shapes:train)")
+            raise ValueError("an online method needs prompts (data.path: a prompt file, a dataset or a world's split)")
         self.method, self.backbone, self.prompts = method, backbone, prompts
         self.batch_size, self.grad_accum, self.seed, self.rank, self.world = batch_size, grad_accum, seed, rank, world
         self.round_idx, self.items = -1, None

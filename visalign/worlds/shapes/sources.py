@@ -42,6 +42,9 @@ def shapes_prompts(spec: str, where: str = "shapes") -> list[str]:
     return [r["prompt"] for r in prompt_records(_split(spec, where))]
 
 
+shapes_prompts.specs = SPLITS  # what error messages offer: shapes:train|eval|all
+
+
 @REAL_IMAGES.register("shapes")
 def shapes_renders(spec: str, n: int, seed: int = 0, where: str = "shapes"):
     """``n`` exact renders of a split's prompts (cycled), [N, 3, H, W] uint8."""
