@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--experiment", choices=("compare", "noise"), default="compare")
     ap.add_argument("--base", default="assets/shapes-base")
     ap.add_argument("--data", default="", help="a make-dataset folder to reuse (default: OUT/data, built once)")
-    ap.add_argument("--methods", default="")
+    ap.add_argument("--methods", default="", help="rows to run, comma-separated (';' when a name holds a comma)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -178,7 +178,8 @@ def main() -> None:
     if args.table_only:
         print(write_table(out, table))
         return
-    asked = [m.strip() for m in args.methods.split(",") if m.strip()]
+    sep = ";" if ";" in args.methods else ","  # some row names hold commas: list those with ';'
+    asked = [m.strip() for m in args.methods.split(sep) if m.strip()]
     if unknown := [m for m in asked if m not in table]:
         raise SystemExit(f"--methods: unknown {unknown}; expected some of: {', '.join(table)}")
     base = resolve_path(args.base)

@@ -1,4 +1,5 @@
-"""The one training loop: ``loss = method(backbone, batch)`` on accelerate. It names no method or model family."""
+"""The one training loop: ``loss = method(backbone, batch)`` on accelerate. It names no method, model family or
+world: batches come from the source registered for the method's data kind (train/sources.py)."""
 
 from __future__ import annotations
 
