@@ -98,6 +98,8 @@ def test_a_folder_declaring_k_samples_and_trains_like_the_target_it_equals(tiny_
 
 
 def test_pretraining_with_a_learned_k_declares_it_and_loads(tmp_path):
+    from dataclasses import replace
+
     from visalign.models.pixel import PixelBackbone
     from visalign.worlds.shapes.base import PretrainConfig, pretrain
 
@@ -111,6 +113,10 @@ def test_pretraining_with_a_learned_k_declares_it_and_loads(tmp_path):
     assert [round(r["k"], 6) for r in log][0] != round(declared["k"], 6)  # k moved during training
     bb = PixelBackbone(str(out))
     assert bb.kdiff_k == pytest.approx(declared["k"])
+    # k's own learning rate: the same run with a 100x smaller one moves k 100x less (Adam's steps scale with lr)
+    slow = pretrain(replace(cfg, k_lr=5e-4), tmp_path / "slow", log_every=1)
+    moved_slow = abs(json.loads((slow / "visalign_parameterisation.json").read_text())["k"] - 1.0)
+    assert moved_slow == pytest.approx(abs(declared["k"] - 1.0) / 100, rel=0.05)
     with torch.no_grad():
         images = bb.sample(["a photo of a red circle"], steps=3, guidance=1.5).images
     assert images.shape[0] == 1 and torch.isfinite(images).all()

@@ -54,6 +54,7 @@ class PretrainConfig:
     timestep_spacing: str = "trailing"
     k: float = 1.0
     learn_k: bool = False
+    k_lr: float = 0.0  # a learned k's learning rate on its logit (0: the network's), on the same schedule
 
     def check(self, where: str = "pretrain") -> None:
         for key in ("size", "steps", "batch_size", "lr", "text_hidden", "text_layers", "max_tokens"):
@@ -65,6 +66,7 @@ class PretrainConfig:
             raise UserError(f"{where}.ema_decay={self.ema_decay!r}: expected a number in [0, 1)")
         if self.prediction_type not in ("epsilon", "v_prediction", "k"):
             raise UserError(f"{where}.prediction_type={self.prediction_type!r}: expected epsilon, v_prediction or k")
+        require_positive(self.k_lr, f"{where}.k_lr", allow_zero=True)
         if not 0 <= self.k <= 2:
             raise UserError(f"{where}.k={self.k!r}: expected a number in [0, 2] (0 = ε, 1 = v, 2 = x)")
 
@@ -174,8 +176,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
     text_encoder.train()
     learned_k = LearnedK(cfg.k) if cfg.prediction_type == "k" and cfg.learn_k else None
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params + ([learned_k.logit] if learned_k is not None else []), lr=cfg.lr,
-                            weight_decay=1e-2)
+    k_scale = cfg.k_lr / cfg.lr if cfg.k_lr and cfg.lr else 1.0  # k's own learning rate, on the same schedule
+    groups = [{"params": params, "scale": 1.0}] + ([{"params": [learned_k.logit], "weight_decay": 0.0,
+                                                     "scale": k_scale}] if learned_k is not None else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-2)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -201,7 +205,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["scale"]
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             cond = text_encoder(ids).last_hidden_state
             pred = unet(x_t, t, cond).sample
