@@ -122,6 +122,17 @@ def test_pretraining_with_a_learned_k_declares_it_and_loads(tmp_path):
     assert images.shape[0] == 1 and torch.isfinite(images).all()
 
 
+def test_the_shipped_kdiff_config_reads_through_the_pretrain_command(tmp_path):
+    from pathlib import Path
+
+    from visalign.config import load_section
+    from visalign.worlds.shapes.base import PretrainConfig
+
+    file = Path(__file__).resolve().parents[1] / "configs/shapes/pretrain_kdiff.yaml"
+    cfg = load_section(PretrainConfig, [str(file)], {}, ["steps=3"], "pretrain")
+    assert (cfg.prediction_type, cfg.k, cfg.learn_k, cfg.k_lr, cfg.steps) == ("k", 1.0, True, 1e-2, 3)
+
+
 def test_bad_k_settings_and_files_are_one_line_errors(tiny_dir, tmp_path, capsys):
     from visalign.cli import main
 
@@ -129,6 +140,10 @@ def test_bad_k_settings_and_files_are_one_line_errors(tiny_dir, tmp_path, capsys
     assert "pretrain.k=3" in capsys.readouterr().err
     assert main(["world", "shapes", "pretrain", "--out", str(tmp_path / "m"), "prediction_type=x"]) == 2
     assert "pretrain.prediction_type='x'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("k_rate: 0.1\n")
+    assert main(["world", "shapes", "pretrain", "-c", str(bad), "--out", str(tmp_path / "m")]) == 2
+    assert "unknown key pretrain.k_rate" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir("pixel"), broken)
     (broken / "visalign_parameterisation.json").write_text(json.dumps({"target": "k", "k": "one"}))

@@ -169,6 +169,7 @@ def _add_world_parsers(sub) -> None:
     w = sub.add_parser("world", help="embedded worlds").add_subparsers(dest="world", required=True)
     shapes = w.add_parser("shapes", help="ShapesWorld").add_subparsers(dest="action", required=True)
     s = shapes.add_parser("pretrain", help="train the ShapesWorld base model")
+    s.add_argument("-c", "--config", action="append", default=[], help="PretrainConfig YAML file(s)")
     s.add_argument("--out", required=True)
     s.add_argument("overrides", nargs="*", help="PretrainConfig key=value, e.g. steps=2400; prediction_type="
                    "epsilon|v_prediction|k (k-Diff: a generalised target, k=0 ε, 1 v, 2 x; learn_k=true learns it)")

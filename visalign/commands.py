@@ -112,7 +112,7 @@ def cmd_world_pretrain(args) -> None:
     from .config import load_section
     from .worlds.shapes.base import PretrainConfig, pretrain
 
-    cfg = load_section(PretrainConfig, [], {}, args.overrides, "pretrain")
+    cfg = load_section(PretrainConfig, args.config, {}, args.overrides, "pretrain")
     print(f"wrote {pretrain(cfg, args.out)}")
 
 
