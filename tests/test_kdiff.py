@@ -128,7 +128,7 @@ def test_the_shipped_kdiff_config_reads_through_the_pretrain_command(tmp_path):
     from visalign.config import load_section
     from visalign.worlds.shapes.base import PretrainConfig
 
-    file = Path(__file__).resolve().parents[1] / "configs/shapes/pretrain_kdiff.yaml"
+    file = Path(__file__).resolve().parents[1] / "configs/pretrain/shapes_kdiff.yaml"
     cfg = load_section(PretrainConfig, [str(file)], {}, ["steps=3"], "pretrain")
     assert (cfg.prediction_type, cfg.k, cfg.learn_k, cfg.k_lr, cfg.steps) == ("k", 1.0, True, 1e-2, 3)
 
