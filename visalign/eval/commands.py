@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .configs import CalibrateConfig, FidConfig, GenevalConfig, WinrateConfig
+
 
 def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: bool = False):
     """A backbone from a folder (family from model_index.json unless named), with an optional LoRA, in eval mode."""
@@ -16,7 +18,7 @@ def load_backbone_cli(model: str, backbone: str | None, lora: str | None, bf16: 
     return for_sampling(backbone or detect_backbone(path), path, lora, bf16)
 
 
-def cmd_eval_geneval(cfg) -> None:
+def cmd_eval_geneval(cfg: GenevalConfig) -> None:
     import torch
 
     from ..eval.geneval import format_table, generate_and_score, write_results
@@ -72,7 +74,7 @@ def _thresholds(path: str | None) -> dict:
                         "(with threshold and counting_threshold)") from None
 
 
-def cmd_eval_calibrate_detector(cfg) -> None:
+def cmd_eval_calibrate_detector(cfg: CalibrateConfig) -> None:
     from .calibrate import calibrate, read_labels
     from .open_vocab import OpenVocabDetector
 
@@ -120,7 +122,7 @@ def real_images(source: str, n: int, seed: int = 0):
     return torch.stack([(prepare_image(im, size).tensor * 255 + 0.5).to(torch.uint8) for im in pil])
 
 
-def cmd_eval_fid(cfg) -> None:
+def cmd_eval_fid(cfg: FidConfig) -> None:
     import torch
 
     from ..data.prompts import read_prompts
@@ -149,7 +151,7 @@ def cmd_eval_fid(cfg) -> None:
     print(f"FID ({cfg.feature} features, {cfg.n} vs {len(real)} images): {value:.3f}  -> {out / 'fid.json'}")
 
 
-def cmd_eval_winrate(cfg) -> None:
+def cmd_eval_winrate(cfg: WinrateConfig) -> None:
     import torch
 
     from ..data.prompts import read_prompts
