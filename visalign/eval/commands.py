@@ -40,7 +40,7 @@ def cmd_eval_geneval(cfg: GenevalConfig) -> None:
     results = generate_and_score(bb, records, cfg.samples_per_prompt, cfg.seed, cfg.steps, guidance,
                                  detector=detector)
     metrics = write_results(results, cfg.out, extra={
-        "model": cfg.model, "lora": cfg.lora, "metadata": cfg.metadata or "shapes:eval", "seed": cfg.seed,
+        "model": cfg.model, "lora": cfg.lora, "metadata": cfg.metadata, "seed": cfg.seed,
         "samples_per_prompt": cfg.samples_per_prompt, "steps": cfg.steps, "guidance": guidance,
         "bf16": cfg.bf16,
         "detector": getattr(detector, "name", None) or f"owlv2:{cfg.owl} + open_clip:{cfg.clip_arch}"})
@@ -131,7 +131,7 @@ def cmd_eval_fid(cfg: FidConfig) -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    prompts = read_prompts(cfg.prompts or "shapes:eval", key="prompts")
+    prompts = read_prompts(cfg.prompts, key="prompts")
     real = real_images(cfg.real, cfg.n, seed=cfg.seed + 1)
     bb = load_backbone_cli(cfg.model, cfg.backbone, cfg.lora, cfg.bf16)
     fakes = []

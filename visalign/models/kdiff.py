@@ -32,7 +32,8 @@ TRAIN_MIN_DET = 0.1
 
 
 def _expand(v: Tensor, like: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+    # the schedule's ᾱ may live on the CPU and the batch on a GPU: move it to the batch
+    return v.view(-1, *([1] * (like.ndim - 1))).to(like.device, like.dtype)
 
 
 def target_angle(alpha_bar: Tensor, k: Tensor | float) -> tuple[Tensor, Tensor]:
