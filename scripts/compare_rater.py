@@ -99,12 +99,23 @@ def bt_relabel(src: Path, dst: Path, seed: int = 0) -> tuple[Path, float]:
     return dst, rate
 
 
-def evaluate(base: str, summary: dict) -> list[dict]:
+def evaluate(base: str, summary: dict, seed: int) -> list[dict]:
     """Held-out GenEval-shapes samples on fresh seeds in fp32 (images kept for the rater)."""
     from visalign.demo import heldout_results, sampling_backbone
 
     bb = sampling_backbone(summary.get("model", base), summary.get("lora"), bf16=False)
-    return heldout_results(bb, per_task=PER_TASK, seed=FRESH_SEED)
+    return heldout_results(bb, per_task=PER_TASK, seed=seed)
+
+
+def trained(base: str, pairs: Path, run: Path, args, over: list[str], rate: float) -> dict:
+    """The row's finished run (reused: a second seed set scores the same adapters), else a new one."""
+    from visalign.config import load_config
+    from visalign.train.loop import train
+
+    if (run / "summary.json").exists():
+        return json.loads((run / "summary.json").read_text())
+    random.seed(args.seed)
+    return train(load_config("shapes", [], _settings(base, pairs, run, args, over, rate)))
 
 
 def compare_to_base(base_res: list[dict], res: list[dict]) -> dict:
@@ -161,14 +172,14 @@ def main() -> None:
     ap.add_argument("--data", default="", help="a make-dataset folder to reuse (default: OUT/data, built once)")
     ap.add_argument("--methods", default="", help="rows to run, comma-separated (';' when a name holds a comma)")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--eval-seed", type=int, default=FRESH_SEED,
+                    help="held-out sampling seed; a second seed set: a new --out whose runs/ links the first's")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
 
-    from visalign.config import load_config
     from visalign.models.load import resolve_path
-    from visalign.train.loop import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,26 +208,25 @@ def main() -> None:
         done = {json.loads(x)["method"] for x in results_file.read_text().splitlines()} if results_file.exists() else ()
         if name in done:
             continue
-        t0, over = time.time(), table[name]
-        summary: dict = {"steps": 0, "pairs_seen": 0}
+        over = table[name]
+        summary: dict = {"steps": 0, "pairs_seen": 0, "seconds": 0.0}
         source = next((noisy[o] for o in over or [] if o in noisy), None)
         if over is not None:
-            random.seed(args.seed)
             pairs = source or data / ("." if "data.format=lists" in over else "pairs")
-            summary = train(load_config("shapes", [], _settings(base, pairs, out / "runs" / slug(name), args, over,
-                                                                rate)))
-        res = evaluate(base, summary)
+            summary = trained(base, pairs, out / "runs" / slug(name), args, over, rate)
+        t0 = time.time()
+        res = evaluate(base, summary, args.eval_seed)
         from visalign.eval.geneval import summarise
 
-        row = {"method": name, "overrides": over, **summarise(res), "steps": summary["steps"],
-               "pairs_seen": summary["pairs_seen"]}
+        row = {"method": name, "overrides": over, "eval_seed": args.eval_seed, **summarise(res),
+               "steps": summary["steps"], "pairs_seen": summary["pairs_seen"]}
         if over is None:
             torch.save(res, base_file)
         else:
             row |= compare_to_base(torch.load(base_file, weights_only=True), res)
         if source is not None:
             row["true_label_acc"] = true_label_accuracy(base, summary, data / "pairs", source)
-        row["seconds"] = time.time() - t0
+        row["seconds"] = summary["seconds"] + time.time() - t0  # training (as it ran) + scoring
         with open(results_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{name}: " + (f"win {row['win_rate']:.3f} ({row['win_z']:+.1f} SE), " if over else "")

@@ -4,7 +4,8 @@ held-out split with fresh seeds, paired against the base (same prompts and seeds
     python scripts/online_shapes.py --out runs/online/grpo -c configs/shapes/grpo.yaml [--per-task 200]
         [--seed 4321] [key=value ...]
 
-Writes OUT/run (the finetune run: metrics.jsonl holds the training-prompt reward per step), OUT/base.jsonl
+Writes OUT/run (the finetune run: metrics.jsonl holds the training-prompt reward per step), the base's verdicts
+(OUT/../base-BASE-seedS-nN.jsonl, shared by runs side by side)
 and OUT/tuned.jsonl (per-image verdicts) and OUT/result.json: the paired change overall and per task with
 SEs, the training wall time, and the number of trajectories sampled.
 """
@@ -17,10 +18,9 @@ import time
 from pathlib import Path
 
 
-def evaluate(base_path: str, lora: str | None, per_task: int, seed: int, out: Path, name: str) -> list[dict]:
+def evaluate(base_path: str, lora: str | None, per_task: int, seed: int, file: Path) -> list[dict]:
     from visalign.demo import heldout_results, sampling_backbone
 
-    file = out / f"{name}.jsonl"
     if file.exists():
         return [json.loads(x) for x in file.read_text().splitlines()]
     bb = sampling_backbone(base_path, lora, bf16=False)  # fp32: bf16 flips verdicts between devices
@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                   *args.overrides])
         train(cfg)
     summary = json.loads((run / "summary.json").read_text())
-    base = evaluate(args.base, None, args.per_task, args.seed, out, "base")
-    tuned = evaluate(args.base, str(run / "lora"), args.per_task, args.seed, out, "tuned")
+    # the base's verdicts depend only on (base, seed, per_task): runs side by side share one file
+    shared = out.parent / f"base-{Path(args.base).name}-seed{args.seed}-n{args.per_task}.jsonl"
+    base = evaluate(args.base, None, args.per_task, args.seed, shared)
+    tuned = evaluate(args.base, str(run / "lora"), args.per_task, args.seed, out / "tuned.jsonl")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     from visalign.eval.stats import paired_by_task
 
