@@ -136,21 +136,26 @@ def write_table(out: Path, table: dict) -> str:
         r = json.loads(line)
         rows[r["method"]] = r
     order = list(table)
+    noisy = any("true_label_acc" in r for r in rows.values())  # the noise experiment: did it fit the noise?
     head = ("| method | training | rater win rate vs base [95% CI] | z vs 50% | size term | margin | crisp | centre "
-            "| prompt term | GenEval-shapes | change (paired SE) | steps | wall |")
+            "| prompt term | GenEval-shapes | change (paired SE) | steps | wall |"
+            + (" implicit acc., true labels: flipped pairs | unflipped pairs |" if noisy else ""))
     md = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in sorted(rows, key=lambda m: order.index(m) if m in order else len(order)):
         r = rows[name]
         prec = "bf16" if "train.mixed_precision=bf16" in (r["overrides"] or []) else "fp32"
+        acc = r.get("true_label_acc")
+        extra = "".join(f" {acc[k]['accuracy']:.3f} ± {acc[k]['se_by_prompt']:.3f} (n={acc[k]['n']}) |"
+                        if acc else " — |" for k in ("flipped", "unflipped")) if noisy else ""
         if r["overrides"] is None:
-            md.append(f"| {name} | — | — | — | — | — | — | — | — | {r['overall']:.3f} | — | — | — |")
+            md.append(f"| {name} | — | — | — | — | — | — | — | — | {r['overall']:.3f} | — | — | — |{extra}")
             continue
         g = r["geneval_vs_base"]
         terms = " | ".join(_term(r["terms"], k) for k in ("size", "margin", "crisp", "centre", "prompt"))
         md.append(f"| {name} | {prec} | {r['win_rate']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['win_z']:+.1f} "
                   f"| {terms} "
                   f"| {r['overall']:.3f} | {g['delta']:+.3f} ± {g['se']:.3f} | {r['steps']} | "
-                  f"{r['seconds'] / 60:.1f} min |")
+                  f"{r['seconds'] / 60:.1f} min |{extra}")
     text = "\n".join(md) + "\n"
     (out / "table.md").write_text(text)
     return text
@@ -224,8 +229,8 @@ def main() -> None:
             torch.save(res, base_file)
         else:
             row |= compare_to_base(torch.load(base_file, weights_only=True), res)
-        if source is not None:
-            row["true_label_acc"] = true_label_accuracy(base, summary, data / "pairs", source)
+        if over is not None and noisy:  # a clean row is scored on the pairs the 30% flip would flip
+            row["true_label_acc"] = true_label_accuracy(base, summary, data / "pairs", source or noisy["@flipped"])
         row["seconds"] = summary["seconds"] + time.time() - t0  # training (as it ran) + scoring
         with open(results_file, "a") as f:
             f.write(json.dumps(row) + "\n")
