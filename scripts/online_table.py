@@ -2,10 +2,10 @@
 
     python scripts/online_table.py runs/online [--out docs-table.md]
 
-A row: the method (the run folder's name), its training wall time, the trajectories (or pairs) it trained
-on, the training-prompt reward over its first and last eight logged steps, GenEval-shapes' paired change
-per task and overall with paired SEs, and the evaluation's seed and size. Runs scored on different seeds
-or sample counts are refused: their changes would not be comparable.
+A row: the method (the run folder's name), its training wall time, the rollouts (or pairs) its updates saw
+(the run summary's pairs_seen), the training-prompt reward over its first and last eight logged steps,
+GenEval-shapes' paired change per task and overall with paired SEs, and the evaluation's seed and size.
+Runs scored on different seeds or sample counts are refused: their changes would not be comparable.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def _cell(v: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     tasks = [t for t in TASKS if any(t in r["tasks"] for r in rows)]
-    head = ["method", "train wall", "trained on", "train reward (first → last 8 steps)", *tasks, "overall (z)"]
+    head = ["method", "train wall", "rollouts or pairs seen", "train reward (first → last 8 steps)", *tasks,
+            "overall (z)"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         first, last = r["reward_ends"]
