@@ -108,14 +108,21 @@ def evaluate(base: str, summary: dict, seed: int) -> list[dict]:
 
 
 def trained(base: str, pairs: Path, run: Path, args, over: list[str], rate: float) -> dict:
-    """The row's finished run (reused: a second seed set scores the same adapters), else a new one."""
+    """The row's finished run (reused: a second seed set scores the same adapters; one trained with other
+    settings is refused, naming what differs), else a new one."""
     from visalign.config import load_config
+    from visalign.train.checkpoint import check_same_run
     from visalign.train.loop import train
 
+    cfg = load_config("shapes", [], _settings(base, pairs, run, args, over, rate))
     if (run / "summary.json").exists():
-        return json.loads((run / "summary.json").read_text())
+        check_same_run(json.loads(json.dumps(cfg.to_dict())), run, resuming=True)
+        summary = json.loads((run / "summary.json").read_text())
+        if summary["steps"] != args.steps:
+            raise SystemExit(f"--steps: {run} holds a {summary['steps']}-step run, not {args.steps}")
+        return summary
     random.seed(args.seed)
-    return train(load_config("shapes", [], _settings(base, pairs, run, args, over, rate)))
+    return train(cfg)
 
 
 def compare_to_base(base_res: list[dict], res: list[dict]) -> dict:
