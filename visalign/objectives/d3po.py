@@ -71,7 +71,7 @@ class D3PO(OnlineMethod):
         return PreferenceBatch(prompts=[items["prompts"][i] for i in idx.tolist()], label=torch.ones(len(idx)),
                                extras={"traj": items["traj"][idx], "logp": items["logp"][idx],
                                        "timesteps": items["timesteps"], "reuse_ref": torch.tensor(items["reuse_ref"]),
-                                       "reward_mean": torch.full((len(idx),), items.get("reward_mean", float("nan")))})
+                                       "reward_mean": torch.full((len(idx),), items["reward_mean"])})
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         traj, timesteps = batch.extras["traj"], batch.extras["timesteps"]
