@@ -25,7 +25,9 @@ def evaluate(base_path: str, lora: str | None, per_task: int, seed: int, file: P
         return [json.loads(x) for x in file.read_text().splitlines()]
     bb = sampling_backbone(base_path, lora, bf16=False)  # fp32: bf16 flips verdicts between devices
     rows = [{k: v for k, v in r.items() if k != "image"} for r in heldout_results(bb, per_task, seed=seed)]
-    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = file.with_name(file.name + ".tmp")  # renamed when complete: a killed run leaves no half file
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(file)
     return rows
 
 

@@ -1,6 +1,7 @@
 """scripts/online_shapes.py and online_table.py: a run scored against the base, and the table built from runs."""
 
 import json
+import math
 
 import pytest
 from helpers import load_script
@@ -45,3 +46,41 @@ def test_online_table_refuses_runs_scored_differently(tmp_path):
         (tmp_path / name / "result.json").write_text(json.dumps({"eval_seed": seed, "per_task": 2}))
     with pytest.raises(SystemExit, match="different"):
         load_script("online_table").main([str(tmp_path)])
+
+
+def test_scaling_curve_scores_each_checkpoint_on_each_seed_set_and_pools_them(tmp_path):
+    from visalign.cli import main as cli
+
+    run = tmp_path / "run"
+    over = [o for o in TINY_GRPO if not o.startswith(("train.steps", "train.save_every"))]
+    assert cli(["finetune", "-c", "configs/shapes/grpo.yaml", "shapes", f"train.output_dir={run}",
+                "train.steps=2", "train.save_every=1", "train.lr=0.05", *over]) == 0  # big steps: verdicts move
+    scaling = load_script("online_scaling")
+    with pytest.raises(SystemExit, match="step-0000003"):
+        scaling.main([str(run), "--out", str(tmp_path / "curve"), "--steps", "3", "--per-task", "1"])
+    points = scaling.main([str(run), "--out", str(tmp_path / "curve"), "--steps", "1", "2", "--seeds", "4321", "99",
+                           "--per-task", "1"])
+    assert [p["step"] for p in points] == [1, 2]
+    assert [p["rollouts"] for p in points] == [8, 16]  # a round of 2 prompts x 4 rollouts per update
+    for p in points:
+        by_task = {}
+        for seed in (4321, 99):
+            base = {(r["prompt_index"], r["k"]): r for r in _jsonl(tmp_path / f"base-shapes-base-seed{seed}-n1.jsonl")}
+            tuned = _jsonl(tmp_path / "curve" / f"tuned-step{p['step']}-seed{seed}.jsonl")
+            assert len(tuned) == 6
+            d = [float(r["correct"]) - float(base[(r["prompt_index"], r["k"])]["correct"]) for r in tuned]
+            assert p["seeds"][str(seed)]["overall"]["delta"] == pytest.approx(sum(d) / 6)
+            for r, x in zip(tuned, d):
+                by_task.setdefault(r["tag"], []).append(x)
+        # pooled: each task's two paired samples (one per seed set), GenEval's unweighted mean over tasks
+        assert all(len(v) == 2 for v in by_task.values()) and len(by_task) == 6
+        assert p["pooled"]["overall"]["delta"] == pytest.approx(sum(sum(v) / 2 for v in by_task.values()) / 6)
+        se = math.sqrt(sum(paired_mean(v)[1] ** 2 for v in by_task.values())) / 6
+        assert p["pooled"]["overall"]["se"] == pytest.approx(se)
+    assert any(p["pooled"]["overall"]["delta"] != 0 for p in points)  # the check above is not 0 == 0
+    assert (run / "checkpoints" / "step-0000001" / "lora").is_dir()
+    # --table-only re-tabulates what is scored and samples nothing (seed 7 was never scored: no point)
+    again = ["--out", str(tmp_path / "curve"), "--steps", "1", "2", "--per-task", "1", "--table-only", "--seeds"]
+    assert json.dumps(scaling.main([str(run), *again, "4321", "99"])) == json.dumps(points)
+    assert scaling.main([str(run), *again, "4321", "7"]) == []
+    assert not list(tmp_path.rglob("*seed7*"))

@@ -462,3 +462,16 @@ def test_bad_compile_value_is_one_line(tiny_dir, pairs, tmp_path):
 
     with pytest.raises(ConfigError, match="train.compile='yes': expected auto, on or off"):
         _cfg(tiny_dir("pixel"), pairs, tmp_path / "run", extra=["train.compile=yes"])
+
+
+def test_every_lora_checkpoint_holds_an_adapter_equal_to_a_run_stopped_there(tiny_dir, pairs, tmp_path):
+    """step-N/lora is the adapter after N steps: a 2-step run's final LoRA (independent run, same seed)."""
+    model = tiny_dir("pixel")
+    _cli_train(model, pairs, tmp_path / "long", extra=["train.steps=4", "train.save_every=2"])
+    _cli_train(model, pairs, tmp_path / "short", extra=["train.steps=2"])
+    mid = load_file(tmp_path / "long" / "checkpoints" / "step-0000002" / "lora" / "pytorch_lora_weights.safetensors")
+    short = load_file(tmp_path / "short" / "lora" / "pytorch_lora_weights.safetensors")
+    final = load_file(tmp_path / "long" / "lora" / "pytorch_lora_weights.safetensors")
+    assert mid.keys() == short.keys() and mid
+    assert all(torch.equal(mid[k], short[k]) for k in mid)
+    assert any(not torch.equal(mid[k], final[k]) for k in mid)  # the checkpoint is not the end of the run

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError, first_line
 
 
 def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None, method_state: dict | None = None,
-                    reference: dict | None = None, text_lora: dict | None = None) -> Path:
+                    reference: dict | None = None, text_lora: dict | None = None,
+                    write_lora: Callable[[Path], object] | None = None) -> Path:
     """``accelerate.save_state`` (weights as safetensors, optimizer, scheduler, RNG) + the step cursor, the
     method's own state (JSON), when the reference has moved its weights (reference.safetensors), and a
     text-encoder LoRA's weights (text_lora.safetensors: accelerate holds only the denoiser).
+
+    ``write_lora`` (LoRA runs) also writes the adapter as a diffusers LoRA folder (step-N/lora), so any
+    checkpoint can be sampled or evaluated like a finished run's ``lora`` (``--lora .../step-N/lora``).
 
     Written under a temporary name and renamed, so a kill mid-save never leaves a half checkpoint
     that ``resume=latest`` would pick.
@@ -38,6 +43,8 @@ def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None, method_
             from safetensors.torch import save_file
 
             save_file(text_lora, str(tmp / "text_lora.safetensors"))
+        if write_lora is not None:
+            write_lora(tmp / "lora")
         state = {"step": step, "nonfinite": nonfinite} | ({"method": method_state} if method_state else {})
         (tmp / "visalign_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from ..config import RunConfig, write_resolved
 from ..data.cache import drop_prompts
 from ..errors import UserError
 from ..files import trim_jsonl
-from ..models.lora import text_lora_weights
+from ..models.lora import save_lora, text_lora_weights
 from ..types import as_float
 from .build import (
     build_lr_scheduler,
@@ -230,7 +231,8 @@ def _evaluate_and_save(run: Run, step: int, nonfinite: int) -> None:
         moved = any(r <= step for r in run.resets)
         run.last_good = save_checkpoint(run.acc, run.out, step, nonfinite, run.ema, run.method.state_dict(),
                                         run.backbone.reference_weights() if moved else None,
-                                        text_lora_weights(run.backbone))
+                                        text_lora_weights(run.backbone),
+                                        partial(save_lora, run.backbone) if run.cfg.lora.enabled else None)
 
 
 def _finish(run: Run, step: int, pairs_seen: int, seconds: float) -> dict:
