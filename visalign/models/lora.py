@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,60 @@ def add_lora(backbone, spec: LoraSpec) -> None:
             p.data = p.data.float()
     backbone.uses_lora = True
     backbone.lora_config = cfg
+
+
+def add_twin_adapter(backbone, name: str) -> list[torch.nn.Parameter]:
+    """A second LoRA adapter ``name`` on the denoiser, with the first's config and weights (two identical
+    modules, OFS-DPO's fast and slow ones); 'default' stays active (it is sampled, saved and the policy), the
+    twin runs inside ``using_adapter(backbone, name)``. Returns the twin's trainable parameters."""
+    from peft import inject_adapter_in_model
+
+    model = backbone.unwrapped()
+    if not backbone.uses_lora:
+        raise ValueError("a twin adapter needs a LoRA run (lora.enabled=true)")
+    inject_adapter_in_model(backbone.lora_config, model, adapter_name=name)
+    if isinstance(getattr(model, "peft_config", None), dict):
+        model.peft_config[name] = backbone.lora_config
+    params = dict(model.named_parameters())
+    twin = {n: p for n, p in params.items() if f".{name}." in n}
+    with torch.no_grad():
+        for n, p in twin.items():
+            p.data = params[n.replace(f".{name}.", ".default.")].detach().float().clone()
+    _activate(model, "default")
+    for n, p in params.items():  # both modules train (peft's injection may have frozen one)
+        p.requires_grad_(f".{name}." in n or ".default." in n)
+    return list(twin.values())
+
+
+def _activate(model: torch.nn.Module, name: str) -> None:
+    """Make adapter ``name`` the one each LoRA layer runs (peft's switch, which trains only the active one,
+    with the training flags kept: both modules learn, each through its own forward in the same step)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            _keeping_flags(module, lambda m: m.set_adapter(name))
+
+
+def _keeping_flags(layer, switch) -> None:
+    """Run a peft switch on a LoRA layer and put its adapters' requires_grad back as it was: peft's switches
+    freeze every adapter but the active one, which would silently stop a second module from learning."""
+    params = [p for n in layer.adapter_layer_names for sub in getattr(layer, n).values() for p in sub.parameters()]
+    flags = [p.requires_grad for p in params]
+    switch(layer)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def using_adapter(backbone, name: str) -> Iterator[None]:
+    """Inside this context the denoiser runs LoRA adapter ``name`` instead of 'default'."""
+    model = backbone.unwrapped()
+    _activate(model, name)
+    try:
+        yield
+    finally:
+        _activate(model, "default")
 
 
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -123,7 +179,7 @@ def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
 
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(enabled)
+            _keeping_flags(module, lambda m: m.enable_adapters(enabled))
 
 
 def lora_state_dict(backbone) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .cond import Cond
-from .lora import set_adapters_enabled
+from .lora import add_twin_adapter, set_adapters_enabled, using_adapter
 
 
 class ReferenceMixin:
@@ -64,6 +64,14 @@ class ReferenceMixin:
             for encoder in self.text_encoders_for_lora().values() if self.text_lora else ():
                 set_adapters_enabled(encoder, True)
             self._reference_active = False
+
+    def add_twin_adapter(self, name: str) -> list[torch.nn.Parameter]:
+        """A second LoRA module beside the policy's, identical at the start; returns its parameters."""
+        return add_twin_adapter(self, name)
+
+    def adapter(self, name: str) -> contextlib.AbstractContextManager:
+        """Inside this context ``predict`` runs LoRA module ``name`` (``add_twin_adapter``) instead of the policy's."""
+        return using_adapter(self, name)
 
     text_lora: bool = False  # a LoRA on the text encoder(s) too (lora.text_encoder)
 

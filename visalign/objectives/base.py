@@ -28,6 +28,11 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def param_groups(self, backbone) -> list[dict]:
+        """Trainable modules the method adds to the backbone itself (OFS-DPO's slow LoRA), as optimizer groups
+        ``{"params": [...], "lr_scale": s}`` (learning rate s·train.lr); called once, after the run's LoRA."""
+        return []
+
 
 class OnlineMethod(Method):
     """A method that samples its own training data from the model being trained, in rounds.
@@ -89,12 +94,16 @@ def shared_noise(backbone, x0: Tensor) -> tuple[Tensor, Tensor]:
     return t, eps
 
 
+def noised_lists(backbone, x0: Tensor, cond):
+    """x0 [B, K, ...] flattened and noised at one shared (t, ε) per list, and the conditioning repeated K times."""
+    t, eps = shared_noise(backbone, x0)
+    return backbone.noise(x0.flatten(0, 1), t=t, eps=eps), cond.repeat_interleave(x0.shape[1])
+
+
 def denoising_errors(backbone, x0: Tensor, cond, reference: bool = True) -> tuple[Tensor, Tensor | None]:
     """Per-image policy and reference errors [B, K] at a shared (t, ε) per list."""
     b, k = x0.shape[:2]
-    t, eps = shared_noise(backbone, x0)
-    noised = backbone.noise(x0.flatten(0, 1), t=t, eps=eps)
-    cond_k = cond.repeat_interleave(k)
+    noised, cond_k = noised_lists(backbone, x0, cond)
     err = backbone.error(noised, cond_k).view(b, k)
     ref = None
     if reference:

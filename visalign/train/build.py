@@ -89,8 +89,13 @@ def set_attention(backbone, attention: str) -> str:
     return "sdpa"
 
 
-def build_optimizer(params, cfg: RunConfig):
+def build_optimizer(params, cfg: RunConfig, extra_groups: list[dict] = ()):
+    """The run's optimizer over ``params`` at train.lr, plus a method's own groups (``Method.param_groups``)
+    at their ``lr_scale`` x train.lr (the schedule scales every group alike)."""
     t = cfg.train
+    if extra_groups:
+        params = [{"params": list(params)}] + [{"params": g["params"], "lr": t.lr * g.get("lr_scale", 1.0)}
+                                               for g in extra_groups]
     if t.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

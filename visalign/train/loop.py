@@ -133,8 +133,10 @@ def _build(cfg: RunConfig, acc, out: Path, method) -> Run:
     source = data_source(method)  # pairs, lists or online rounds: the method's data kind decides
     backbone, dataset = source.open(cfg, acc, method)
     params = prepare_trainable(backbone, cfg)
+    groups = method.param_groups(backbone)  # a method's own modules (OFS-DPO's slow LoRA), at their own lr
     dataset, stream = source.batches(cfg, acc, method, backbone, dataset)
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, groups)
+    params = params + [p for g in groups for p in g["params"]]
     lr_sched = build_lr_scheduler(optimizer, cfg)
     if t.compiles():  # the compiled module shares the parameters: the optimizer and the LoRA see the same ones
         backbone.denoiser = torch.compile(backbone.denoiser)
