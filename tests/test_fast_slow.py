@@ -135,3 +135,22 @@ def test_fast_slow_resumes_exactly_and_needs_lora(tiny_dir, tmp_path, capsys):
     assert main(_argv(tiny_dir, "pixel", tmp_path / "full", "train.steps=1", "lora.enabled=false")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "objective.fast_slow=true needs lora.enabled=true" in err[0]
+
+
+def test_fast_slow_under_accelerate_launch_keeps_both_ranks_identical(tiny_dir, tmp_path):
+    """Two CPU processes (gloo): both modules' gradients are averaged, so the ranks end with equal weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    argv = [a for a in _argv(tiny_dir, "pixel", tmp_path / "ddp", "train.steps=3", "train.save_every=0")
+            if a != "objective.reward=test_redness"] + ["objective.reward=shapes"]  # a registered reward
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", "29733", "-m", "visalign", *argv]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    digests = [line.split('"')[3] for line in r.stdout.splitlines() if '"weights_sha256"' in line]
+    assert len(digests) == 2 and digests[0] == digests[1]
