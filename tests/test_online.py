@@ -116,10 +116,15 @@ def test_d3po_pairs_need_a_margin_and_rounds_are_fresh(tiny_dir):
     every = D3PO(steps=3, prompts_per_round=6, guidance=2.0, reward="test_redness")
     items = every.make_round(bb, prompts, torch.Generator().manual_seed(0))
     assert len(items["prompts"]) == 6
-    # the round's mean reward (all 12 rollouts) reaches the step's metrics: D3PO's training-reward curve
-    batch = every.take(items, torch.arange(2))
-    assert 0.0 <= items["reward_mean"] <= 1.0
-    assert every(bb, batch).metrics["reward_mean"] == pytest.approx(items["reward_mean"])
+    # the round's mean reward (all 12 rollouts) rides with every batch of the round into the step's logged
+    # metrics (the loop merges batch.log): D3PO's training-reward curve, as every online method's
+    from visalign.objectives.online import RoundSource
+
+    source = RoundSource(every, bb, prompts, batch_size=2, grad_accum=1, seed=0)
+    batch = source.batch(0)
+    assert 0.0 <= source.items["log"]["reward_mean"] <= 1.0
+    assert batch.log == source.items["log"] and batch.to("cpu").log == batch.log
+    assert every.make_round(bb, prompts, torch.Generator().manual_seed(0))["log"] == items["log"]
     strict = D3PO(steps=3, prompts_per_round=6, guidance=2.0, reward="test_redness", min_margin=1e9)
     none = strict.make_round(bb, prompts, torch.Generator().manual_seed(0))
     assert none["prompts"] == [] and strict.take(none, torch.arange(4)) is None

@@ -25,6 +25,7 @@ class PreferenceBatch:
     weights: Tensor | None = None  # [B] per-pair loss weights
     image_meta: dict = field(default_factory=dict)  # e.g. original_size / crop_top_left [B, 2] (SDXL)
     extras: dict = field(default_factory=dict)  # method-specific tensors (online methods' trajectories)
+    log: dict = field(default_factory=dict)  # values the data source logs with the step (a round's mean reward)
 
     @property
     def size(self) -> int:
@@ -39,7 +40,7 @@ class PreferenceBatch:
             latent_mean=mv(self.latent_mean), latent_std=mv(self.latent_std), cond=mv(self.cond),
             scores=mv(self.scores), weights=mv(self.weights),
             image_meta={k: mv(v) for k, v in self.image_meta.items()},
-            extras={k: mv(v) for k, v in self.extras.items()})
+            extras={k: mv(v) for k, v in self.extras.items()}, log=self.log)
 
 
 @dataclass

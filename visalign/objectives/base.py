@@ -48,7 +48,8 @@ class OnlineMethod(Method):
     reset_reference: bool = False
 
     def make_round(self, backbone, prompts: list[str], gen: torch.Generator, round_idx: int = 0) -> dict:
-        """Sample and score one round's data with the current model."""
+        """Sample and score one round's data with the current model; its ``log`` entry ({name: float}, e.g.
+        the round's mean reward) is logged with every step trained on the round."""
         raise NotImplementedError
 
     def round_size(self, items: dict) -> int:

@@ -59,7 +59,7 @@ class D3PO(OnlineMethod):
         ref_is_sampler = round_idx == 0 or self.reset_reference
         return {"traj": traj.cpu(), "logp": logp.cpu(), "timesteps": out.timesteps.cpu(),
                 "prompts": [c for c, k in zip(chosen, keep.tolist()) if k], "reuse_ref": ref_is_sampler,
-                "reward_mean": float(scores.mean())}  # every rollout of the round: the training-prompt reward curve
+                "log": {"reward_mean": float(scores.mean())}}  # every rollout: the training-prompt reward curve
 
     def round_size(self, items: dict) -> int:
         return max(1, len(items["prompts"]))
@@ -70,8 +70,7 @@ class D3PO(OnlineMethod):
         idx = idx % len(items["prompts"])
         return PreferenceBatch(prompts=[items["prompts"][i] for i in idx.tolist()], label=torch.ones(len(idx)),
                                extras={"traj": items["traj"][idx], "logp": items["logp"][idx],
-                                       "timesteps": items["timesteps"], "reuse_ref": torch.tensor(items["reuse_ref"]),
-                                       "reward_mean": torch.full((len(idx),), items["reward_mean"])})
+                                       "timesteps": items["timesteps"], "reuse_ref": torch.tensor(items["reuse_ref"])})
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
         traj, timesteps = batch.extras["traj"], batch.extras["timesteps"]
@@ -99,7 +98,6 @@ class D3PO(OnlineMethod):
             rho.append((logp - ref).detach())
         loss = torch.stack(losses).mean()
         r = torch.stack(rho)
-        return StepOutput(loss, {"reward_mean": as_float(batch.extras["reward_mean"][0]),
-                                 "implicit_acc": as_float((r[..., 0] > r[..., 1]).float()),
+        return StepOutput(loss, {"implicit_acc": as_float((r[..., 0] > r[..., 1]).float()),
                                  "logratio_w": as_float(r[..., 0]), "logratio_l": as_float(r[..., 1]),
                                  "clipped": as_float((r.abs() > self.clip_eps).float())})

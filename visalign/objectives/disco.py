@@ -38,7 +38,6 @@ class DisCO(GroupRollouts, OnlineMethod):
         kl = (-log_ratio).mean()  # KL(π_old ‖ π_θ) estimated on π_old's own samples
         adv = batch.extras["adv"].to(logp)
         loss = disco_objective(score, adv, kl, self.delta, self.beta)
-        return StepOutput(loss, {"reward_mean": as_float(batch.extras["reward_mean"][0]), "kl": as_float(kl),
+        return StepOutput(loss, {"kl": as_float(kl),
                                  "score_pos": as_float(score[adv > 0]) if (adv > 0).any() else 0.0,
-                                 "score_neg": as_float(score[adv < 0]) if (adv < 0).any() else 0.0,
-                                 "zero_var_groups": as_float(batch.extras["zero_var_groups"][0])})
+                                 "score_neg": as_float(score[adv < 0]) if (adv < 0).any() else 0.0})

@@ -41,6 +41,5 @@ class GRPO(GroupRollouts, OnlineMethod):
             metrics["kl"] = as_float(kl)
         ratio = torch.exp(logp - logp_old).detach()
         return StepOutput(loss, metrics | {
-            "reward_mean": as_float(batch.extras["reward_mean"][0]), "ratio": as_float(ratio),
-            "clip_frac": as_float(((ratio - 1).abs() > self.clip).float()), "adv_abs": as_float(adv.abs()),
-            "zero_var_groups": as_float(batch.extras["zero_var_groups"][0])})
+            "ratio": as_float(ratio), "clip_frac": as_float(((ratio - 1).abs() > self.clip).float()),
+            "adv_abs": as_float(adv.abs())})

@@ -48,4 +48,7 @@ class RoundSource:
         n = self.method.round_size(self.items)
         g = torch.Generator().manual_seed(round_seed(self.seed, micro_step, self.rank) + 1)
         idx = torch.randint(0, n, (self.batch_size,), generator=g)
-        return self.method.take(self.items, idx)
+        batch = self.method.take(self.items, idx)
+        if batch is not None:  # the round's own figures (its mean reward: the training-prompt reward curve)
+            batch.log = dict(self.items.get("log", {}))
+        return batch

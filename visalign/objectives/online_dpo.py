@@ -81,7 +81,7 @@ class OnlineDPO(OnlineMethod):
                     losers.append(images[p, j])
                     captions.append(chosen[p])
         pairs = torch.stack([torch.stack(winners), torch.stack(losers)], 1) if captions else None
-        return {"images": pairs, "prompts": captions, "reward_mean": float(scores.mean())}
+        return {"images": pairs, "prompts": captions, "log": {"reward_mean": float(scores.mean())}}
 
     def round_size(self, items: dict) -> int:
         return max(1, len(items["prompts"]))
@@ -91,13 +91,10 @@ class OnlineDPO(OnlineMethod):
             return None
         idx = idx % len(items["prompts"])
         return PreferenceBatch(prompts=[items["prompts"][i] for i in idx.tolist()], label=torch.ones(len(idx)),
-                               images=items["images"][idx],
-                               extras={"reward_mean": torch.full((len(idx),), items["reward_mean"])})
+                               images=items["images"][idx])
 
     def __call__(self, backbone, batch: PreferenceBatch) -> StepOutput:
-        out = self.fast_slow_step(backbone, batch) if self.fast_slow else self.dpo(backbone, batch)
-        out.metrics["reward_mean"] = float(batch.extras["reward_mean"][0])
-        return out
+        return self.fast_slow_step(backbone, batch) if self.fast_slow else self.dpo(backbone, batch)
 
     def fast_slow_step(self, backbone, batch: PreferenceBatch) -> StepOutput:
         """Both modules' DPO losses and the chasing terms at one shared (t, ε) per pair."""

@@ -54,7 +54,7 @@ class GroupRollouts:
         return {"traj": traj.cpu(), "logp": out.log_probs.view(p, g, -1)[keep].flatten(0, 1).cpu(),
                 "adv": adv[keep].flatten().cpu(), "timesteps": out.timesteps.cpu(),
                 "prompts": [c for c, k in zip(chosen, keep.tolist()) if k for _ in range(g)],
-                "reward_mean": float(rewards.mean()), "zero_var_groups": int((~keep).sum())}
+                "log": {"reward_mean": float(rewards.mean()), "zero_var_groups": int((~keep).sum())}}
 
     def round_size(self, items: dict) -> int:
         return max(1, len(items["prompts"]))
@@ -67,8 +67,7 @@ class GroupRollouts:
         return PreferenceBatch(
             prompts=[items["prompts"][i] for i in idx.tolist()], label=torch.ones(n),
             extras={"traj": items["traj"][idx], "logp": items["logp"][idx], "adv": items["adv"][idx],
-                    "timesteps": items["timesteps"], "reward_mean": torch.full((n,), items["reward_mean"]),
-                    "zero_var_groups": torch.full((n,), float(items["zero_var_groups"]))})
+                    "timesteps": items["timesteps"]})
 
     def trained_steps(self, logp_old: Tensor) -> Tensor:
         """The first ``window`` steps with a density (the early, high-noise ones, where layout is decided);

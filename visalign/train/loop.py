@@ -188,7 +188,8 @@ def _accumulate(run: Run, step: int) -> tuple[list[dict], int]:
             res = run.method(run.backbone, batch)
             if torch.isfinite(res.loss):
                 acc.backward(res.loss)
-            window.append({"loss": as_float(res.loss), **res.metrics, "finite": bool(torch.isfinite(res.loss))})
+            window.append({"loss": as_float(res.loss), **batch.log, **res.metrics,
+                           "finite": bool(torch.isfinite(res.loss))})
         seen += batch.size * acc.num_processes
     return window, seen
 
