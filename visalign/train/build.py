@@ -89,7 +89,7 @@ def set_attention(backbone, attention: str) -> str:
     return "sdpa"
 
 
-def build_optimizer(params, cfg: RunConfig, extra_groups: list[dict] = ()):
+def build_optimizer(params, cfg: RunConfig, extra_groups: list[dict] | None = None):
     """The run's optimizer over ``params`` at train.lr, plus a method's own groups (``Method.param_groups``)
     at their ``lr_scale`` x train.lr (the schedule scales every group alike)."""
     t = cfg.train
