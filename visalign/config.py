@@ -92,12 +92,18 @@ class DataConfig:
     curriculum_stages: int = 1  # > 1: Curry-DPO's stages, each on its own chunk, the reference reset at each start
     streaming: bool = False  # stream it (hub ids, big folders): rows are read and cached as training reaches them
     stream_chunk_rows: int = 64  # streaming: rows encoded and cached together
+    # online rounds: draw prompts by task, {task: weight} (a task not named weighs 1, 0 leaves it out); needs a
+    # source with task tags (GenEval metadata's 'tag', a world's split); empty: uniformly over the prompts
+    task_weights: dict[str, float] = field(default_factory=dict)
 
     def check(self, where: str = "data") -> None:
         require_positive(self.max_rows, f"{where}.max_rows", allow_zero=True)
         require_positive(self.weight_scale, f"{where}.weight_scale")
         require_positive(self.curriculum_stages, f"{where}.curriculum_stages")
         require_positive(self.stream_chunk_rows, f"{where}.stream_chunk_rows")
+        for task, w in self.task_weights.items():
+            if not w >= 0:
+                raise ConfigError(f"{where}.task_weights.{task}={w}: expected a weight >= 0")
         if self.streaming and (self.curriculum or self.weighting != "none"):
             raise ConfigError(f"{where}.streaming=true reads rows in stream order once: it cannot also order or "
                               f"weight them by margin ({where}.curriculum / {where}.weighting need the whole dataset)")
@@ -211,13 +217,38 @@ def build_component(section: Any, registry: Registry, where: str) -> Component:
     out: dict[str, Any] = {}
     params = registry.parameters(name)
     for k, v in kwargs.items():
-        if k in NESTED:
+        if k == "reward" and is_reward_ensemble(v):
+            out[k] = reward_ensemble(v, f"{where}.{k}")
+        elif k in NESTED:
             if isinstance(v, dict) and "name" not in v and isinstance(params[k].default, str):
                 v = {"name": params[k].default, **v}  # `objective.head.tau=...` on the default head
             out[k] = build_component(v, NESTED[k], f"{where}.{k}")
         else:
             out[k] = coerce(v, hints.get(k, Any), f"{where}.{k}")
     return Component(name, out)
+
+
+def is_reward_ensemble(value: Any) -> bool:
+    """A list of rewards, or a mapping {reward name: weight} (every key a registered reward, no 'name')."""
+    if isinstance(value, list):
+        return True
+    return isinstance(value, dict) and "name" not in value and bool(value) and all(k in REWARDS for k in value)
+
+
+def reward_ensemble(value: Any, where: str) -> list[dict]:
+    """A weighted reward sum, ``[{name, weight, **kwargs}, ...]``, each entry checked against its reward."""
+    items = [{"name": k, "weight": w} for k, w in value.items()] if isinstance(value, dict) else value
+    if not items:
+        raise ConfigError(f"{where}: an empty reward list; name at least one reward")
+    out = []
+    for i, item in enumerate(items):
+        item = {"name": item} if isinstance(item, str) else item
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}[{i}]: expected a reward name or {{name, weight, ...}}, got {item!r}")
+        item = dict(item)
+        weight = coerce(item.pop("weight", 1.0), float, f"{where}[{i}].weight")
+        out.append(build_component(item, REWARDS, f"{where}[{i}]").to_dict() | {"weight": weight})
+    return out
 
 
 def section_from_dict(cls, data: dict, where: str):

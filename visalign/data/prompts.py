@@ -73,3 +73,20 @@ def _from_dataset(source: str, column: str) -> list[str]:
         if col in ds.column_names:
             return [str(x) for x in ds[col]]
     raise DataError(f"{source}: no prompt column ({column!r}, 'caption' or 'text'); found {ds.column_names}")
+
+
+def read_prompt_tags(source: str) -> list[str] | None:
+    """The task tag of each prompt ``read_prompts`` returns, where the source has them: a world's split with
+    GenEval metadata (``METADATA_SOURCES``) or a GenEval metadata .jsonl (its 'tag' field); else None."""
+    from ..registry import METADATA_SOURCES
+
+    scheme, _, spec = source.partition(":")
+    if spec and scheme.isidentifier() and scheme in METADATA_SOURCES and not Path(source).exists():
+        return [str(r["tag"]) for r in METADATA_SOURCES.get(scheme)(spec, "data.path")]
+    p = Path(source)
+    if not (p.is_file() and p.suffix in (".jsonl", ".json")):
+        return None
+    records = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    if records and all(isinstance(r, dict) and isinstance(r.get("tag"), str) for r in records):
+        return [r["tag"] for r in records]
+    return None

@@ -77,8 +77,9 @@ class DiffusionBackbone(BackboneBase):
         final = 1.0 if self.scheduler_config.get("set_alpha_to_one", True) else float(self.alphas_cumprod[0])
         return torch.where(t >= 0, self.alphas_cumprod[t.clamp_min(0)], torch.full((), final))
 
-    def split_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(x̂0, ε̂) from the model output, with x̂0 clipped as the scheduler config asks (DDIM Eq. 12)."""
+    def split_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor, clip: bool = True) -> tuple[Tensor, Tensor]:
+        """(x̂0, ε̂) from the model output, with x̂0 clipped as the scheduler config asks (DDIM Eq. 12) unless
+        ``clip`` is False (a loss needs the gradient the clamp would cut)."""
         a = self._alpha(t).to(x_t.device).view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
         if self.kdiff_k is not None:
             x0, eps = k_split(pred, x_t, a.flatten().float(), self.kdiff_k)
@@ -88,10 +89,14 @@ class DiffusionBackbone(BackboneBase):
         else:
             x0 = a.sqrt() * x_t - (1 - a).sqrt() * pred
             eps = a.sqrt() * pred + (1 - a).sqrt() * x_t
-        if self.scheduler_config.get("clip_sample", False):
+        if clip and self.scheduler_config.get("clip_sample", False):
             r = float(self.scheduler_config.get("clip_sample_range", 1.0))
             x0 = x0.clamp(-r, r)
         return x0, eps
+
+    def x0_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t for ε, √ᾱ_t x_t − √(1−ᾱ_t) v̂ for v (unclipped, affine in ``pred``)."""
+        return self.split_prediction(pred, x_t, t, clip=False)[0]
 
     def ddim_mean_std(self, pred: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, eta: float
                       ) -> tuple[Tensor, Tensor]:

@@ -117,6 +117,12 @@ class FlowBackbone(LatentMixin, BackboneBase):
         return model(hidden_states=x_in, timestep=t, encoder_hidden_states=cond.tensors["hidden"],
                      pooled_projections=cond.tensors["pooled"]).sample.to(x_t.dtype)
 
+    def x0_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0 = x_t − σ·v̂ (x_t = (1−σ)x0 + σε, v = ε − x0), σ = t/1000."""
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        sigma = (t.float() / self.num_train_timesteps).to(x_t.device).view(-1, *([1] * (x_t.ndim - 1)))
+        return x_t - sigma.to(x_t.dtype) * pred
+
     def sampling_scheduler(self, steps: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
 

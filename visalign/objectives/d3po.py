@@ -9,6 +9,7 @@ from ..rewards.base import score_and_rank
 from ..types import PreferenceBatch, StepOutput, as_float
 from .base import OnlineMethod, text_conditioning
 from .losses import d3po_loss
+from .online import draw_prompts
 
 
 @METHODS.register("d3po")
@@ -25,22 +26,21 @@ class D3PO(OnlineMethod):
 
     def __init__(self, beta: float = 0.1, clip_eps: float = 0.1, steps: int = 10, eta: float = 1.0,
                  guidance: float | None = None, prompts_per_round: int = 32, round_steps: int = 4,
-                 timestep_fraction: float = 1.0, reward: str | dict = "constraints", min_margin: float = 0.0,
+                 timestep_fraction: float = 1.0, reward: str | dict | list = "constraints", min_margin: float = 0.0,
                  reset_reference: bool = False):
-        from ..rewards.base import build_reward
+        from ..rewards.base import LazyReward
 
         self.beta, self.clip_eps, self.steps, self.eta, self.guidance = beta, clip_eps, steps, eta, guidance
         self.prompts_per_round, self.round_steps = prompts_per_round, round_steps
         self.timestep_fraction, self.reset_reference, self.min_margin = timestep_fraction, reset_reference, min_margin
-        self.reward = build_reward(reward)
+        self.reward = LazyReward(reward)
 
     def make_round(self, backbone, prompts, gen, round_idx: int = 0) -> dict:
         """2 trajectories per prompt from one shared x_T; winner = higher reward; ties dropped."""
         if self.guidance is None:
             raise ValueError("D3PO.guidance is unset: pass guidance=<the classifier-free guidance the model is "
                              "sampled at> (the trainer passes train.guidance)")
-        idx = torch.randint(0, len(prompts), (self.prompts_per_round,), generator=gen).tolist()
-        chosen = [prompts[i] for i in idx]
+        chosen = draw_prompts(prompts, self.prompts_per_round, gen)
         x_T = torch.randn((len(chosen), *backbone.sample_shape), generator=gen).repeat_interleave(2, 0)
         doubled = [p for p in chosen for _ in range(2)]
         out = backbone.sample(doubled, steps=self.steps, guidance=self.guidance, eta=self.eta, trajectory=True,
@@ -59,7 +59,8 @@ class D3PO(OnlineMethod):
         ref_is_sampler = round_idx == 0 or self.reset_reference
         return {"traj": traj.cpu(), "logp": logp.cpu(), "timesteps": out.timesteps.cpu(),
                 "prompts": [c for c, k in zip(chosen, keep.tolist()) if k], "reuse_ref": ref_is_sampler,
-                "log": {"reward_mean": float(scores.mean())}}  # every rollout: the training-prompt reward curve
+                "log": {"reward_mean": float(scores.mean())}  # every rollout: the training-prompt reward curve
+                | self.reward.term_means()}
 
     def round_size(self, items: dict) -> int:
         return max(1, len(items["prompts"]))

@@ -9,6 +9,7 @@ from ..types import PreferenceBatch, StepOutput, as_float
 from .base import OnlineMethod
 from .implicit import implicit_reward
 from .losses import ddo_loss
+from .online import draw_prompts
 
 
 @METHODS.register("ddo")
@@ -35,8 +36,7 @@ class DDO(OnlineMethod):
 
     def make_round(self, backbone, prompts, gen, round_idx: int = 0) -> dict:
         """Fakes from the reference model (= the policy at the round start when reset), reals rendered."""
-        idx = torch.randint(0, len(prompts), (self.prompts_per_round,), generator=gen).tolist()
-        chosen = [prompts[i] for i in idx]
+        chosen = draw_prompts(prompts, self.prompts_per_round, gen)
         noise = torch.randn((len(chosen), *backbone.sample_shape), generator=gen).to(backbone.device)
         with backbone.reference():
             fake = backbone.sample(chosen, steps=self.steps, guidance=self.guidance, latents=noise).images.cpu()

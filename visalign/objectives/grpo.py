@@ -25,7 +25,7 @@ class GRPO(GroupRollouts, OnlineMethod):
     def __init__(self, group_size: int = 16, prompts_per_round: int = 8, round_steps: int = 8, steps: int = 20,
                  eta: float = 1.0, window: int = 6, guidance: float | None = None, clip: float = 1e-4,
                  kl_coef: float = 0.0, adv_scale: str = "group", shared_noise: bool = False,
-                 reward: str | dict = "constraints"):
+                 reward: str | dict | list = "constraints"):
         self.configure_rollouts(group_size, prompts_per_round, round_steps, steps, eta, window, guidance,
                                 shared_noise, reward)
         self.clip, self.kl_coef, self.adv_scale = clip, kl_coef, adv_scale

@@ -11,9 +11,53 @@ import logging
 
 import torch
 
+from ..errors import UserError
 from ..seeds import derived_seed
 
 log = logging.getLogger(__name__)
+
+
+class PromptPool(list):
+    """The run's prompts, with their task tags when the source has them (GenEval metadata, a world's split).
+
+    ``draw`` picks prompts uniformly, or with ``task_weights`` a task first (by weight; a task not named weighs
+    1, 0 leaves it out) and then a prompt of it uniformly: rounds balanced by task, counting weighted up as an
+    option. Without weights the draw is the one every earlier run made (one randint), so runs replay.
+    """
+
+    def __init__(self, prompts: list[str], tags: list[str] | None = None, task_weights: dict | None = None):
+        super().__init__(prompts)
+        self.tags, self.task_weights = tags, dict(task_weights or {})
+        if self.task_weights:
+            if tags is None:
+                raise UserError("data.task_weights needs prompts with task tags: a GenEval metadata .jsonl (its "
+                                "'tag' field) or a world's split such as shapes:train")
+            known = sorted(set(tags))
+            for task in self.task_weights:
+                if task not in known:
+                    raise UserError(f"data.task_weights.{task}: no prompt has that task; tasks: {', '.join(known)}")
+            self.tasks = [t for t in known if self.task_weights.get(t, 1.0) > 0]
+            if not self.tasks:
+                raise UserError("data.task_weights: every task has weight 0")
+            self.by_task = {t: [i for i, g in enumerate(tags) if g == t] for t in self.tasks}
+            self.probs = torch.tensor([float(self.task_weights.get(t, 1.0)) for t in self.tasks])
+
+    def draw(self, n: int, gen: torch.Generator) -> list[str]:
+        if not self.task_weights:
+            return [self[i] for i in torch.randint(0, len(self), (n,), generator=gen).tolist()]
+        picks = torch.multinomial(self.probs, n, replacement=True, generator=gen).tolist()
+        out = []
+        for k in picks:
+            members = self.by_task[self.tasks[k]]
+            out.append(self[members[int(torch.randint(0, len(members), (1,), generator=gen))]])
+        return out
+
+
+def draw_prompts(prompts, n: int, gen: torch.Generator) -> list[str]:
+    """``n`` prompts for a round: the pool's own draw (balanced by task when configured), else uniform."""
+    if isinstance(prompts, PromptPool):
+        return prompts.draw(n, gen)
+    return [prompts[i] for i in torch.randint(0, len(prompts), (n,), generator=gen).tolist()]
 
 
 def round_seed(seed: int, round_idx: int, rank: int) -> int:

@@ -14,6 +14,7 @@ from .base import OnlineMethod, model_inputs, noised_lists, pair_metrics
 from .diffusion_dpo import DiffusionDPO
 from .fast_slow import Roles, chasing_losses
 from .implicit import implicit_reward
+from .online import draw_prompts
 
 SLOW = "slow"  # the slow module's adapter name; the policy (sampled, saved) is the fast one, 'default'
 
@@ -37,7 +38,7 @@ class OnlineDPO(OnlineMethod):
     def __init__(self, beta: float = 5000.0, head: str | dict = "sigmoid", samples_per_prompt: int = 4,
                  prompts_per_round: int = 32, round_steps: int = 8, steps: int = 20, guidance: float | None = None,
                  pairs: str = "best-worst", min_margin: float = 0.1, reset_reference: bool = True,
-                 reward: str | dict = "constraints", fast_slow: bool = False, ofs_alpha: float = 0.1,
+                 reward: str | dict | list = "constraints", fast_slow: bool = False, ofs_alpha: float = 0.1,
                  slow_lr: float = 0.5, chase_every: int = 8):
         from ..rewards.base import LazyReward
 
@@ -64,7 +65,7 @@ class OnlineDPO(OnlineMethod):
         """K samples per prompt with the current policy (the evaluation's sampler), ranked; pairs kept by margin."""
         if self.guidance is None:
             raise ValueError("online_dpo.guidance is unset: the trainer passes train.guidance")
-        chosen = [prompts[i] for i in torch.randint(0, len(prompts), (self.prompts_per_round,), generator=gen)]
+        chosen = draw_prompts(prompts, self.prompts_per_round, gen)
         rep = [c for c in chosen for _ in range(self.k)]
         noise = torch.randn((len(rep), *backbone.sample_shape), generator=gen)
         images = backbone.sample(rep, steps=self.steps, guidance=self.guidance, latents=noise).images.cpu()
@@ -81,7 +82,8 @@ class OnlineDPO(OnlineMethod):
                     losers.append(images[p, j])
                     captions.append(chosen[p])
         pairs = torch.stack([torch.stack(winners), torch.stack(losers)], 1) if captions else None
-        return {"images": pairs, "prompts": captions, "log": {"reward_mean": float(scores.mean())}}
+        return {"images": pairs, "prompts": captions,
+                "log": {"reward_mean": float(scores.mean())} | self.reward.term_means()}
 
     def round_size(self, items: dict) -> int:
         return max(1, len(items["prompts"]))

@@ -6,6 +6,8 @@ log π_θ(x_{t−1} | x_t, c) (the per-image mean over elements, as flow_grpo an
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,41 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -
     else:
         raise ValueError(f"advantage scale {scale!r}: expected group or batch")
     return centred / (std + eps), keep
+
+
+class PromptStats:
+    """DDPO's per-prompt stat tracking (Black et al. 2023; Flow-GRPO's option): Â = (r − μ_c) / (σ_c + eps) with
+    μ_c, σ_c the mean and std of the last ``buffer`` rewards of prompt c over rounds; a prompt seen fewer than
+    ``min_count`` times uses the whole batch's mean and std. JSON-able state, so a resumed run continues it."""
+
+    def __init__(self, buffer: int = 32, min_count: int = 16, eps: float = 1e-4):
+        if buffer < 1 or min_count < 1:
+            raise ValueError(f"per-prompt stats: buffer={buffer} and min_count={min_count} must be positive")
+        self.buffer, self.min_count, self.eps = buffer, min_count, eps
+        self.seen: dict[str, deque] = {}
+
+    def advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        """Â [N] for N rewards of ``prompts`` (this round's, added to each prompt's history first)."""
+        rewards = rewards.float().flatten()
+        adv = torch.empty_like(rewards)
+        batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
+        for c in dict.fromkeys(prompts):
+            idx = torch.tensor([i for i, p in enumerate(prompts) if p == c])
+            hist = self.seen.setdefault(c, deque(maxlen=self.buffer))
+            hist.extend(rewards[idx].tolist())
+            if len(hist) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                h = torch.tensor(list(hist))
+                mean, std = h.mean(), h.std(unbiased=False)
+            adv[idx] = (rewards[idx] - mean) / (std + self.eps)
+        return adv
+
+    def state_dict(self) -> dict:
+        return {c: list(h) for c, h in self.seen.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = {c: deque(v, maxlen=self.buffer) for c, v in state.items()}
 
 
 def clipped_surrogate(logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float) -> Tensor:

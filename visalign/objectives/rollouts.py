@@ -12,7 +12,8 @@ from torch import Tensor
 from ..rewards.base import score_and_rank
 from ..types import PreferenceBatch
 from .base import text_conditioning
-from .policy import group_advantages
+from .online import draw_prompts
+from .policy import PromptStats, group_advantages
 
 
 class GroupRollouts:
@@ -34,6 +35,13 @@ class GroupRollouts:
         self.group_size, self.prompts_per_round, self.round_steps = group_size, prompts_per_round, round_steps
         self.steps, self.eta, self.window, self.guidance = steps, eta, window, guidance
         self.shared_noise, self.reward = shared_noise, LazyReward(reward)
+        self.prompt_stats = PromptStats()  # used with adv_scale='prompt'
+
+    def state_dict(self) -> dict:  # per-prompt reward histories (adv_scale='prompt'), so a resumed run continues them
+        return {"prompt_stats": self.prompt_stats.state_dict()} if self.prompt_stats.seen else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompt_stats.load_state_dict(state.get("prompt_stats", {}))
 
     def make_round(self, backbone, prompts, gen: torch.Generator, round_idx: int = 0) -> dict:
         """P prompts x G rollouts (one shared x_T per group with ``shared_noise``, DanceGRPO), their rewards
@@ -41,7 +49,7 @@ class GroupRollouts:
         if self.guidance is None:
             raise ValueError(f"{type(self).__name__}.guidance is unset: the trainer passes train.guidance")
         p, g = self.prompts_per_round, self.group_size
-        chosen = [prompts[i] for i in torch.randint(0, len(prompts), (p,), generator=gen).tolist()]
+        chosen = draw_prompts(prompts, p, gen)
         rep = [c for c in chosen for _ in range(g)]
         shape = backbone.sample_shape
         x_T = (torch.randn((p, 1, *shape), generator=gen).expand(p, g, *shape) if self.shared_noise
@@ -49,12 +57,13 @@ class GroupRollouts:
         out = backbone.sample(rep, steps=self.steps, guidance=self.guidance, eta=self.eta, trajectory=True,
                               latents=x_T.to(backbone.device), generator=gen)
         rewards, _ = score_and_rank(out.images, rep, {"r": self.reward}, {"r": 1.0}, group=g, normalise="none")
-        adv, keep = group_advantages(rewards, self.adv_scale)
+        adv, keep = round_advantages(rewards, chosen, self.adv_scale, self.prompt_stats)
         traj = torch.stack(out.trajectory, 1).view(p, g, self.steps + 1, *shape)[keep].flatten(0, 1)
         return {"traj": traj.cpu(), "logp": out.log_probs.view(p, g, -1)[keep].flatten(0, 1).cpu(),
                 "adv": adv[keep].flatten().cpu(), "timesteps": out.timesteps.cpu(),
                 "prompts": [c for c, k in zip(chosen, keep.tolist()) if k for _ in range(g)],
-                "log": {"reward_mean": float(rewards.mean()), "zero_var_groups": int((~keep).sum())}}
+                "log": {"reward_mean": float(rewards.mean()), "zero_var_groups": int((~keep).sum())}
+                | self.reward.term_means()}
 
     def round_size(self, items: dict) -> int:
         return max(1, len(items["prompts"]))
@@ -97,3 +106,13 @@ class GroupRollouts:
             else:
                 out.append(backbone.step_logprob(x_t, x_prev, t, cond, **kw))
         return torch.stack(out, 1)
+
+
+def round_advantages(rewards: Tensor, chosen: list[str], scale: str, stats: PromptStats) -> tuple[Tensor, Tensor]:
+    """(Â [P, G], keep [P]) for a round's rewards [P, G] of prompts ``chosen`` [P]: per group ('group'), one
+    batch std ('batch', Flow-GRPO's option) or per prompt over rounds ('prompt', DDPO's stat tracking)."""
+    if scale != "prompt":
+        return group_advantages(rewards, scale)
+    p, g = rewards.shape
+    adv = stats.advantages([c for c in chosen for _ in range(g)], rewards.flatten()).view(p, g)
+    return adv, rewards.std(1, unbiased=False) > 0

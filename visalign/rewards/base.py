@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..config import Component
 from ..errors import UserError
 from ..registry import REWARDS
 
@@ -33,19 +34,77 @@ def build_reward(spec) -> Reward:
 
 class LazyReward:
     """A reward built on its first use: a method's config names it, but heavy weights (PickScore, a served
-    judge) load only when the first round is scored, not when a config is checked."""
+    judge) load only when the first round is scored, not when a config is checked.
+
+    ``spec`` is one reward (a name, or ``{name, **kwargs}``) or a weighted sum of several: a mapping
+    ``{name: weight}`` or a list of ``{name, weight, **kwargs}``. The sum is not renormalised, so a term of
+    weight w adds exactly w x its score (a charge per unrequested object stays that charge); ``terms`` holds each
+    reward's scores from the last call, for the round's log. Non-finite scores are refused where they enter.
+    """
 
     def __init__(self, spec):
-        self.spec, self._reward = spec, None
+        self.parts = reward_parts(spec)
+        self._built: list | None = None
+        self.terms: dict[str, Tensor] = {}
 
     @property
     def reward(self) -> Reward:
-        if self._reward is None:
-            self._reward = build_reward(self.spec)
-        return self._reward
+        """The one reward of a single-reward spec (what ``check_prompts`` asks)."""
+        return self._rewards()[0][2]
+
+    def _rewards(self) -> list:
+        if self._built is None:
+            self._built = [(label, weight, build_reward(spec)) for label, spec, weight in self.parts]
+        return self._built
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        for _, _, fn in self._rewards():
+            check_prompts(fn, prompts)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        return self.reward(images, prompts)
+        total, self.terms = None, {}
+        for label, weight, fn in self._rewards():
+            scores = fn(images, prompts).float().cpu()
+            if not bool(torch.isfinite(scores).all()):
+                bad = int((~torch.isfinite(scores)).sum())
+                raise UserError(f"reward {label!r} returned {bad} non-finite score(s) of {len(scores)}; a reward "
+                                "must return finite numbers (fix the reward or its server)")
+            self.terms[label] = scores
+            total = weight * scores if total is None else total + weight * scores
+        return total
+
+    def term_means(self) -> dict[str, float]:
+        """Each reward's mean over the last call, as ``reward_<name>`` (logged per round when there are several)."""
+        if len(self.terms) < 2:
+            return {}
+        return {f"reward_{label}": float(s.mean()) for label, s in self.terms.items()}
+
+
+def reward_parts(spec) -> list[tuple[str, object, float]]:
+    """(label, single-reward spec, weight) for each term of a reward spec (see ``LazyReward``)."""
+    if isinstance(spec, (str, Component)) or (isinstance(spec, dict) and "name" in spec):
+        name = spec if isinstance(spec, str) else (spec.name if isinstance(spec, Component) else spec["name"])
+        return [(str(name), spec, 1.0)]
+    if isinstance(spec, dict):
+        items = [{"name": k, "weight": v} for k, v in spec.items()]
+    elif isinstance(spec, (list, tuple)):
+        items = [dict(x) if isinstance(x, dict) else {"name": x, "weight": 1.0} for x in spec]
+    else:
+        raise UserError(f"reward {spec!r}: expected a name, {{name, ...}}, {{name: weight}} or a list of "
+                        "{name, weight, ...}")
+    out = []
+    for item in items:
+        if "name" not in item:
+            raise UserError(f"reward ensemble entry {item!r}: needs a 'name'")
+        weight = item.pop("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight != weight:
+            raise UserError(f"reward {item['name']!r}: weight {weight!r} is not a number")
+        label = str(item["name"])
+        label = label if label not in [o[0] for o in out] else f"{label}_{len(out)}"
+        out.append((label, item if len(item) > 1 else item["name"], float(weight)))
+    if not out:
+        raise UserError("reward ensemble is empty: name at least one reward")
+    return out
 
 
 def check_prompts(reward, prompts: Sequence[str]) -> None:

@@ -62,3 +62,56 @@ class GenEvalReward(_RuleReward):
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return torch.tensor([float(ok) for ok, _ in self._verdicts(images, prompts)], dtype=torch.float32)
+
+
+def unrequested_objects(objects, record: dict) -> int:
+    """Objects the prompt does not ask for: per class, those beyond the include clauses' counts of that class
+    (any colour), plus every object of a class it does not name. ``len(objects) − Σ_c min(n_c, asked_c)``."""
+    asked: dict[str, int] = {}
+    for clause in record.get("include", []):
+        asked[clause["class"]] = asked.get(clause["class"], 0) + clause["count"]
+    found: dict[str, int] = {}
+    for o in objects:
+        found[o.shape] = found.get(o.shape, 0) + 1
+    return sum(n - min(n, asked.get(cls, 0)) for cls, n in found.items())
+
+
+@REWARDS.register("unrequested")
+class UnrequestedReward(_RuleReward):
+    """ShapesWorld: minus the number of objects the prompt does not ask for (0 for a faithful scene, −1 per
+    extra object). A term to add to any reward: ``{constraints: 1.0, unrequested: 0.25}`` charges 0.25 each."""
+
+    name = "unrequested"
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        if len(images) != len(prompts):
+            raise ValueError(f"{self.name} reward: {len(images)} images but {len(prompts)} prompts")
+        return torch.tensor([-float(unrequested_objects(detect(img).objects, record_for_prompt(p)))
+                             for img, p in zip(images, prompts)], dtype=torch.float32)
+
+
+@REWARDS.register("faithful")
+class FaithfulReward(_RuleReward):
+    """ShapesWorld: the fraction of GenEval constraints met minus ``charge`` per object the prompt does not ask
+    for (a third shape in "a red circle and a blue square" is a defect a person sees, not a bonus).
+
+    R(x, c) = frac_met(x, c) − charge · n_unrequested(x, c)
+    """
+
+    name = "faithful"
+
+    def __init__(self, charge: float = 0.25):
+        if not charge >= 0:
+            raise ValueError(f"faithful.charge={charge}: expected a charge >= 0")
+        self.charge = float(charge)
+        self.version = f"1-charge{self.charge:g}"  # the charge changes every score: it is part of the cache key
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        if len(images) != len(prompts):
+            raise ValueError(f"{self.name} reward: {len(images)} images but {len(prompts)} prompts")
+        vals = []
+        for img, p in zip(images, prompts):
+            objects, record = detect(img).objects, record_for_prompt(p)
+            _, frac, _ = evaluate_objects(objects, record)
+            vals.append(frac - self.charge * unrequested_objects(objects, record))
+        return torch.tensor(vals, dtype=torch.float32)
