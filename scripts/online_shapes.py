@@ -18,17 +18,31 @@ import time
 from pathlib import Path
 
 
-def evaluate(base_path: str, lora: str | None, per_task: int, seed: int, file: Path) -> list[dict]:
+def evaluate(base_path: str, lora: str | None, per_task: int, seed: int, file: Path, split: str = "eval"
+             ) -> list[dict]:
     from visalign.demo import heldout_results, sampling_backbone
 
     if file.exists():
         return [json.loads(x) for x in file.read_text().splitlines()]
     bb = sampling_backbone(base_path, lora, bf16=False)  # fp32: bf16 flips verdicts between devices
-    rows = [{k: v for k, v in r.items() if k != "image"} for r in heldout_results(bb, per_task, seed=seed)]
+    rows = [{k: v for k, v in r.items() if k != "image"}
+            for r in heldout_results(bb, per_task, seed=seed, split=split)]
     tmp = file.with_name(file.name + ".tmp")  # renamed when complete: a killed run leaves no half file
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(file)
     return rows
+
+
+def miscounts(rows: list[dict]) -> dict:
+    """Counting prompts' failures by kind: too many objects (the exclude clause: 'expected X<N+1') or too few."""
+    over = under = 0
+    for r in rows:
+        if r.get("tag") != "counting" or r.get("correct"):
+            continue
+        reasons = r.get("reasons", [])
+        over += any("<" in x for x in reasons)
+        under += any(">=" in x for x in reasons)
+    return {"over": over, "under": under}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base", default="assets/shapes-base")
     ap.add_argument("--per-task", type=int, default=200, help="held-out samples per task (6 tasks)")
     ap.add_argument("--seed", type=int, default=4321, help="evaluation seed (fresh: not the demo's 1234)")
+    ap.add_argument("--train-per-task", type=int, default=0,
+                    help="also score this many samples per task of the training prompts (train vs held-out gap)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from visalign.config import load_config
@@ -58,7 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     from visalign.eval.stats import paired_by_task
 
-    result = paired_by_task(base, tuned) | {
+    extra = {"counting_miscounts": {"base": miscounts(base), "tuned": miscounts(tuned)}}
+    if args.train_per_task:  # the same protocol on training prompts: a large gap means prompts were learned
+        n = args.train_per_task
+        train_base = evaluate(args.base, None, n, args.seed, out.parent / f"base-{Path(args.base).name}-train"
+                              f"-seed{args.seed}-n{n}.jsonl", split="train")
+        train_tuned = evaluate(args.base, str(run / "lora"), n, args.seed, out / "tuned-train.jsonl", split="train")
+        extra["train_prompts"] = paired_by_task(train_base, train_tuned) | {"per_task": n}
+    result = paired_by_task(base, tuned) | extra | {
         "train_seconds": summary["seconds"], "steps": summary["steps"], "trajectories_trained": summary["pairs_seen"],
         "reward_first": rows[0].get("reward_mean"), "reward_last": rows[-1].get("reward_mean"),
         "eval_seed": args.seed, "per_task": args.per_task, "wall_seconds": time.time() - t0}

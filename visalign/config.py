@@ -161,6 +161,11 @@ class TrainConfig:
         for key in ("warmup_steps", "weight_decay", "max_grad_norm", "save_every", "gold_every", "threads",
                     "validation_every"):
             require_positive(getattr(self, key), f"{where}.{key}", allow_zero=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"{where}.seed={self.seed!r}: expected a whole number from 0 to 2**32 - 1")
+        if self.batch_size > MAX_BATCH:
+            raise ConfigError(f"{where}.batch_size={self.batch_size}: at most {MAX_BATCH} per process per micro-step "
+                              f"(use {where}.grad_accum for larger effective batches)")
         _require_fraction(self.ema_decay, f"{where}.ema_decay")
         _require_fraction(self.prompt_dropout, f"{where}.prompt_dropout", closed=True)
         if self.guidance is not None:
@@ -225,7 +230,26 @@ def build_component(section: Any, registry: Registry, where: str) -> Component:
             out[k] = build_component(v, NESTED[k], f"{where}.{k}")
         else:
             out[k] = coerce(v, hints.get(k, Any), f"{where}.{k}")
+    check_known_ranges(out, where)
     return Component(name, out)
+
+
+MAX_BATCH = 65536  # a micro-batch larger than this cannot fit any device: refused before anything loads
+# component arguments whose range is known wherever they appear (methods, heads, rewards): > 0 or >= 0
+POSITIVE_ARGS = frozenset({"beta", "steps", "group_size", "prompts_per_round", "round_steps", "samples_per_prompt",
+                           "adv_clip", "chase_every", "slow_lr", "temperature", "tau"})
+NON_NEGATIVE_ARGS = frozenset({"kl_coef", "min_margin", "clip", "charge", "eta", "delta", "ofs_alpha", "window"})
+
+
+def check_known_ranges(kwargs: dict, where: str) -> None:
+    """A component's numeric arguments with a known range, in one line naming the key (β ≤ 0 inverts DPO)."""
+    for k, v in kwargs.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if k in POSITIVE_ARGS:
+            require_positive(v, f"{where}.{k}")
+        elif k in NON_NEGATIVE_ARGS:
+            require_positive(v, f"{where}.{k}", allow_zero=True)
 
 
 def is_reward_ensemble(value: Any) -> bool:

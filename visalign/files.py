@@ -10,20 +10,28 @@ from pathlib import Path
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every complete JSON line of ``path`` ([] when absent). A torn line (what a kill mid-write leaves) is
     skipped, so a report or a resume never fails on a run that was stopped."""
+    return read_jsonl_counted(path)[0]
+
+
+def read_jsonl_counted(path: str | Path) -> tuple[list[dict], int]:
+    """(the complete JSON rows of ``path``, how many torn or non-object lines were dropped)."""
     p = Path(path)
     if not p.exists():
-        return []
-    rows = []
+        return [], 0
+    rows, dropped = [], 0
     for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            dropped += 1
             continue
         if isinstance(row, dict):
             rows.append(row)
-    return rows
+        else:
+            dropped += 1
+    return rows, dropped
 
 
 def trim_jsonl(path: str | Path, keep) -> None:

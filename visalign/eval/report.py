@@ -9,10 +9,17 @@ from pathlib import Path
 
 import torch
 
-from ..files import read_jsonl
+from ..files import read_jsonl, read_jsonl_counted
 
 CURVES = (("loss", "loss"), ("implicit_acc", "implicit accuracy (h > 0)"), ("logit_mean", "mean logit h"),
           ("errors", "denoising errors"))
+
+
+def _esc(value) -> str:
+    """Any summary field as safe HTML text (a number rounded, anything else escaped)."""
+    if isinstance(value, float):
+        return f"{value:.0f}"
+    return html.escape(str(value))
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -96,7 +103,7 @@ def _winrate_tables(folder: Path) -> str:
         w = json.loads(f.read_text())
         out += (f"<p><b>{html.escape(str(w.get('reward', 'reward')))} win rate</b> "
                 f"({html.escape(str(f.parent.relative_to(folder)) or '.')}): {w['win_rate']:.3f} "
-                f"[95% CI {w['ci_low']:.3f}, {w['ci_high']:.3f}] over {w['n']} paired samples</p>")
+                f"[95% CI {w['ci_low']:.3f}, {w['ci_high']:.3f}] over {_esc(w['n'])} paired samples</p>")
         if w.get("terms"):
             out += "<table><tr><th>term</th><th>base</th><th>tuned</th><th>paired change</th></tr>"
             for term, v in w["terms"].items():
@@ -147,7 +154,11 @@ def build_report(run_dir: str | Path, baseline: str | Path | None = None, prompt
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows, gold = _jsonl(run / "metrics.jsonl"), _jsonl(run / "gold.jsonl")
+    rows, torn = read_jsonl_counted(run / "metrics.jsonl")
+    if torn:  # a run killed mid-write: report what is whole, and say so
+        print(f"{run / 'metrics.jsonl'}: {torn} incomplete line(s) dropped; the report shows the {len(rows)} "
+              "complete ones")
+    gold = _jsonl(run / "gold.jsonl")
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     plots = plot_curves(rows, out, gold)
     prompts = prompts or cfg["train"].get("validation_prompts") or [
@@ -165,8 +176,8 @@ def build_report(run_dir: str | Path, baseline: str | Path | None = None, prompt
         "pre{background:#f6f6f6;padding:8px;font-size:12px;overflow:auto}</style></head><body>",
         f"<h1>visalign report: {html.escape(run.name)}</h1>",
         f"<p>method <b>{html.escape(cfg['objective']['name'])}</b> on <b>{html.escape(str(cfg['model'].get('path')))}"
-        f"</b>, {summary.get('steps', '?')} steps, {summary.get('pairs_seen', '?')} pairs seen, "
-        f"{summary.get('seconds', 0):.0f} s</p>",
+        f"</b>, {_esc(summary.get('steps', '?'))} steps, {_esc(summary.get('pairs_seen', '?'))} pairs seen, "
+        f"{_esc(summary.get('seconds', '?'))} s</p>",
         "<h2>Metrics (accuracy ± standard error)</h2>", _metric_tables(run),
         f"<h3>Baseline</h3>{base_tables}" if baseline else "",
         "<h2>Final training metrics</h2><table>", key_numbers, "</table>",

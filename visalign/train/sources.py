@@ -38,7 +38,7 @@ class PreferenceSource:
         backbone = build_backbone(cfg.model, load_encoders=needs_encoders)
         dataset = _dataset(cfg, backbone)
         if cfg.data.weighting != "none" or cfg.data.curriculum:
-            dataset.margins()  # score columns are needed: say so now, not at the first step
+            _check_margins(cfg, dataset)  # score columns are needed: say so now, not at the first step
         if not cfg.data.cache:
             return backbone, dataset
         path = cache_dir_for(dataset, backbone, cfg.data.cache_dir)
@@ -97,6 +97,18 @@ class RoundsSource:
         rounds = RoundSource(method, backbone, prompts, t.batch_size, t.grad_accum, t.seed, acc.process_index,
                              acc.num_processes)
         return rounds, rounds
+
+
+def _check_margins(cfg: RunConfig, dataset) -> None:
+    """Margin weighting and curricula read score columns: a dataset without them is refused naming the setting."""
+    from ..data.pairs import DataError
+
+    wants = f"data.weighting={cfg.data.weighting}" if cfg.data.weighting != "none" else "data.curriculum=true"
+    try:
+        dataset.margins()
+    except DataError as e:
+        raise DataError(f"{wants} needs score margins, but {e}; score the pairs first (`visalign score-pairs "
+                        f"--data {cfg.data.path} --reward NAME`) or set data.weighting=none") from None
 
 
 def _dataset(cfg: RunConfig, backbone):
