@@ -229,11 +229,11 @@ def test_bad_reward_ensembles_are_refused_in_one_line(tmp_path, capsys, value, w
 
 
 def test_an_empty_ensemble_is_refused():
-    from visalign.config import reward_ensemble
+    from visalign.component_args import reward_ensemble
     from visalign.registry import ConfigError
 
     with pytest.raises(ConfigError, match="empty"):
-        reward_ensemble([], "objective.reward")
+        reward_ensemble([], "objective.reward", None)
 
 
 def test_an_ensemble_from_the_command_line_reaches_the_method():

@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
-from .coercion import Raw, coerce, type_hints
+from .coercion import Raw, coerce, type_hints  # noqa: F401  (Raw: re-exported)
+from .component_args import MAX_BATCH, check_known_ranges, is_reward_ensemble, reward_ensemble
 from .errors import UserError, read_text, require_positive
+from .overrides import apply_override, deep_merge, parse_override
 from .registry import BACKBONES, HEADS, METHODS, PRESETS, REWARDS, ConfigError, Registry, closest
 
 # a method/reward argument with one of these names is itself a component of that registry
@@ -223,7 +225,7 @@ def build_component(section: Any, registry: Registry, where: str) -> Component:
     params = registry.parameters(name)
     for k, v in kwargs.items():
         if k == "reward" and is_reward_ensemble(v):
-            out[k] = reward_ensemble(v, f"{where}.{k}")
+            out[k] = reward_ensemble(v, f"{where}.{k}", build_component)
         elif k in NESTED:
             if isinstance(v, dict) and "name" not in v and isinstance(params[k].default, str):
                 v = {"name": params[k].default, **v}  # `objective.head.tau=...` on the default head
@@ -232,47 +234,6 @@ def build_component(section: Any, registry: Registry, where: str) -> Component:
             out[k] = coerce(v, hints.get(k, Any), f"{where}.{k}")
     check_known_ranges(out, where)
     return Component(name, out)
-
-
-MAX_BATCH = 65536  # a micro-batch larger than this cannot fit any device: refused before anything loads
-# component arguments whose range is known wherever they appear (methods, heads, rewards): > 0 or >= 0
-POSITIVE_ARGS = frozenset({"beta", "steps", "group_size", "prompts_per_round", "round_steps", "samples_per_prompt",
-                           "adv_clip", "chase_every", "slow_lr", "temperature", "tau"})
-NON_NEGATIVE_ARGS = frozenset({"kl_coef", "min_margin", "clip", "charge", "eta", "delta", "ofs_alpha", "window"})
-
-
-def check_known_ranges(kwargs: dict, where: str) -> None:
-    """A component's numeric arguments with a known range, in one line naming the key (β ≤ 0 inverts DPO)."""
-    for k, v in kwargs.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if k in POSITIVE_ARGS:
-            require_positive(v, f"{where}.{k}")
-        elif k in NON_NEGATIVE_ARGS:
-            require_positive(v, f"{where}.{k}", allow_zero=True)
-
-
-def is_reward_ensemble(value: Any) -> bool:
-    """A list of rewards, or a mapping {reward name: weight} (every key a registered reward, no 'name')."""
-    if isinstance(value, list):
-        return True
-    return isinstance(value, dict) and "name" not in value and bool(value) and all(k in REWARDS for k in value)
-
-
-def reward_ensemble(value: Any, where: str) -> list[dict]:
-    """A weighted reward sum, ``[{name, weight, **kwargs}, ...]``, each entry checked against its reward."""
-    items = [{"name": k, "weight": w} for k, w in value.items()] if isinstance(value, dict) else value
-    if not items:
-        raise ConfigError(f"{where}: an empty reward list; name at least one reward")
-    out = []
-    for i, item in enumerate(items):
-        item = {"name": item} if isinstance(item, str) else item
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}[{i}]: expected a reward name or {{name, weight, ...}}, got {item!r}")
-        item = dict(item)
-        weight = coerce(item.pop("weight", 1.0), float, f"{where}[{i}].weight")
-        out.append(build_component(item, REWARDS, f"{where}[{i}]").to_dict() | {"weight": weight})
-    return out
 
 
 def section_from_dict(cls, data: dict, where: str):
@@ -318,61 +279,6 @@ def load_section(cls, files: list[str], values: dict, overrides: list[str], wher
     return section_from_dict(cls, data, where)
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            if "name" in v and v.get("name") != out[k].get("name"):
-                out[k] = dict(v)  # a new component name starts from its own defaults
-            else:
-                out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str) and raw.strip() and _looks_float(raw):
-        value = float(raw)
-    return key.strip().split("."), Raw(raw, value) if not isinstance(value, (dict,)) else value
-
-
-def _looks_float(raw: str) -> bool:
-    try:
-        float(raw)
-        return True
-    except ValueError:
-        return False
-
-
-def _apply_override(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        nxt = node.get(part)
-        if isinstance(nxt, str) and (i > 0 or part in COMPONENT_REGISTRIES):  # `objective.head=ipo` then `.tau`
-            nxt = {"name": nxt}
-        if nxt is None:
-            nxt = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section")
-        node[part] = nxt
-        node = nxt
-    last = path[-1]
-    if last == "name" and node.get("name") not in (None, value) and len(path) > 1:
-        node.clear()  # `objective.name=grpo`: a new component starts from its own defaults, as in YAML merges
-    if isinstance(node.get(last), dict) and "name" in node[last] and not isinstance(value, dict):
-        node[last] = {"name": value}  # `objective.head=ipo` replaces the head with a fresh one
-    else:
-        node[last] = value
-
-
 def load_config(model: str | None = None, files: list[str] | None = None,
                 overrides: list[str] | None = None) -> RunConfig:
     """Resolve a run config: preset for ``model`` <- each YAML file <- ``key=value`` overrides."""
@@ -383,10 +289,10 @@ def load_config(model: str | None = None, files: list[str] | None = None,
     if model is not None:
         tree = PRESETS.get(model)()
     for f in files or []:
-        tree = _deep_merge(tree, read_yaml_mapping(f))
+        tree = deep_merge(tree, read_yaml_mapping(f))
     for item in overrides or []:
         path, value = parse_override(item)
-        _apply_override(tree, path, value)
+        apply_override(tree, path, value)
     return config_from_dict(tree)
 
 
