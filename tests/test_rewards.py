@@ -151,7 +151,7 @@ def _stand_ins(tiny_open_clip, tmp_path) -> dict:
     return {"clip_score": clip, "aesthetic": clip | {"head": str(tmp_path / "head.safetensors")},
             "hpsv2": {"arch": "visalign-tiny-clip", "checkpoint": str(tiny_open_clip / "tiny_hps.pt")},
             "pickscore": dict(zip(("model", "processor"), map(str, tiny_pickscore(tmp_path)))),
-            "shapes": {}, "constraints": {}, "geneval": {}, "rater": {}}
+            "shapes": {}, "constraints": {}, "geneval": {}, "rater": {}, "faithful": {}, "unrequested": {}}
 
 
 def test_every_registered_reward_scores_a_batch(tiny_open_clip, tmp_path):

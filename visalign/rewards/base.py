@@ -48,6 +48,11 @@ class LazyReward:
         self.terms: dict[str, Tensor] = {}
 
     @property
+    def name(self) -> str:
+        """The reward's name, or its terms' joined by '+' (known without building anything)."""
+        return "+".join(label for label, _, _ in self.parts)
+
+    @property
     def reward(self) -> Reward:
         """The one reward of a single-reward spec (what ``check_prompts`` asks)."""
         return self._rewards()[0][2]
