@@ -32,6 +32,9 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     "nft-faithful-lr1e-3": ("1 + 4: faithful, lr 1e-3", "configs/shapes/nft.yaml", [FAITHFUL, "train.lr=1e-3"]),
     "nft-faithful-kl": ("1 + 3: faithful, KL 0.04", "configs/shapes/nft.yaml", [FAITHFUL, "objective.kl_coef=0.04"]),
     "grpo-faithful": ("1: faithful reward", "configs/shapes/grpo.yaml", [FAITHFUL]),
+    "nft-faithful-lr3e-3": ("1 + 4: faithful, lr 3e-3", "configs/shapes/nft.yaml", [FAITHFUL, "train.lr=3e-3"]),
+    "odpo-unreq0.1": ("1 + 9: constraints + 0.1 per unrequested object (an ensemble)",
+                      "configs/shapes/online_dpo.yaml", ["objective.reward={constraints: 1.0, unrequested: 0.1}"]),
 }
 
 

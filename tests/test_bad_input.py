@@ -324,7 +324,8 @@ def test_resume_with_other_settings_refuses(tiny_dir, trained_run, tmp_path, cap
 def test_non_finite_run_stops_with_one_line(tiny_dir, tmp_path, capsys):
     data = write_pairs(tmp_path / "pairs.parquet", n=4)
     code, err = _run(_finetune(tiny_dir("pixel"), data, tmp_path / "run", "train.lr=1e30", "train.max_nonfinite=2",
-                               "train.steps=6", "train.max_grad_norm=0", "lora.init=true"), capsys)
+                               "train.steps=6", "train.on_nonfinite=skip", "train.max_grad_norm=0",
+                               "lora.init=true"), capsys)
     assert code == 2 and "Traceback" not in err
     assert "consecutive non-finite" in err.strip().splitlines()[-1]
 

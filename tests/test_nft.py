@@ -127,7 +127,7 @@ def test_nft_trains_from_the_cli(tiny_dir, tmp_path, family):
 
 
 def test_nft_resumes_exactly_across_a_round(tiny_dir, tmp_path):
-    """Killed mid-round at a checkpoint, resumed: the old policy's EMA is not applied twice, the round replays."""
+    """Checkpoints at round ends; killed after one, resumed: the old policy's EMA is not applied twice."""
     from visalign.cli import main
 
     def run(out, steps, resume=False):
@@ -144,8 +144,9 @@ def test_nft_resumes_exactly_across_a_round(tiny_dir, tmp_path):
 
     straight = run(tmp_path / "a", 5)
     assert run(tmp_path / "b", 5) == straight  # deterministic
-    # as if killed right after step 2's checkpoint, inside round 0 (3 steps a round): only that one is left
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000004")
+    # saves due at steps 2 and 4 (inside rounds of 3 steps) wait for the round's end: step 3 (then 6 > 5)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000003"]
+    shutil.rmtree(tmp_path / "b" / "lora")  # as if killed after that checkpoint
     (tmp_path / "b" / "summary.json").unlink()
     assert run(tmp_path / "b", 5, resume=True) == straight
 

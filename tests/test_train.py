@@ -214,17 +214,29 @@ class NaNAtSteps(DiffusionDPO):
         return out
 
 
-def test_nonfinite_loss_skips_step_then_stops_after_k(tiny_dir, pairs, tmp_path, caplog):
+def test_nonfinite_loss_stops_at_the_first_by_default(tiny_dir, pairs, tmp_path):
     NaNAtSteps.calls = 0
     cfg = _cfg(tiny_dir("pixel"), pairs, tmp_path / "a", "pixel",
-               ["objective=test_nan_dpo", "objective.nan_calls=[2]", "train.steps=3"])
+               ["objective=test_nan_dpo", "objective.nan_calls=[3]", "train.steps=4", "train.save_every=2"])
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite.*step-0000002.*on_nonfinite=skip"):
+        train(cfg)
+    assert NaNAtSteps.calls == 3 and not (tmp_path / "a" / "lora").exists()
+    assert not (tmp_path / "a" / "checkpoints" / "step-0000004").exists()
+
+
+def test_nonfinite_skip_counts_and_stops_after_k(tiny_dir, pairs, tmp_path, caplog):
+    NaNAtSteps.calls = 0
+    cfg = _cfg(tiny_dir("pixel"), pairs, tmp_path / "a", "pixel",
+               ["objective=test_nan_dpo", "objective.nan_calls=[2]", "train.steps=3", "train.on_nonfinite=skip"])
     summary = train(cfg)
     assert summary["steps"] == 3 and NaNAtSteps.calls == 4  # one skipped update, redone
-    assert "non-finite" in caplog.text
+    assert summary["nonfinite_skipped"] == 1 and "non-finite" in caplog.text
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 1]
     NaNAtSteps.calls = 0
     cfg = _cfg(tiny_dir("pixel"), pairs, tmp_path / "b", "pixel",
                ["objective=test_nan_dpo", "objective.nan_calls=[3, 4, 5]", "train.steps=6",
-                "train.max_nonfinite=3", "train.save_every=2"])
+                "train.max_nonfinite=3", "train.save_every=2", "train.on_nonfinite=skip"])
     with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite or empty steps.*step-0000002"):
         train(cfg)
     assert not (tmp_path / "b" / "lora").exists()

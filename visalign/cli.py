@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     """The one error boundary: a user's mistake is one ``error:`` line and exit 2; a bug keeps its traceback."""
     import traceback
 
-    from .errors import UserError, spelling
+    from .errors import UserError, os_error_line, spelling
 
     args = _route(argv)
     quiet_libraries()
@@ -288,15 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or missing folder: the user's to fix, said in one line
+        line = os_error_line(e)
+        if line is None:
+            return _bug(traceback)
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception:
-        traceback.print_exc()
-        print("visalign: this is a bug, not a problem with your input; please report it with the command you ran "
-              "and the traceback above.", file=sys.stderr)
-        return 1
+        return _bug(traceback)
     return 0
+
+
+def _bug(traceback) -> int:
+    traceback.print_exc()
+    print("visalign: this is a bug, not a problem with your input; please report it with the command you ran "
+          "and the traceback above.", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -142,7 +142,10 @@ class TrainConfig:
     compile_min_steps: int = 6000
     ema_decay: float = 0.0  # 0 = off; the final weights are the EMA weights
     prompt_dropout: float = 0.0  # papers used 0.2; off by default
-    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    # a non-finite loss or gradient: stop (at the first, naming the step and the last good checkpoint) | skip
+    # (the update is dropped and counted; max_nonfinite in a row still stop the run)
+    on_nonfinite: str = "stop"
+    max_nonfinite: int = 5  # consecutive skipped steps (non-finite under skip, or batches with no usable row)
     threads: int = 0  # torch threads per process; 0 = torch's default
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     gold_reward: str = ""  # a registered reward held out from training, e.g. shapes; "" = off
@@ -172,6 +175,8 @@ class TrainConfig:
         _require_fraction(self.prompt_dropout, f"{where}.prompt_dropout", closed=True)
         if self.guidance is not None:
             require_positive(self.guidance, f"{where}.guidance", allow_zero=True)
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"{where}.on_nonfinite={self.on_nonfinite!r}: expected stop or skip")
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"{where}.compile={self.compile!r}: expected auto, on or off")
         require_positive(self.compile_min_steps, f"{where}.compile_min_steps")

@@ -11,6 +11,7 @@ builders write ``spelled("model.path")``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -74,3 +75,22 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type), for wrapping third-party errors."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+# OS errors a user's paths or machine cause (not bugs): the CLI prints them as one line naming the path
+USER_ERRNOS = frozenset(getattr(errno, n) for n in (
+    "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "EEXIST", "EROFS", "ENOSPC", "EFBIG", "EDQUOT",
+    "ENAMETOOLONG", "ELOOP", "ENOTEMPTY", "EXDEV", "EBUSY", "ETXTBSY") if hasattr(errno, n))
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for an OS error a user can fix (full disk, read-only or missing folder, a file where a folder
+    should be), naming the path; None for anything else (a bug keeps its traceback)."""
+    if e.errno not in USER_ERRNOS:
+        return None
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f) or "(path not given)"
+    hint = {errno.ENOSPC: "free some space", errno.EFBIG: "the file is over the size limit",
+            errno.EROFS: "choose a writable folder", errno.EACCES: "check its permissions",
+            errno.EPERM: "check its permissions", errno.EISDIR: "pass a file, not a folder",
+            errno.ENOTDIR: "a path component is a file, not a folder"}.get(e.errno, "check the path")
+    return f"{where}: {e.strerror or type(e).__name__} ({hint})"

@@ -284,7 +284,18 @@ def _rank_shard(cfg: MakeDatasetConfig, ids: list[int], prompts: list[str], imag
 
 
 def make_dataset(cfg: MakeDatasetConfig, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
-    """Generate, score and rank; returns counts. Safe to rerun after a kill: finished shards are kept."""
+    """Generate, score and rank; returns counts. Safe to rerun after a kill: finished shards are kept. One
+    writer per --out (rank 0 holds it for the ranks of one launch); --out is never a model or prompt input."""
+    from ..files import refuse_output_over_input
+    from ..run_lock import hold_folder
+
+    inputs = {"--prompts": cfg.prompts, **{f"--model {m}": m.split("=", 1)[-1] for m in cfg.models}}
+    refuse_output_over_input(cfg.out, inputs, "--out")
+    with hold_folder(cfg.out, "--out", enabled=rank == 0):
+        return _make_dataset(cfg, rank, world, progress)
+
+
+def _make_dataset(cfg: MakeDatasetConfig, rank: int, world: int, progress: bool) -> dict:
     from tqdm import tqdm
 
     from ..config import Component

@@ -11,7 +11,6 @@ computed: a rerun after a kill keeps finished shards and rescoring nothing. Reru
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,14 +62,20 @@ def _refuse_other_settings(cfg: ScorePairsConfig, out: Path) -> None:
     prov = out / "provenance.json"
     if not prov.exists():
         return
-    old = json.loads(prov.read_text()).get("config", {})
+    written = json.loads(prov.read_text())
+    if "source" not in written:  # e.g. make-dataset's folder: its files are not score-pairs' to replace
+        raise UserError(f"--out {out}: holds a dataset score-pairs did not write (its provenance.json is another "
+                        "command's); choose another --out")
+    old = written.get("config", {})
     differs = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
     if not differs:
         return
     if not cfg.overwrite:
         raise UserError(f"--out {out}: holds scores made with other settings ({'; '.join(differs)}); pass "
                         "--overwrite to delete them and start over, or choose another --out")
-    shutil.rmtree(out)
+    # only what score-pairs wrote goes: its shards, provenance and score cache; any other file stays
+    for f in [*out.glob("pairs-*.parquet"), *out.glob("data-*.parquet"), out / ".reward_cache.sqlite", prov]:
+        f.unlink(missing_ok=True)
 
 
 def relabel(s0: float, s1: float, tie_margin: float) -> float:
@@ -143,7 +148,18 @@ def _score_shard(rows: list[dict], cfg: ScorePairsConfig, reward_fns: dict, weig
 
 
 def score_pairs(cfg: ScorePairsConfig, progress: bool = True) -> dict:
-    """Score every row; returns counts (``scored``: images the rewards actually scored in this run)."""
+    """Score every row; returns counts (``scored``: images the rewards actually scored in this run). --out
+    is never --data (nor inside it, nor holding it), and has one writer at a time."""
+    from ..files import refuse_output_over_input
+    from ..run_lock import hold_folder
+
+    cfg.check()
+    refuse_output_over_input(cfg.out, {"--data": cfg.data}, "--out")
+    with hold_folder(cfg.out, "--out"):
+        return _score_pairs(cfg, progress)
+
+
+def _score_pairs(cfg: ScorePairsConfig, progress: bool) -> dict:
     from tqdm import tqdm
 
     from ..rewards.base import build_reward, check_prompts

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, first_line
+from ..errors import CheckpointError, UserError, first_line
 
 
 def read_lora_file(src: Path) -> tuple[dict, dict]:
@@ -70,8 +70,13 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, family: str | None 
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
+    from ..files import refuse_output_over_input
+
     src = Path(lora_dir)
     src = src / "pytorch_lora_weights.safetensors" if src.is_dir() else src
+    refuse_output_over_input(out_file, {"LORA": src}, "--out")
+    if Path(out_file).is_dir():
+        raise UserError(f"--out {out_file}: is a folder; pass the .safetensors file to write")
     state, meta = read_lora_file(src)
     alphas = _adapter_alphas(meta)
     if (family or lora_family(src, state)) == "flux":

@@ -79,6 +79,11 @@ class RoundSource:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def at_boundary(self, step: int) -> bool:
+        """Whether optimizer step ``step`` ends a round: checkpoints wait for it, because a round is sampled
+        from the model at its start, which a checkpoint taken mid-round no longer holds."""
+        return step % self.method.round_steps == 0
+
     def batch(self, micro_step: int):
         r = micro_step // (self.method.round_steps * self.grad_accum)
         if r != self.round_idx:

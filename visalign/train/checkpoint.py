@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError, first_line
+from ..files import check_manifest, fsync_dir, fsync_tree, write_manifest
 
 
-def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None, method_state: dict | None = None,
+def save_checkpoint(acc, out: Path, step: int, nonfinite: tuple[int, int], ema=None, method_state: dict | None = None,
                     reference: dict | None = None, text_lora: dict | None = None,
-                    write_lora: Callable[[Path], object] | None = None) -> Path:
+                    write_lora: Callable[[Path], object] | None = None, previous: Path | None = None) -> Path:
     """``accelerate.save_state`` (weights as safetensors, optimizer, scheduler, RNG) + the step cursor, the
     method's own state (JSON), when the reference has moved its weights (reference.safetensors), and a
     text-encoder LoRA's weights (text_lora.safetensors: accelerate holds only the denoiser).
@@ -20,37 +22,69 @@ def save_checkpoint(acc, out: Path, step: int, nonfinite: int, ema=None, method_
     ``write_lora`` (LoRA runs) also writes the adapter as a diffusers LoRA folder (step-N/lora), so any
     checkpoint can be sampled or evaluated like a finished run's ``lora`` (``--lora .../step-N/lora``).
 
-    Written under a temporary name and renamed, so a kill mid-save never leaves a half checkpoint
-    that ``resume=latest`` would pick.
+    Durable and all-or-nothing: written under a temporary name, a manifest of every file's size and sha256
+    written last, all of it fsynced, then renamed. A kill mid-save leaves the previous checkpoint as
+    ``latest``; a write that fails (a full disk, a file-size limit) removes the partial copy and says what
+    could not be written, with ``previous`` (the last good checkpoint) untouched.
     """
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    if acc.is_main_process:
-        if ema is not None:  # safetensors, not accelerate's pickled custom objects
-            from safetensors.torch import save_file
-
-            save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
-                      str(tmp / "ema.safetensors"), metadata={"optimization_step": str(ema.optimization_step)})
-        if reference is not None:
-            from safetensors.torch import save_file
-
-            save_file(reference, str(tmp / "reference.safetensors"))
-        if text_lora is not None:
-            from safetensors.torch import save_file
-
-            save_file(text_lora, str(tmp / "text_lora.safetensors"))
-        if write_lora is not None:
-            write_lora(tmp / "lora")
-        state = {"step": step, "nonfinite": nonfinite} | ({"method": method_state} if method_state else {})
-        (tmp / "visalign_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+    try:
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            _write_extras(tmp, step, nonfinite, ema, method_state, reference, text_lora, write_lora)
+            write_manifest(tmp)
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            fsync_dir(final.parent)
+    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError: all a failed write
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final} ({first_line(e)}); the previous checkpoint "
+                              f"{previous or '(none)'} is intact: free space and rerun with train.resume=latest"
+                              ) from None
     acc.wait_for_everyone()
     return final
+
+
+def _write_extras(tmp: Path, step: int, nonfinite: tuple[int, int], ema, method_state, reference, text_lora,
+                  write_lora) -> None:
+    """Everything accelerate does not hold, as safetensors and JSON (never pickles)."""
+    from safetensors.torch import save_file
+
+    if ema is not None:
+        save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
+                  str(tmp / "ema.safetensors"), metadata={"optimization_step": str(ema.optimization_step)})
+    if reference is not None:
+        save_file(reference, str(tmp / "reference.safetensors"))
+    if text_lora is not None:
+        save_file(text_lora, str(tmp / "text_lora.safetensors"))
+    if write_lora is not None:
+        write_lora(tmp / "lora")
+    state = {"step": step, "nonfinite": nonfinite[0], "nonfinite_skipped": nonfinite[1]}
+    state |= {"method": method_state} if method_state else {}
+    (tmp / "visalign_state.json").write_text(json.dumps(state))
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """None for a complete checkpoint; else what is wrong with it, naming the file. A checkpoint from before
+    manifests (no manifest.json) is complete when its visalign_state.json, written last, is there."""
+    if not (ckpt / "visalign_state.json").exists():
+        return f"{ckpt / 'visalign_state.json'} is missing"
+    if not (ckpt / "manifest.json").exists():
+        return None
+    return check_manifest(ckpt)
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / "visalign_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"train.resume: {ckpt / 'visalign_state.json'} cannot be read; resume from an "
+                              "earlier checkpoints/step-N folder") from None
 
 
 def find_resume(resume: str, out: Path) -> Path | None:
@@ -58,28 +92,46 @@ def find_resume(resume: str, out: Path) -> Path | None:
 
     ``''`` -> None (a fresh run); ``latest`` -> the newest complete checkpoint under out/checkpoints, and an
     error when there is none (a user who asks to resume expects to); ``latest_or_new`` -> the newest, or
-    None to start fresh (for jobs that are restarted blindly); anything else -> that checkpoint folder.
+    None to start fresh when there is no checkpoint at all (for jobs that are restarted blindly); anything
+    else -> that checkpoint folder, which must be complete.
+
+    The newest checkpoint is checked against its manifest: a torn or altered one is passed over with one
+    printed line naming the file, for the previous complete one; when none is complete, one error.
     """
     if not resume:
         return None
     if resume in ("latest", "latest_or_new"):
-        done = sorted(p for p in (out / "checkpoints").glob("step-*")
-                      if not p.name.endswith(".tmp") and (p / "visalign_state.json").exists())
-        if not done and resume == "latest":
+        found = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+        if not found and resume == "latest":
             raise CheckpointError(f"train.resume=latest: no checkpoint under {out / 'checkpoints'}; check "
                                   "train.output_dir, or pass train.resume=latest_or_new to start fresh when none "
                                   "exists")
-        return done[-1] if done else None
+        problems = []
+        for ckpt in reversed(found):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            problems.append(problem)
+            print(f"train.resume={resume}: passing over {ckpt.name}, which is incomplete ({problem})",
+                  file=sys.stderr)
+        if found:
+            raise CheckpointError(f"train.resume={resume}: no complete checkpoint under {out / 'checkpoints'} "
+                                  f"(newest: {problems[0]}); start afresh in another train.output_dir")
+        return None
     p = Path(resume)
     if not (p / "visalign_state.json").exists():
         raise CheckpointError(f"train.resume={resume!r}: not a visalign checkpoint (no visalign_state.json); "
                               "pass latest, latest_or_new or a checkpoints/step-N folder")
+    problem = checkpoint_problem(p)
+    if problem is not None:
+        raise CheckpointError(f"train.resume={resume!r}: the checkpoint is incomplete ({problem}); pass an "
+                              "earlier checkpoints/step-N folder or train.resume=latest")
     return p
 
 
-def load_checkpoint(acc, ckpt: Path, ema=None, method=None, backbone=None) -> tuple[int, int]:
+def load_checkpoint(acc, ckpt: Path, ema=None, method=None, backbone=None) -> tuple[int, tuple[int, int]]:
     """Restore weights, optimizer, scheduler, RNG (and EMA, the method's state, a moved reference); returns
-    (step, nonfinite). One error if unreadable."""
+    (step, (non-finite steps in a row, non-finite steps skipped in all)). One error if unreadable."""
     try:
         acc.load_state(str(ckpt))
         state = json.loads((ckpt / "visalign_state.json").read_text())
@@ -97,7 +149,7 @@ def load_checkpoint(acc, ckpt: Path, ema=None, method=None, backbone=None) -> tu
             from ..models.lora import restore_text_lora
 
             restore_text_lora(backbone, load_file(str(ckpt / "text_lora.safetensors")))
-        return int(state["step"]), int(state["nonfinite"])
+        return int(state["step"]), (int(state["nonfinite"]), int(state.get("nonfinite_skipped", 0)))
     except Exception as e:  # a truncated or foreign file: safetensors, torch, JSON and key errors alike
         raise CheckpointError(f"train.resume: checkpoint {ckpt} cannot be read ({first_line(e)}); resume from "
                               "an earlier checkpoints/step-N folder or delete this one") from None
@@ -114,8 +166,8 @@ def load_ema(ema, ckpt: Path) -> None:
 
 # settings a resumed run may change: they do not alter what the weights are trained on or how
 RESUMABLE_CHANGES = {"train.resume", "train.output_dir", "train.steps", "train.threads", "train.save_every",
-                     "train.log_every", "train.tracker", "train.max_nonfinite", "train.validation_prompts",
-                     "train.validation_every"}
+                     "train.log_every", "train.tracker", "train.max_nonfinite", "train.on_nonfinite",
+                     "train.validation_prompts", "train.validation_every"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -16,8 +16,9 @@ import torch
 from ..config import RunConfig, write_resolved
 from ..data.cache import drop_prompts
 from ..errors import UserError
-from ..files import trim_jsonl
+from ..files import atomic_write_text, trim_jsonl
 from ..models.lora import save_lora, text_lora_weights
+from ..run_lock import hold_folder
 from ..types import as_float
 from .build import (
     build_lr_scheduler,
@@ -56,19 +57,29 @@ class Run:
     resets: set[int]
     guard: object | None = None
     last_good: Path | None = None
+    skipped: int = 0  # non-finite steps skipped (train.on_nonfinite=skip), over the whole run
+    save_due: bool = False  # a checkpoint is due, waiting for the data source's next boundary
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run ``cfg`` to completion (resuming when asked); returns a summary dict written as summary.json."""
+    """Run ``cfg`` to completion (resuming when asked); returns a summary dict written as summary.json.
+
+    The run folder has one writer: a second run into it is refused while this one lives (run_lock)."""
+    method = _checked_method(cfg)  # before any state or weights: a config mistake stops here
+    acc, out = _accelerator(cfg)
+    with hold_folder(out, "train.output_dir", enabled=acc.is_main_process):
+        return _train(cfg, method, acc, out)
+
+
+def _train(cfg: RunConfig, method, acc, out: Path) -> dict:
     from tqdm import tqdm
 
     t = cfg.train
-    method = _checked_method(cfg)  # before any state or weights: a config mistake stops here
-    acc, out = _accelerator(cfg)
     resume_dir = find_resume(t.resume, out)  # before anything loads: `resume=latest` with nothing to resume stops
     check_same_run(json.loads(json.dumps(cfg.to_dict())), out, resuming=resume_dir is not None)
+    check_forward(t.steps, out, resume_dir)
     run = _build(cfg, acc, out, method)
-    step, nonfinite = _resume(run, resume_dir)
+    step, (nonfinite, run.skipped) = _resume(run, resume_dir)
     bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
     t0, pairs_seen, run.last_good = time.time(), 0, resume_dir
     while step < t.steps:
@@ -79,25 +90,61 @@ def train(cfg: RunConfig) -> dict:
         finite, grad_norm = _update(run, window)
         nonfinite = 0 if finite else nonfinite + 1
         if not finite:
-            why = "non-finite loss or gradient" if window else "no usable rows (all skipped, tied or corrupt)"
-            log.warning("step %d: %s, update skipped (%d in a row)", step, why, nonfinite)
-        if nonfinite >= t.max_nonfinite:
-            bar.close()
-            acc.end_training()
-            raise NonFiniteError(f"{nonfinite} consecutive non-finite or empty steps at step {step}; stopping. "
-                                 f"Last good checkpoint: {run.last_good or 'none'}. Try a lower train.lr or beta.")
-        if not finite:
+            _on_skipped(run, step, window, nonfinite, bar)
             continue
         step += 1
         bar.update(1)
         logs = {k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "finite"}
         logs |= {"grad_norm": float(grad_norm), "lr": run.lr_sched.get_last_lr()[0],
                  "pairs_per_s": pairs_seen / max(time.time() - t0, 1e-9)}
+        logs |= {"nonfinite_skipped": run.skipped} if t.on_nonfinite == "skip" else {}
         _log(run, step, logs, bar)
         _evaluate_and_save(run, step, nonfinite)
     bar.close()
     acc.wait_for_everyone()
     return _finish(run, step, pairs_seen, time.time() - t0)
+
+
+def _on_skipped(run: Run, step: int, window: list[dict], in_a_row: int, bar) -> None:
+    """A step whose update was dropped: a non-finite loss or gradient (stop, or skip and count, as
+    train.on_nonfinite says), or a batch with no usable row (skipped); too many in a row stop the run."""
+    t = run.cfg.train
+    where = f"Last good checkpoint: {run.last_good or 'none (no checkpoint yet)'}"
+    if window and t.on_nonfinite == "stop":
+        bar.close()
+        run.acc.end_training()
+        loss = next((w["loss"] for w in window if not w["finite"]), "finite")
+        raise NonFiniteError(f"step {step + 1}: non-finite loss or gradient (loss {loss}); stopped with no update "
+                             f"applied and no weights written. {where}; resume it with a lower train.lr or beta, or "
+                             "pass train.on_nonfinite=skip to skip such steps")
+    run.skipped += bool(window)
+    why = "non-finite loss or gradient" if window else "no usable rows (all skipped, tied or corrupt)"
+    log.warning("step %d: %s, update skipped (%d in a row)", step + 1, why, in_a_row)
+    if in_a_row >= t.max_nonfinite:
+        bar.close()
+        run.acc.end_training()
+        raise NonFiniteError(f"{in_a_row} consecutive non-finite or empty steps at step {step + 1}; stopping. "
+                             f"{where}. Try a lower train.lr or beta.")
+
+
+def check_forward(steps: int, out: Path, resume_dir: Path | None) -> None:
+    """Resume never moves a run backwards: train.steps below the checkpoint's step (or below a finished run's
+    steps) would replace the weights trained further with earlier ones."""
+    if resume_dir is None:
+        return
+    from .checkpoint import checkpoint_step
+
+    done = checkpoint_step(resume_dir)
+    finished = out / "summary.json"
+    if finished.exists():
+        try:
+            done = max(done, int(json.loads(finished.read_text()).get("steps", 0)))
+        except (ValueError, TypeError, AttributeError):
+            pass
+    if steps < done:
+        raise UserError(f"train.steps={steps} is below the {done} steps {out} has already trained; resuming would "
+                        f"move the run backwards. Pass train.steps>={done}, or evaluate an earlier checkpoint with "
+                        "--lora .../checkpoints/step-N/lora")
 
 
 def _accelerator(cfg: RunConfig):
@@ -151,10 +198,10 @@ def _build(cfg: RunConfig, acc, out: Path, method) -> Run:
                reference_resets(cfg))
 
 
-def _resume(run: Run, resume_dir: Path | None) -> tuple[int, int]:
+def _resume(run: Run, resume_dir: Path | None) -> tuple[int, tuple[int, int]]:
     """Load the checkpoint (if any), trim the logs to it, write the resolved config, start trackers."""
     acc, out, cfg = run.acc, run.out, run.cfg
-    step, nonfinite = 0, 0
+    step, nonfinite = 0, (0, 0)
     if resume_dir is not None:
         step, nonfinite = load_checkpoint(acc, resume_dir, run.ema, run.method, run.backbone)
         log.info("resumed from %s at step %d", resume_dir, step)
@@ -230,27 +277,43 @@ def _evaluate_and_save(run: Run, step: int, nonfinite: int) -> None:
         run.guard.evaluate(run.acc, run.backbone, step)
     if t.validation_every and t.validation_prompts and step % t.validation_every == 0:
         save_validation_grid(run.acc, run.backbone, run.cfg, step)
-    if t.save_every and step % t.save_every == 0 and step < t.steps:
+    run.save_due |= bool(t.save_every) and step % t.save_every == 0
+    # a source whose batches depend on state a checkpoint does not hold (an online round in progress) has
+    # its checkpoints at its own boundaries: a save that falls mid-round waits for the round's end
+    if run.save_due and step < t.steps and getattr(run.stream, "at_boundary", lambda s: True)(step):
+        run.save_due = False
+        require_finite_weights(run, step)
         moved = any(r <= step for r in run.resets)
-        run.last_good = save_checkpoint(run.acc, run.out, step, nonfinite, run.ema, run.method.state_dict(),
-                                        run.backbone.reference_weights() if moved else None,
+        run.last_good = save_checkpoint(run.acc, run.out, step, (nonfinite, run.skipped), run.ema,
+                                        run.method.state_dict(), run.backbone.reference_weights() if moved else None,
                                         text_lora_weights(run.backbone),
-                                        partial(save_lora, run.backbone) if run.cfg.lora.enabled else None)
+                                        partial(save_lora, run.backbone) if run.cfg.lora.enabled else None,
+                                        previous=run.last_good)
+
+
+def require_finite_weights(run: Run, step: int) -> None:
+    """No checkpoint or output ever holds a NaN or inf weight (an update is applied only when the loss and
+    the gradient are finite, but the weights are checked where they are written, whatever caused it)."""
+    bad = next((i for i, p in enumerate(run.params) if not bool(torch.isfinite(p.detach()).all())), None)
+    if bad is not None:
+        raise NonFiniteError(f"step {step}: trainable tensor {bad} holds non-finite values; nothing was written. "
+                             f"Last good checkpoint: {run.last_good or 'none'}; resume it with a lower train.lr")
 
 
 def _finish(run: Run, step: int, pairs_seen: int, seconds: float) -> dict:
     acc = run.acc
     summary = {"steps": step, "world_size": acc.num_processes, "rank": acc.process_index, "pairs_seen": pairs_seen,
                "seconds": seconds, "ties_dropped": run.dataset.ties_dropped,
-               "corrupt_skipped": run.dataset.corrupt_skipped}
+               "corrupt_skipped": run.dataset.corrupt_skipped, "nonfinite_skipped": run.skipped}
     if run.ema is not None:
         run.ema.copy_to(run.params)
+    require_finite_weights(run, step)
     summary["weights_sha256"] = weights_digest(run.params)
     if acc.is_main_process:
         summary |= save_outputs(run.backbone, run.cfg, run.out)
         if run.guard is not None:
             summary |= run.guard.finalise(run.out)
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
     acc.end_training()
     return summary
 

@@ -16,8 +16,15 @@ def save_weights(backbone, cfg: RunConfig, out: Path) -> dict:
     """The trained weights only: out/lora (diffusers LoRA) or out/model (a full pipeline folder)."""
     from ..models.lora import save_lora
 
-    if cfg.lora.enabled:
-        return {"lora": str(save_lora(backbone, out / "lora").parent)}
+    if cfg.lora.enabled:  # built beside, then renamed: a kill mid-write never leaves a half LoRA as the output
+        import shutil
+
+        tmp = out / "lora.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_lora(backbone, tmp)
+        shutil.rmtree(out / "lora", ignore_errors=True)
+        tmp.rename(out / "lora")
+        return {"lora": str(out / "lora")}
     # the fine-tune is sampled as it was trained: its folder declares the run's guidance (see models.load)
     sampling = {"guidance": cfg.train.guidance,
                 "note": f"train.guidance of the run that made it ({cfg.objective.name})"}

@@ -166,6 +166,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log_every: int = 20) -> Path:
     from tqdm import tqdm
 
     out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model_index.json").exists())):
+        # the base is written by replacing the whole folder: never over files pretrain did not write
+        raise UserError(f"--out {out}: exists and is not a model folder pretrain wrote; choose a new or empty --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
