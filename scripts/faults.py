@@ -200,6 +200,8 @@ class Suite:
         intact = sorted(p.name for p in (run / "checkpoints").iterdir()) == before and \
             checkpoint_problem(run / "checkpoints" / before[-1]) is None
         code2, text2 = finish(cli(finetune(self.base(kind), run, "train.resume=latest")))
+        if not (said and intact and code2 == 0):
+            print(said, intact, code2, before, sorted(p.name for p in (run / "checkpoints").iterdir()), text2[-800:])
         self.record("disk-full", kind, 1, said and intact and code2 == 0, digest(run) == ref,
                     "(RLIMIT_FSIZE below a checkpoint file)")
 

@@ -220,3 +220,136 @@ def test_os_error_line_keeps_bugs_as_bugs():
     line = os_error_line(OSError(errno.ENOSPC, "No space left on device", "/data/run/x.safetensors"))
     assert line.startswith("/data/run/x.safetensors: No space left on device") and "free some space" in line
     assert os_error_line(OSError(errno.EBADF, "Bad file descriptor")) is None
+
+
+# ---- the reward server, secrets and the score cache ----------------------------------------------------
+
+class _Const:
+    name, version = "const", "1"
+
+    def __init__(self, value=0.5):
+        self.value, self.calls = value, 0
+
+    def __call__(self, images, prompts):
+        import torch
+
+        self.calls += len(images)
+        return torch.full((len(images),), self.value)
+
+
+def _serve(reward, **kw):
+    import threading
+
+    from visalign.rewards.server import make_server
+
+    server = make_server(reward, "127.0.0.1", 0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def _raw(port: int, data: bytes, read: bool = True) -> bytes:
+    """Send raw bytes; the whole answer, read until the server closes."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(data)
+    out = b""
+    while read:
+        chunk = s.recv(65536)
+        out += chunk
+        read = bool(chunk)
+    s.close()
+    return out
+
+
+def test_reward_server_answers_bad_lengths_caps_connections_and_limits_pixels(monkeypatch):
+    import base64
+    import io
+    import socket
+    import time
+
+    from PIL import Image
+
+    import visalign.rewards.server as srv
+
+    monkeypatch.setattr(srv, "READ_TIMEOUT", 1.0)
+    server, port = _serve(_Const(), max_connections=2)
+    try:
+        for length in (b"abc", b"-5", b""):
+            reply = _raw(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.0 400") or reply.startswith(b"HTTP/1.1 400"), reply[:60]
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # half-sent requests
+        for h in held:
+            h.sendall(b"POST /score HTTP/1.1\r\n")
+        deadline = time.time() + 5
+        while server.slots._value and time.time() < deadline:  # both accepted and waiting on their headers
+            time.sleep(0.05)
+        assert b"503" in _raw(port, b"GET / HTTP/1.1\r\n\r\n")  # over the cap: answered and closed
+        time.sleep(1.5)  # the read timeout frees the held slots
+        for h in held:
+            h.close()
+        buf = io.BytesIO()
+        Image.new("RGB", (5000, 4000)).save(buf, format="PNG")  # a small file, a huge canvas
+        body = json.dumps({"images": [base64.b64encode(buf.getvalue()).decode()], "prompts": ["p"]}).encode()
+        reply = _raw(port, b"POST /score HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert b" 400 " in reply.split(b"\r\n")[0] and b"pixels" in reply
+    finally:
+        server.shutdown()
+
+
+def test_reward_server_token_and_secrets_only_over_https_or_localhost(monkeypatch):
+    import torch
+
+    from visalign.rewards.server import RemoteReward, RemoteRewardError, secret_destination
+
+    server, port = _serve(_Const(0.25), token="s3cret")
+    try:
+        images = torch.rand(1, 3, 8, 8)
+        monkeypatch.delenv("VISALIGN_REWARD_TOKEN", raising=False)
+        with pytest.raises(RemoteRewardError, match="401.*bearer token"):
+            RemoteReward(f"http://127.0.0.1:{port}")(images, ["p"])
+        monkeypatch.setenv("VISALIGN_REWARD_TOKEN", "s3cret")
+        assert RemoteReward(f"http://127.0.0.1:{port}")(images, ["p"]).tolist() == [0.25]
+        with pytest.raises(UserError, match="neither https nor this machine"):
+            RemoteReward("http://example.com:8765")(images, ["p"])  # refused before anything is sent
+    finally:
+        server.shutdown()
+    assert secret_destination("https://api.example.com/v1", "K")
+    assert secret_destination("http://localhost:8000/v1", "K")
+    with pytest.raises(UserError, match="K is set"):
+        secret_destination("http://10.0.0.5:8000/v1", "K")
+
+
+def test_reward_server_on_another_host_warns(capsys, monkeypatch):
+    from visalign.cli import main
+    from visalign.rewards import server as srv
+
+    def fake(reward, host, port, token=None):
+        raise KeyboardInterrupt  # stands for Ctrl-C: the warning is printed before the server starts
+
+    monkeypatch.setattr(srv, "make_server", fake)
+    monkeypatch.delenv("VISALIGN_REWARD_TOKEN", raising=False)
+    assert main(["reward-server", "--reward", "rater", "--host", "0.0.0.0"]) == 130
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0" in err and "VISALIGN_REWARD_TOKEN" in err
+
+
+def test_score_cache_key_covers_settings_and_refuses_nan(tmp_path):
+    import torch
+
+    from visalign.rewards.cache import CachedReward
+
+    images, prompts = torch.rand(2, 3, 8, 8), ["a", "b"]
+    a = CachedReward(_Const(0.5), tmp_path / "c.sqlite", {"size": 1.0})
+    assert a(images, prompts).tolist() == [0.5, 0.5]
+    b = CachedReward(_Const(0.7), tmp_path / "c.sqlite", {"size": 5.0})  # other arguments: scored afresh
+    assert b(images, prompts).tolist() == pytest.approx([0.7, 0.7]) and b.reward.calls == 2
+    again = CachedReward(_Const(0.9), tmp_path / "c.sqlite", {"size": 1.0})
+    assert again(images, prompts).tolist() == [0.5, 0.5] and again.reward.calls == 0  # same settings: cached
+    with pytest.raises(UserError, match="not a finite number"):
+        CachedReward(_Const(float("nan")), tmp_path / "d.sqlite")(images, prompts)
+    fresh = CachedReward(_Const(0.1), tmp_path / "d.sqlite")
+    assert fresh(images, prompts).tolist() == pytest.approx([0.1, 0.1])  # nothing was cached by the NaN call
+    fresh.db.execute("UPDATE scores SET score = NULL")  # an older cache's NaN, stored as NULL
+    fresh.db.commit()
+    assert CachedReward(_Const(0.3), tmp_path / "d.sqlite")(images, prompts).tolist() == pytest.approx([0.3, 0.3])

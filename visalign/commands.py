@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -127,12 +128,18 @@ def cmd_reward_server(args) -> None:
     from .data.make_dataset import parse_reward
     from .registry import load_all
     from .rewards.base import build_reward
-    from .rewards.server import make_server
+    from .rewards.server import TOKEN_ENV, is_local, make_server
 
     load_all()
     name, _, kwargs = parse_reward(args.reward)
-    server = make_server(build_reward({"name": name, **kwargs}), args.host, args.port)
-    print(f"serving reward {name} on http://{args.host}:{args.port}/score (Ctrl-C to stop)")
+    token = os.environ.get(TOKEN_ENV) or None
+    if not is_local(args.host):
+        print(f"warning: --host {args.host} serves the reward beyond this machine"
+              + ("" if token else f", to anyone who can reach it: set {TOKEN_ENV} to require a bearer token"),
+              file=sys.stderr)
+    server = make_server(build_reward({"name": name, **kwargs}), args.host, args.port, token=token)
+    print(f"serving reward {name} on http://{args.host}:{args.port}/score"
+          f"{' (bearer token required)' if token else ''} (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -317,7 +317,7 @@ def _make_dataset(cfg: MakeDatasetConfig, rank: int, world: int, progress: bool)
     out.mkdir(parents=True, exist_ok=True)
     from ..rewards.cache import CachedReward
 
-    reward_fns = {name: CachedReward(build_reward({"name": name, **kw}), out / ".reward_cache.sqlite")
+    reward_fns = {name: CachedReward(build_reward({"name": name, **kw}), out / ".reward_cache.sqlite", kw)
                   for name, _, kw in rewards}
     for fn in reward_fns.values():
         check_prompts(fn, prompts)  # e.g. `shapes` on a caption it cannot parse: before any image is sampled

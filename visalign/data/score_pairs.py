@@ -175,7 +175,7 @@ def _score_pairs(cfg: ScorePairsConfig, progress: bool) -> dict:
     out = Path(cfg.out)
     _refuse_other_settings(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    reward_fns = {name: CachedReward(build_reward({"name": name, **kw}), out / ".reward_cache.sqlite")
+    reward_fns = {name: CachedReward(build_reward({"name": name, **kw}), out / ".reward_cache.sqlite", kw)
                   for name, _, kw in rewards}
     prompt_col = "caption" if cfg.format == "pairs" else "prompt"
     for fn in reward_fns.values():

@@ -8,8 +8,10 @@ the ``remote`` reward (``--reward remote::url=http://127.0.0.1:8765``) calls it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,6 +23,15 @@ from ..errors import UserError, first_line
 from ..registry import REWARDS
 
 MAX_BODY = 512 * 1024 * 1024
+MAX_PIXELS = 4096 * 4096  # per image, checked from the PNG header before any pixel is decoded
+MAX_CONNECTIONS = 64  # requests served at once; beyond it a connection is answered 503 and closed
+READ_TIMEOUT = 30.0  # seconds a client may take to send its request
+TOKEN_ENV = "VISALIGN_REWARD_TOKEN"  # when set, requests need `Authorization: Bearer <token>`
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_local(host: str) -> bool:
+    return host in LOCAL_HOSTS or host.startswith("127.")
 
 
 def encode_images(images: torch.Tensor) -> list[str]:
@@ -35,12 +46,27 @@ def encode_images(images: torch.Tensor) -> list[str]:
 
 
 def decode_images(items: Sequence[str]) -> torch.Tensor:
-    arrs = [np.asarray(Image.open(io.BytesIO(base64.b64decode(s))).convert("RGB"), dtype=np.uint8) for s in items]
+    """base64 PNGs -> [N, 3, H, W] in [0, 1]; an image over MAX_PIXELS is refused from its header, before
+    its pixels are decoded (a small PNG can declare a huge canvas)."""
+    arrs = []
+    for s in items:
+        img = Image.open(io.BytesIO(base64.b64decode(s)))
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"an image of {img.width}x{img.height} pixels; at most {MAX_PIXELS} pixels per image")
+        arrs.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+def make_server(reward, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+                max_connections: int = MAX_CONNECTIONS) -> ThreadingHTTPServer:
+    """The reward behind ``POST /score``, on localhost by default. A read timeout, a cap on connections
+    served at once, a decoded-pixel limit, and, with ``token``, a bearer token every request must carry."""
+    import hmac
+    import threading
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = READ_TIMEOUT  # the socket's: a client that stops sending is dropped, not waited on forever
+
         def _send(self, code: int, payload: dict) -> None:
             body = json.dumps(payload).encode()
             self.send_response(code)
@@ -52,7 +78,14 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
         def do_POST(self):  # noqa: N802
             if self.path != "/score":
                 return self._send(404, {"error": f"unknown path {self.path}; POST /score"})
-            length = int(self.headers.get("Content-Length", 0))
+            if token is not None:
+                given = self.headers.get("Authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                    return self._send(401, {"error": f"missing or wrong bearer token (the server's {TOKEN_ENV})"})
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self._send(400, {"error": "Content-Length must be a whole number of bytes"})
             if length <= 0 or length > MAX_BODY:
                 return self._send(400, {"error": "missing or oversized body"})
             try:
@@ -74,7 +107,26 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
         def log_message(self, *args):
             pass
 
-    return ThreadingHTTPServer((host, port), Handler)
+    class CappedServer(ThreadingHTTPServer):
+        daemon_threads = True
+        slots = threading.BoundedSemaphore(max_connections)
+
+        def process_request(self, request, client_address):
+            if not self.slots.acquire(blocking=False):
+                with contextlib.suppress(OSError):
+                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                    b"Connection: close\r\n\r\n")
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    return CappedServer((host, port), Handler)
 
 
 class RemoteRewardError(UserError, ConnectionError):
@@ -89,12 +141,18 @@ class RemoteReward:
 
     def __init__(self, url: str = "http://127.0.0.1:8765", timeout: float = 600.0):
         self.url, self.timeout = url.rstrip("/"), timeout
+        self.version = f"1|{self.url}"  # part of the score cache's key: another server's scores are not these
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         import urllib.request
 
         body = json.dumps({"images": encode_images(images), "prompts": list(prompts)}).encode()
-        req = urllib.request.Request(f"{self.url}/score", data=body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        token = os.environ.get(TOKEN_ENV)
+        if token:
+            secret_destination(self.url, TOKEN_ENV)
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(f"{self.url}/score", data=body, headers=headers)
         import urllib.error
 
         try:
@@ -109,5 +167,20 @@ class RemoteReward:
         except OSError as e:
             raise RemoteRewardError(f"reward server at {self.url} did not answer ({e}); start it with "
                                     "`visalign reward-server --reward NAME --port PORT`") from None
-        self.name, self.version = f"remote:{payload.get('name', '')}", payload.get("version", "")
-        return torch.tensor(payload["scores"], dtype=torch.float32)
+        self.name = f"remote:{payload.get('name', '')}"
+        scores = torch.tensor(payload["scores"], dtype=torch.float32)
+        if len(scores) != len(prompts) or not bool(torch.isfinite(scores).all()):
+            raise RemoteRewardError(f"reward server at {self.url} returned {len(scores)} scores for {len(prompts)} "
+                                    "images, or a score that is not a finite number; fix the served reward")
+        return scores
+
+
+def secret_destination(url: str, env: str) -> str:
+    """Secrets travel only over https, or to this machine: anything else is refused in one line."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    if u.scheme == "https" or (u.scheme == "http" and is_local(u.hostname or "")):
+        return url
+    raise UserError(f"{env} is set, but {url} is neither https nor this machine: the secret would travel in "
+                    "the clear. Use an https:// URL (or unset the variable)")

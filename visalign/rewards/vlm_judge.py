@@ -143,6 +143,9 @@ class VLMJudge:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
+            from .server import secret_destination
+
+            secret_destination(self.url, self.api_key_env)  # never a bearer token in the clear to another host
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(f"{self.url}/chat/completions", data=body, headers=headers)
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:

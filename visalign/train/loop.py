@@ -80,8 +80,20 @@ def _train(cfg: RunConfig, method, acc, out: Path) -> dict:
     check_forward(t.steps, out, resume_dir)
     run = _build(cfg, acc, out, method)
     step, (nonfinite, run.skipped) = _resume(run, resume_dir)
+    run.last_good = resume_dir
     bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
-    t0, pairs_seen, run.last_good = time.time(), 0, resume_dir
+    try:  # the bar is closed before any error is printed: the error stays the last line
+        step, pairs_seen, seconds = _steps(run, step, nonfinite, bar)
+    finally:
+        bar.close()
+    acc.wait_for_everyone()
+    return _finish(run, step, pairs_seen, seconds)
+
+
+def _steps(run: Run, step: int, nonfinite: int, bar) -> tuple[int, int, float]:
+    """Optimizer steps until train.steps: accumulate, update (or skip), log, evaluate and save."""
+    t = run.cfg.train
+    t0, pairs_seen = time.time(), 0
     while step < t.steps:
         if step in run.resets:  # Curry-DPO: each stage starts from a reference equal to the policy
             run.backbone.freeze_reference_copy()
@@ -100,9 +112,7 @@ def _train(cfg: RunConfig, method, acc, out: Path) -> dict:
         logs |= {"nonfinite_skipped": run.skipped} if t.on_nonfinite == "skip" else {}
         _log(run, step, logs, bar)
         _evaluate_and_save(run, step, nonfinite)
-    bar.close()
-    acc.wait_for_everyone()
-    return _finish(run, step, pairs_seen, time.time() - t0)
+    return step, pairs_seen, time.time() - t0
 
 
 def _on_skipped(run: Run, step: int, window: list[dict], in_a_row: int, bar) -> None:
@@ -111,7 +121,6 @@ def _on_skipped(run: Run, step: int, window: list[dict], in_a_row: int, bar) -> 
     t = run.cfg.train
     where = f"Last good checkpoint: {run.last_good or 'none (no checkpoint yet)'}"
     if window and t.on_nonfinite == "stop":
-        bar.close()
         run.acc.end_training()
         loss = next((w["loss"] for w in window if not w["finite"]), "finite")
         raise NonFiniteError(f"step {step + 1}: non-finite loss or gradient (loss {loss}); stopped with no update "
@@ -121,7 +130,6 @@ def _on_skipped(run: Run, step: int, window: list[dict], in_a_row: int, bar) -> 
     why = "non-finite loss or gradient" if window else "no usable rows (all skipped, tied or corrupt)"
     log.warning("step %d: %s, update skipped (%d in a row)", step + 1, why, in_a_row)
     if in_a_row >= t.max_nonfinite:
-        bar.close()
         run.acc.end_training()
         raise NonFiniteError(f"{in_a_row} consecutive non-finite or empty steps at step {step + 1}; stopping. "
                              f"{where}. Try a lower train.lr or beta.")
