@@ -7,26 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, UserError, first_line
-
-
-def read_lora_file(src: Path) -> tuple[dict, dict]:
-    """A LoRA safetensors file's tensors and metadata; one CheckpointError naming the file otherwise."""
-    from safetensors import safe_open
-
-    if not src.exists():
-        raise CheckpointError(f"no LoRA weights at {src} (expected a folder with pytorch_lora_weights.safetensors "
-                              "or a .safetensors file)")
-    try:
-        with safe_open(str(src), "pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata() or {}
-    except Exception as e:  # not safetensors, truncated, or unreadable
-        raise CheckpointError(f"{src}: not a readable safetensors LoRA ({first_line(e)})") from None
-    if not any(".lora" in k or "lora_" in k for k in state):
-        raise CheckpointError(f"{src}: holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys); "
-                              "is it a base model's weights?")
-    return state, meta
+from ..errors import CheckpointError, UserError, first_line  # noqa: F401
+from .lora import read_lora_file  # noqa: F401  (re-exported: where readers looked for it)
 
 
 def lora_family(src: Path, state: dict) -> str | None:

@@ -209,8 +209,6 @@ def save_lora(backbone, out_dir: str | Path) -> Path:
 def load_lora(backbone, lora_dir: str | Path) -> None:
     """Load a diffusers-format LoRA (as written by ``save_lora``) onto the backbone's denoiser."""
     prefix = backbone.lora_prefix
-    from .export import read_lora_file
-
     path = Path(lora_dir)
     file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
     read_lora_file(file)  # a missing, truncated or non-LoRA file is one error naming it
@@ -233,8 +231,6 @@ def _load_text_parts(backbone, file: Path) -> None:
 
     import diffusers
 
-    from .export import read_lora_file
-
     state, meta = read_lora_file(file)
     saved = next((json.loads(v) for k, v in meta.items() if k.endswith("lora_adapter_metadata")), {})
     loader = getattr(diffusers, backbone.lora_pipeline)
@@ -254,8 +250,6 @@ def inject_saved_lora(model: torch.nn.Module, file: Path, prefix: str) -> None:
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    from .export import read_lora_file
-
     state, meta = read_lora_file(file)
     state = {k[len(prefix) + 1:]: v for k, v in convert_all_state_dict_to_peft(state).items()
              if k.startswith(prefix + ".")}
@@ -271,3 +265,22 @@ def inject_saved_lora(model: torch.nn.Module, file: Path, prefix: str) -> None:
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")
+
+
+def read_lora_file(src: Path) -> tuple[dict, dict]:
+    """A LoRA safetensors file's tensors and metadata; one CheckpointError naming the file otherwise."""
+    from safetensors import safe_open
+
+    if not src.exists():
+        raise CheckpointError(f"no LoRA weights at {src} (expected a folder with pytorch_lora_weights.safetensors "
+                              "or a .safetensors file)")
+    try:
+        with safe_open(str(src), "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # not safetensors, truncated, or unreadable
+        raise CheckpointError(f"{src}: not a readable safetensors LoRA ({first_line(e)})") from None
+    if not any(".lora" in k or "lora_" in k for k in state):
+        raise CheckpointError(f"{src}: holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys); "
+                              "is it a base model's weights?")
+    return state, meta

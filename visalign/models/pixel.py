@@ -23,10 +23,15 @@ class PixelBackbone(DiffusionBackbone):
     """A text-conditioned UNet2DConditionModel on pixels in [−1, 1] with a CLIP text encoder; ε, v or k-Diff."""
 
     @staticmethod
-    def build_tiny(variant: str, out, **kwargs) -> None:
-        from .tiny import build_pixel  # ShapesWorld's vocabulary: built beside the other toy parts
+    def build_tiny(variant: str, out, size: int = 16, prediction_type: str = "epsilon") -> None:
+        """A tiny pixel-space model with the ShapesWorld folder layout (random weights)."""
+        from .tiny import world_words  # ShapesWorld's vocabulary, beside the other toy parts
 
-        build_pixel(out, **kwargs)
+        # ShapesWorld's layout and defaults at toy width (its v + trailing recipe, the prediction type as asked)
+        unet, te, tok, sched = build_pixel_components(size, (32, 32), 32, 1, 16, world_words(), "v_prediction",
+                                                      "trailing")
+        sched.register_to_config(prediction_type=prediction_type)
+        save_pixel_folder(Path(out), unet.eval(), te.eval(), tok, sched)
 
     def __init__(self, path: str, revision: str | None = None, load_encoders: bool = True):
         from diffusers import DDPMScheduler, UNet2DConditionModel

@@ -62,18 +62,6 @@ def tiny_ddim(prediction_type: str = "epsilon", clip_sample: bool = False):
                          clip_sample=clip_sample, set_alpha_to_one=False, prediction_type=prediction_type)
 
 
-def build_pixel(out: Path, size: int = 16, prediction_type: str = "epsilon") -> Path:
-    """A tiny pixel-space model with the ShapesWorld folder layout (random weights)."""
-    from .pixel import build_pixel_components, save_pixel_folder
-
-    # ShapesWorld's layout and defaults at toy width (its v + trailing recipe, the prediction type as asked)
-    unet, te, tok, sched = build_pixel_components(size, (32, 32), 32, 1, 16, world_words(), "v_prediction",
-                                                  "trailing")
-    sched.register_to_config(prediction_type=prediction_type)
-    save_pixel_folder(Path(out), unet.eval(), te.eval(), tok, sched)
-    return Path(out)
-
-
 def tiny_variants() -> dict[str, type]:
     """Every tiny variant a registered family declares (``tiny_variants``) -> its backbone class."""
     from ..registry import BACKBONES

@@ -26,9 +26,7 @@ def build_method(objective: Component, guidance: float | None = None):
 
 
 def check_data_format(method, cfg: RunConfig) -> None:
-    from . import sources  # noqa: F401  (registers the built-in data sources)
-
-    need = method.data
+    need = method.data  # the built-in sources are registered by train.sources, which the loop imports
     if need not in DATA_SOURCES:
         raise ConfigError(f"method {cfg.objective.name} trains on {need!r}, for which no data source is registered")
     if need in ("pairs", "lists") and cfg.data.format != need:

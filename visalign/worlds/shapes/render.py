@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...eval.rules import TASKS, DetectedObject, read_metadata  # noqa: F401  (read_metadata re-exported)
+from ...eval.rules import TASKS, DetectedObject, evaluate_objects, read_metadata  # noqa: F401  (re-exported)
 from .vocab import BACKGROUND, COLORS, NUMBERS, PLURALS, RELATIONS, SHAPES
 
 ShapeObject = DetectedObject  # a scene's object is what detectors return
@@ -177,8 +177,6 @@ def _place(rng: random.Random, specs: list[tuple[str, str]], size: int) -> list[
 
 def scene_for(record: dict, rng: random.Random, size: int = 32) -> list[ShapeObject]:
     """A random scene that satisfies a metadata record exactly (checked by the GenEval rules)."""
-    from .detector import evaluate_objects
-
     colors = list(COLORS)
     specs: list[tuple[str, str]] = []
     for clause in record["include"]:
