@@ -13,8 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import write_pairs
+from helpers import png, write_pairs
 
 from visalign.cli import main
 
@@ -243,6 +244,36 @@ def case_weighting_without_scores(t, m):
 
 def case_finetune_missing_data(t, m):
     return _finetune(m, t / "nowhere.parquet", t / "run"), ["data.path", "nowhere.parquet"]
+
+
+def case_fid_n_cannot_fit(t, m):
+    return ["eval", "fid", "--model", str(m), "--real", "shapes:eval", "--n", str(10**13), "--steps", "2",
+            "--out", str(t / "f")], ["--n", "GiB", "smaller"]
+
+
+def case_model_resolution_beyond_any_model(t, m):
+    return ["config", "sd15", "model.resolution=100000"], ["model.resolution=100000", "16384"]
+
+
+def case_eval_out_is_a_file_before_sampling(t, m):
+    f = _write(t / "taken.txt", "a file, not a folder")
+    return ["eval", "winrate", "--model", str(m), "--baseline", str(m), "--reward", "shapes", "--prompts",
+            "shapes:eval", "--out", str(f / "w")], ["--out", "cannot write"]
+
+
+def case_image_cell_names_a_fifo(t, m):
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fifo = t / "images" / "fifo.png"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)  # a read of it would block for ever
+    good = _write(t / "images" / "good.png", png(np.zeros((32, 32, 3), np.uint8)))
+    rows = [{"caption": "a photo of a red circle", "jpg_0": str(fifo), "jpg_1": str(good), "label_0": 1.0}]
+    pq.write_table(pa.Table.from_pylist(rows), t / "fifo.parquet")
+    return _finetune(m, t / "fifo.parquet", t / "run", "data.on_error=raise"), [str(fifo), "not a regular file"]
 
 
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}

@@ -353,3 +353,34 @@ def test_score_cache_key_covers_settings_and_refuses_nan(tmp_path):
     fresh.db.execute("UPDATE scores SET score = NULL")  # an older cache's NaN, stored as NULL
     fresh.db.commit()
     assert CachedReward(_Const(0.3), tmp_path / "d.sqlite")(images, prompts).tolist() == pytest.approx([0.3, 0.3])
+
+
+def test_an_in_place_parquet_edit_keeping_size_and_mtime_serves_the_new_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from visalign.data.pairs import load_any
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"caption": ["a"], "label_0": [0.0]}), path)
+    assert load_any(str(path))["label_0"] == [0.0]
+    st = path.stat()
+    pq.write_table(pa.table({"caption": ["a"], "label_0": [1.0]}), path)  # same size, same schema
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime back
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert load_any(str(path))["label_0"] == [1.0]
+
+
+@pytest.mark.parametrize("command", ["make-dataset", "score-pairs"])
+def test_a_second_writer_of_a_data_folder_is_refused_naming_the_holder(command, tmp_path, capsys):
+    from helpers import write_pairs
+
+    out = tmp_path / "out"
+    argv = {"make-dataset": ["make-dataset", "--prompts", "shapes:eval", "--max-prompts", "1", "--model",
+                             "pixel=/nonexistent", "--reward", "shapes", "--out", str(out)],
+            "score-pairs": ["score-pairs", "--data", str(write_pairs(tmp_path / "p.parquet", n=2)), "--reward",
+                            "rater", "--out", str(out)]}[command]
+    with hold_folder(out, "--out"):
+        code, err = _cli(argv, capsys)
+    assert code == 2 and "Traceback" not in err and str(out) in err and f"process {os.getpid()}" in err, err
+    assert not list(out.iterdir())  # nothing written beside the holder (whose lock went with it)

@@ -58,3 +58,24 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert img.std() > 10 and (img < 128).mean() > 0.01  # text and plots, not a blank page
     dom = subprocess.run(common + ["--dump-dom", url], check=True, timeout=120, capture_output=True, text=True).stdout
     assert "visalign report" in dom and "0.625 ± 0.079" in dom and "Training curves" in dom
+
+
+def test_report_escapes_every_field_read_from_the_run(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    mark = "<script>alert(1)</script>"
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(steps=mark, pairs_seen=mark, seconds=mark)
+    (run / "summary.json").write_text(json.dumps(summary))
+    winrate = {"reward": mark, "win_rate": mark, "ci_low": 0.4, "ci_high": mark, "n": mark,
+               "terms": {mark: {"baseline": mark, "model": 0.5, "change": mark, "se": 0.01}}}
+    (run / mark.replace("/", "_")).mkdir()
+    (run / mark.replace("/", "_") / "winrate.json").write_text(json.dumps(winrate))
+    (run / "diagnose.json").write_text(json.dumps({"concentration": mark, "baseline": {"name": mark,
+                                                                                       "concentration": 0.2}}))
+    Image.new("RGB", (4, 4)).save(run / "diagnose.png")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 99, mark: 1.0}) + "\n")
+    assert main(["report", str(run), "--baseline", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "<script" not in page and "&lt;script&gt;" in page

@@ -92,15 +92,22 @@ EVAL_COMMANDS = {"geneval": ("cmd_eval_geneval", "GenevalConfig"),
                  "fid": ("cmd_eval_fid", "FidConfig"), "winrate": ("cmd_eval_winrate", "WinrateConfig")}
 
 
+FOLDER_OUTPUTS = ("geneval", "fid", "winrate")  # eval commands whose --out is a folder
+
+
 def cmd_eval(name: str, args) -> None:
     """`eval NAME`: its typed config from -c files, flags and key=value, then the command."""
     from .config import load_section
     from .eval import commands, configs
+    from .files import check_writable_folder
 
     run, config_class = EVAL_COMMANDS[name]
     cls = getattr(configs, config_class)
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
-    getattr(commands, run)(load_section(cls, args.config, flags, args.overrides, f"eval {name}"))
+    cfg = load_section(cls, args.config, flags, args.overrides, f"eval {name}")
+    if name in FOLDER_OUTPUTS and getattr(cfg, "out", ""):  # before any model loads or image is sampled
+        check_writable_folder(cfg.out, "--out")
+    getattr(commands, run)(cfg)
 
 
 def cmd_world_features(args) -> None:

@@ -10,6 +10,9 @@ from .errors import require_positive
 from .registry import REWARDS, ConfigError
 
 MAX_BATCH = 65536  # a micro-batch larger than this cannot fit any device: refused before anything loads
+# image sides in pixels: the largest published text-to-image side is 4096 (PixArt-Sigma, Sana 4K); one image
+# of 16384 px a side is 3 GiB in fp32 before any activation, so larger values are typos, refused before loading
+SIDE_ARGS, MAX_SIDE = frozenset({"resolution", "image_size"}), 16384
 # component arguments whose range is known wherever they appear (methods, heads, rewards): > 0 or >= 0
 POSITIVE_ARGS = frozenset({"beta", "steps", "group_size", "prompts_per_round", "round_steps", "samples_per_prompt",
                            "adv_clip", "chase_every", "slow_lr", "temperature", "tau"})
@@ -21,7 +24,10 @@ def check_known_ranges(kwargs: dict, where: str) -> None:
     for k, v in kwargs.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
-        if k in POSITIVE_ARGS:
+        if k in SIDE_ARGS:
+            if not isinstance(v, int) or not 0 < v <= MAX_SIDE:
+                raise ConfigError(f"{where}.{k}={v!r}: expected a whole number of pixels from 1 to {MAX_SIDE}")
+        elif k in POSITIVE_ARGS:
             require_positive(v, f"{where}.{k}")
         elif k in NON_NEGATIVE_ARGS:
             require_positive(v, f"{where}.{k}", allow_zero=True)

@@ -56,6 +56,25 @@ def require_positive(value, key: str, allow_zero: bool = False) -> None:
         raise UserError(f"{key}={value!r}: expected a {'non-negative' if allow_zero else 'positive'} finite number")
 
 
+def host_memory_bytes() -> int:
+    """The machine's physical memory in bytes (0 where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def require_fits_memory(nbytes: float, what: str) -> None:
+    """Refuse, before the work starts, a size whose held tensors cannot fit this machine's memory: ``what``
+    names the flag and the size ("--n 1000000000: 1e9 images of 3x64x64 held for FID")."""
+    total = host_memory_bytes()
+    if total and nbytes > total:
+        raise UserError(f"{what} need {nbytes / 2**30:,.1f} GiB at once, more than this machine's "
+                        f"{total / 2**30:,.1f} GiB; choose a smaller size")
+
+
 def read_text(path: str | Path, what: str) -> str:
     """A text file's contents as UTF-8, with one clear error for a missing, unreadable or non-UTF-8 file."""
     p = Path(path)

@@ -134,3 +134,20 @@ def refuse_output_over_input(out: str | Path, inputs: dict[str, str | Path], out
         if o == i or i.is_relative_to(o) or o.is_relative_to(i):
             raise UserError(f"{out_flag} {out}: is, holds or lies inside the input {flag} {given}; choose an "
                             f"{out_flag} outside it (nothing was written)")
+
+
+def check_writable_folder(folder: str | Path, flag: str) -> Path:
+    """Make ``folder`` (and its parents) and prove it takes a file, before any work: a path that is a file,
+    read-only, or not permitted is one line naming the flag, not a failure after hours of sampling."""
+    from .errors import UserError
+
+    p = Path(folder).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".visalign-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); choose a "
+                        "writable folder") from None
+    return p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +33,15 @@ def load_any(path: str, split: str = "train"):
         raise DataError(f"data.path is empty: pass {spelled('data.path')}<parquet file or folder, or a dataset id>")
     try:
         if p.is_file() and p.suffix == ".parquet":
-            return datasets.load_dataset("parquet", data_files=str(p), split="train")
+            return datasets.load_dataset("parquet", data_files=str(p), split="train", cache_dir=_files_cache([p]))
         if p.is_dir():
             if (p / "dataset_info.json").exists() or (p / "state.json").exists():
                 ds = datasets.load_from_disk(str(p))
                 return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
             files = sorted(str(f) for f in p.glob("*.parquet"))
             if files:
-                return datasets.load_dataset("parquet", data_files=files, split="train")
+                return datasets.load_dataset("parquet", data_files=files, split="train",
+                                             cache_dir=_files_cache([Path(f) for f in files]))
             if any(p.rglob("*.parquet")):  # the hub's own layout (data/train-*.parquet, README.md): its splits
                 return datasets.load_dataset(str(p), split=split)
             return datasets.load_dataset("imagefolder", data_dir=str(p), split=split)
@@ -54,10 +56,34 @@ def load_any(path: str, split: str = "train"):
                         "file or folder, or a hub dataset id while online") from None
 
 
+def _files_cache(files: list[Path]) -> str:
+    """The datasets cache folder for these local files, keyed by what an edit always changes: size, mtime and
+    ctime (which no one can set back; an in-place edit that keeps size and mtime still moves it) and inode
+    (a file replaced by another). ``datasets`` alone keys by path and mtime, so such an edit served old rows."""
+    import hashlib
+
+    from .cache import cache_root
+
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
+    return str(cache_root() / "datasets" / h.hexdigest()[:20])
+
+
 def check_columns(ds, needed, path: str) -> None:
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found: {', '.join(ds.column_names)}")
+
+
+def _regular_file(path: str) -> str:
+    """An image path must name a regular file: a FIFO, a device or a folder would block or mislead the read."""
+    import stat
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, device or folder); an image cell names an image file")
+    return path
 
 
 def decode_image(value) -> Image.Image:
@@ -65,11 +91,11 @@ def decode_image(value) -> Image.Image:
     if isinstance(value, Image.Image):
         img = value
     elif isinstance(value, dict):
-        img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(_regular_file(value["path"]))
     elif isinstance(value, (bytes, bytearray)):
         img = Image.open(io.BytesIO(value))
     elif isinstance(value, str):
-        img = Image.open(value)
+        img = Image.open(_regular_file(value))
     else:
         raise DataError(f"cannot decode an image from {type(value).__name__}")
     img.load()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import require_fits_memory
 from .configs import CalibrateConfig, FidConfig, GenevalConfig, WinrateConfig
 
 
@@ -132,8 +133,12 @@ def cmd_eval_fid(cfg: FidConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     prompts = read_prompts(cfg.prompts, key="prompts")
-    real = real_images(cfg.real, cfg.n, seed=cfg.seed + 1)
     bb = load_backbone_cli(cfg.model, cfg.backbone, cfg.lora, cfg.bf16)
+    side = bb.resolution
+    # FID holds every sample (fp32) and every real image (uint8) at once: a size that cannot fit is refused
+    # here, before any image is rendered or sampled
+    require_fits_memory(cfg.n * 3 * side * side * 5, f"--n {cfg.n}: {cfg.n:,} images of 3x{side}x{side} held for FID")
+    real = real_images(cfg.real, cfg.n, seed=cfg.seed + 1)
     fakes = []
     gen = torch.Generator().manual_seed(cfg.seed)
     guidance = sampling_guidance(bb, cfg.guidance)

@@ -15,11 +15,16 @@ CURVES = (("loss", "loss"), ("implicit_acc", "implicit accuracy (h > 0)"), ("log
           ("errors", "denoising errors"))
 
 
-def _esc(value) -> str:
-    """Any summary field as safe HTML text (a number rounded, anything else escaped)."""
-    if isinstance(value, float):
-        return f"{value:.0f}"
+def _esc(value, spec: str = ".0f") -> str:
+    """Any field read from a run's files as safe HTML text: a number in ``spec``, anything else escaped (a
+    hand-edited or foreign JSON file can hold markup, or a string where a number belongs)."""
+    if _is_number(value):
+        return format(value, spec)
     return html.escape(str(value))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -33,17 +38,20 @@ def plot_curves(rows: list[dict], out: Path, gold: list[dict]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def series(key: str) -> tuple[list, list]:  # the rows that log this number (rows differ across methods)
+        have = [r for r in rows if _is_number(r.get(key)) and _is_number(r.get("step"))]
+        return [r["step"] for r in have], [r[key] for r in have]
+
     paths = []
-    steps = [r["step"] for r in rows]
     for key, title in CURVES:
         fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
         if key == "errors":
             for k in ("err_w", "err_l", "ref_err_w", "ref_err_l"):
-                if rows and k in rows[0]:
-                    ax.plot(steps, [r[k] for r in rows], label=k, linestyle="--" if k.startswith("ref") else "-")
+                if series(k)[0]:
+                    ax.plot(*series(k), label=k, linestyle="--" if k.startswith("ref") else "-")
             ax.legend(fontsize=7)
-        elif rows and key in rows[0]:
-            ax.plot(steps, [r[key] for r in rows])
+        elif series(key)[0]:
+            ax.plot(*series(key))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         fig.tight_layout()
@@ -51,10 +59,11 @@ def plot_curves(rows: list[dict], out: Path, gold: list[dict]) -> list[Path]:
         fig.savefig(p)
         plt.close(fig)
         paths.append(p)
+    gold = [g for g in gold if _is_number(g.get("step")) and _is_number(g.get("gold"))]
     if gold:
         fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
         ax.plot([g["step"] for g in gold], [g["gold"] for g in gold], label="gold", marker="o")
-        if "proxy" in gold[0]:
+        if all(_is_number(g.get("proxy")) for g in gold):
             ax.plot([g["step"] for g in gold], [g["proxy"] for g in gold], label="proxy", marker="s")
         ax.set_title("reward-hacking guardrail: proxy vs gold", fontsize=10)
         ax.legend(fontsize=7)
@@ -102,13 +111,15 @@ def _winrate_tables(folder: Path) -> str:
     for f in sorted(folder.rglob("winrate.json")):
         w = json.loads(f.read_text())
         out += (f"<p><b>{html.escape(str(w.get('reward', 'reward')))} win rate</b> "
-                f"({html.escape(str(f.parent.relative_to(folder)) or '.')}): {w['win_rate']:.3f} "
-                f"[95% CI {w['ci_low']:.3f}, {w['ci_high']:.3f}] over {_esc(w['n'])} paired samples</p>")
+                f"({html.escape(str(f.parent.relative_to(folder)) or '.')}): {_esc(w['win_rate'], '.3f')} "
+                f"[95% CI {_esc(w['ci_low'], '.3f')}, {_esc(w['ci_high'], '.3f')}] "
+                f"over {_esc(w['n'])} paired samples</p>")
         if w.get("terms"):
             out += "<table><tr><th>term</th><th>base</th><th>tuned</th><th>paired change</th></tr>"
             for term, v in w["terms"].items():
-                out += (f"<tr><td>{html.escape(term)}</td><td>{v['baseline']:.3f}</td><td>{v['model']:.3f}</td>"
-                        f"<td>{v['change']:+.4f} ± {v['se']:.4f}</td></tr>")
+                out += (f"<tr><td>{html.escape(term)}</td><td>{_esc(v['baseline'], '.3f')}</td>"
+                        f"<td>{_esc(v['model'], '.3f')}</td>"
+                        f"<td>{_esc(v['change'], '+.4f')} ± {_esc(v['se'], '.4f')}</td></tr>")
             out += "</table>"
     return out
 
@@ -137,10 +148,10 @@ def _diagnosis(run: Path) -> str:
     if not (run / "diagnose.json").exists() or not (run / "diagnose.png").exists():
         return ""
     result = json.loads((run / "diagnose.json").read_text())
-    note = f"concentration of the added activation shift: {result['concentration']:.3f}"
+    note = f"concentration of the added activation shift: {_esc(result['concentration'], '.3f')}"
     if "baseline" in result:
         b = result["baseline"]
-        note += f"; baseline {html.escape(str(b['name']))}: {b['concentration']:.3f}"
+        note += f"; baseline {html.escape(str(b['name']))}: {_esc(b['concentration'], '.3f')}"
     return f"<h2>Where alignment lives (visalign diagnose)</h2><p>{note}</p>{_img(run / 'diagnose.png')}"
 
 
@@ -166,7 +177,7 @@ def build_report(run_dir: str | Path, baseline: str | Path | None = None, prompt
         "a photo of a blue triangle and a yellow circle"]
     ba = before_after_grid(run, cfg, out, prompts) if grid else None
     last = rows[-1] if rows else {}
-    key_numbers = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in last.items()
+    key_numbers = "".join(f"<tr><td>{html.escape(k)}</td><td>{_esc(v, '.4g')}</td></tr>" for k, v in last.items()
                           if isinstance(v, (int, float)))
     base_tables = (_winrate_tables(Path(baseline)) + _metric_tables(Path(baseline))) if baseline else ""
     parts = [
@@ -175,7 +186,7 @@ def build_report(run_dir: str | Path, baseline: str | Path | None = None, prompt
         "table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}",
         "pre{background:#f6f6f6;padding:8px;font-size:12px;overflow:auto}</style></head><body>",
         f"<h1>visalign report: {html.escape(run.name)}</h1>",
-        f"<p>method <b>{html.escape(cfg['objective']['name'])}</b> on <b>{html.escape(str(cfg['model'].get('path')))}"
+        f"<p>method <b>{_esc(cfg['objective']['name'])}</b> on <b>{html.escape(str(cfg['model'].get('path')))}"
         f"</b>, {_esc(summary.get('steps', '?'))} steps, {_esc(summary.get('pairs_seen', '?'))} pairs seen, "
         f"{_esc(summary.get('seconds', '?'))} s</p>",
         "<h2>Metrics (accuracy ± standard error)</h2>", _metric_tables(run),
