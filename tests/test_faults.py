@@ -384,3 +384,20 @@ def test_a_second_writer_of_a_data_folder_is_refused_naming_the_holder(command, 
         code, err = _cli(argv, capsys)
     assert code == 2 and "Traceback" not in err and str(out) in err and f"process {os.getpid()}" in err, err
     assert not list(out.iterdir())  # nothing written beside the holder (whose lock went with it)
+
+
+def test_a_resume_after_an_upgrade_accepts_new_settings_at_their_defaults(tmp_path):
+    import yaml
+
+    from visalign.config import RunConfig
+    from visalign.errors import CheckpointError
+    from visalign.train.checkpoint import check_same_run
+
+    now = json.loads(json.dumps(RunConfig().to_dict()))
+    old = json.loads(json.dumps(now))
+    del old["data"]["validation_fraction"]  # written by a visalign from before that setting
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_same_run(now, tmp_path, resuming=True)
+    now["data"]["validation_fraction"] = 0.2  # the new setting changed: a different run
+    with pytest.raises(CheckpointError, match="validation_fraction"):
+        check_same_run(now, tmp_path, resuming=True)

@@ -97,8 +97,14 @@ class DataConfig:
     # online rounds: draw prompts by task, {task: weight} (a task not named weighs 1, 0 leaves it out); needs a
     # source with task tags (GenEval metadata's 'tag', a world's split); empty: uniformly over the prompts
     task_weights: dict[str, float] = field(default_factory=dict)
+    # online rounds: hold back this fraction of data.path's prompts (per task, by a hash of the text) as a
+    # validation split, never trained on; train.gold_prompts=validation scores checkpoints on it. 0 = off
+    validation_fraction: float = 0.0
 
     def check(self, where: str = "data") -> None:
+        if not (isinstance(self.validation_fraction, (int, float)) and 0 <= self.validation_fraction < 1):
+            raise ConfigError(f"{where}.validation_fraction={self.validation_fraction!r}: expected a fraction "
+                              "from 0 (off) to below 1")
         require_positive(self.max_rows, f"{where}.max_rows", allow_zero=True)
         require_positive(self.weight_scale, f"{where}.weight_scale")
         require_positive(self.curriculum_stages, f"{where}.curriculum_stages")
@@ -151,7 +157,9 @@ class TrainConfig:
     gold_reward: str = ""  # a registered reward held out from training, e.g. shapes; "" = off
     proxy_reward: str = ""  # the training signal's reward, plotted against gold
     gold_every: int = 0  # evaluate gold (and proxy) every N steps on fixed prompts and seeds
-    gold_prompts: str = "shapes:eval"  # a prompt source (file, dataset or shapes:SPLIT)
+    # a prompt source (file, dataset or shapes:SPLIT), or "validation": data.validation_fraction's split of the
+    # training prompts, scored per task (the held-out split then stays untouched until the final numbers)
+    gold_prompts: str = "shapes:eval"
     gold_samples: int = 64  # images per evaluation (prompts cycled, fixed seeds)
     select_best: str = "last"  # last | gold: keep the weights with the best gold score as the final output
     validation_prompts: list[str] = field(default_factory=list)
@@ -321,6 +329,12 @@ def config_from_dict(tree: dict) -> RunConfig:
         section.check()
     if cfg.train.select_best == "gold" and not (cfg.train.gold_reward and cfg.train.gold_every):
         raise ConfigError("train.select_best=gold needs train.gold_reward=NAME and train.gold_every=N")
+    if cfg.train.gold_prompts == "validation" and not cfg.data.validation_fraction:
+        raise ConfigError("train.gold_prompts=validation needs data.validation_fraction=F (0 < F < 1), the "
+                          "fraction of data.path's prompts to hold back for it")
+    if cfg.data.validation_fraction and getattr(METHODS.get(cfg.objective.name), "data", "") != "prompts":
+        raise ConfigError(f"data.validation_fraction: objective {cfg.objective.name!r} trains on fixed data, not on "
+                          "prompt rounds; hold back a validation split of its data before training instead")
     for key in ("gold_reward", "proxy_reward"):
         name = getattr(cfg.train, key)
         if name:

@@ -90,3 +90,49 @@ def read_prompt_tags(source: str) -> list[str] | None:
     if records and all(isinstance(r, dict) and isinstance(r.get("tag"), str) for r in records):
         return [r["tag"] for r in records]
     return None
+
+
+VALIDATION = "validation"  # train.gold_prompts' name for the split data.validation_fraction holds back
+
+
+def validation_split(prompts: list[str], tags: list[str] | None, fraction: float) -> tuple[list[int], list[int]]:
+    """(training indices, validation indices) of a prompt list: within each task tag, the round(fraction·n)
+    prompts whose SHA-1 is smallest are held back, but never a task's last training prompt.
+
+    The choice depends only on the prompt texts, so every run, resume and rank holds back the same prompts,
+    in whatever order the source lists them. The split lies inside the *training* prompts: it chooses
+    checkpoints without touching the held-out split the final numbers are measured on."""
+    import hashlib
+
+    groups: dict[str, list[int]] = {}
+    for i, tag in enumerate(tags if tags is not None else [""] * len(prompts)):
+        groups.setdefault(tag, []).append(i)
+    held: set[int] = set()
+    for members in groups.values():
+        distinct = sorted({prompts[i] for i in members}, key=lambda p: hashlib.sha1(p.encode()).hexdigest())
+        take = set(distinct[:min(len(distinct) - 1, round(fraction * len(distinct)))])
+        held |= {i for i in members if prompts[i] in take}  # a prompt listed twice goes to one side only
+    return [i for i in range(len(prompts)) if i not in held], sorted(held)
+
+
+def training_prompts(source: str, fraction: float, with_tags: bool) -> tuple[list[str], list[str] | None]:
+    """``source``'s prompts (and tags, when asked and the source has them) less its validation split."""
+    prompts = read_prompts(source)
+    tags = read_prompt_tags(source) if (with_tags or fraction) else None
+    if tags is not None and len(tags) != len(prompts):
+        tags = None
+    if fraction:
+        keep, _ = validation_split(prompts, tags, fraction)
+        prompts, tags = [prompts[i] for i in keep], (None if tags is None else [tags[i] for i in keep])
+    return prompts, tags if with_tags else None
+
+
+def validation_prompts(source: str, fraction: float) -> tuple[list[str], list[str] | None]:
+    """The validation split of ``source``'s prompts, with their tags where the source has them."""
+    prompts, tags = read_prompts(source), read_prompt_tags(source)
+    tags = tags if tags is not None and len(tags) == len(prompts) else None
+    _, held = validation_split(prompts, tags, fraction)
+    if not held:
+        raise UserError(f"data.validation_fraction={fraction}: holds back no prompt of {source} (each task keeps "
+                        "one training prompt); raise it")
+    return [prompts[i] for i in held], (None if tags is None else [tags[i] for i in held])

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import RunConfig
 from ..errors import CheckpointError, first_line
 from ..files import check_manifest, fsync_dir, fsync_tree, write_manifest
 
@@ -196,8 +197,12 @@ def check_same_run(config: dict, out: Path, resuming: bool) -> None:
     except yaml.YAMLError:
         return
     now = _flatten(config)
+    # a setting newer than the saved run (a visalign upgrade between the kill and the resume) left at its
+    # default changes nothing that run did: not a difference
+    defaults = _flatten(json.loads(json.dumps(RunConfig().to_dict())))
     differs = [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
-               if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+               if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)
+               and not (k not in saved and k in defaults and now.get(k) == defaults[k])]
     if differs:
         raise CheckpointError(f"train.resume: {out} was trained with other settings ({'; '.join(differs[:4])}"
                               f"{'; ...' if len(differs) > 4 else ''}); resume with the same settings or choose "

@@ -81,13 +81,12 @@ class RoundsSource:
     """Online rounds: the method samples from the model being trained and scores what it drew."""
 
     def open(self, cfg: RunConfig, acc, method) -> tuple[object, object]:
-        from ..data.prompts import read_prompt_tags, read_prompts
+        from ..data.prompts import training_prompts
         from ..objectives.online import PromptPool
 
-        prompts = read_prompts(cfg.data.path)
-        tags = read_prompt_tags(cfg.data.path) if cfg.data.task_weights else None
-        if tags is not None and len(tags) != len(prompts):
-            tags = None  # PromptPool then says the source has no usable tags
+        # the validation split (data.validation_fraction) is never drawn; tags None: PromptPool says the
+        # source has none where task weights need them
+        prompts, tags = training_prompts(cfg.data.path, cfg.data.validation_fraction, bool(cfg.data.task_weights))
         return build_backbone(cfg.model), PromptPool(prompts, tags, cfg.data.task_weights)
 
     def batches(self, cfg: RunConfig, acc, method, backbone, prompts) -> tuple[object, object]:
