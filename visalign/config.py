@@ -332,6 +332,9 @@ def config_from_dict(tree: dict) -> RunConfig:
     if cfg.train.gold_prompts == "validation" and not cfg.data.validation_fraction:
         raise ConfigError("train.gold_prompts=validation needs data.validation_fraction=F (0 < F < 1), the "
                           "fraction of data.path's prompts to hold back for it")
+    if cfg.model.kwargs.get("quantize", "none") != "none" and not cfg.lora.enabled:
+        raise ConfigError(f"model.quantize={cfg.model.kwargs['quantize']}: a quantized base is frozen; train "
+                          "adapters on it (lora.enabled=true), or fine-tune fully with model.quantize=none")
     if cfg.data.validation_fraction and getattr(METHODS.get(cfg.objective.name), "data", "") != "prompts":
         raise ConfigError(f"data.validation_fraction: objective {cfg.objective.name!r} trains on fixed data, not on "
                           "prompt rounds; hold back a validation split of its data before training instead")

@@ -20,6 +20,7 @@ from .backbone import (
     sample_output,
 )
 from .load import load_diffusers, load_transformers
+from .quantize import quantization_kwargs
 from .unet import LatentMixin, tokenize
 
 register_preset("sd3", {"model": {"name": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium"},
@@ -40,12 +41,14 @@ class FlowBackbone(LatentMixin, BackboneBase):
 
     def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0,
                  logit_std: float = 1.0, max_sequence_length: int = 256, use_t5: bool = True,
-                 revision: str | None = None, load_encoders: bool = True):
+                 revision: str | None = None, load_encoders: bool = True,
+                 quantize: str = "none"):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         kw = {"revision": revision} if revision else {}
-        self.denoiser = load_diffusers(SD3Transformer2DModel, path, "transformer", what="transformer", **kw)
+        self.denoiser = load_diffusers(SD3Transformer2DModel, path, "transformer", what="transformer",
+                                      **kw, **quantization_kwargs(quantize))
         self.vae = None
         if load_encoders:
             self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)

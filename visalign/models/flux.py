@@ -28,6 +28,7 @@ from ..registry import register_preset
 from .backbone import Cond, register_family
 from .flow import FlowBackbone
 from .load import load_diffusers, load_transformers
+from .quantize import quantization_kwargs
 from .unet import tokenize
 
 
@@ -103,12 +104,14 @@ class FluxBackbone(FlowBackbone):
 
     def __init__(self, path: str, resolution: int = 1024, logit_mean: float = 0.0, logit_std: float = 1.0,
                  max_sequence_length: int = 512, guidance_embed: float = 3.5, revision: str | None = None,
-                 load_encoders: bool = True):
+                 load_encoders: bool = True,
+                 quantize: str = "none"):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         kw = {"revision": revision} if revision else {}
-        self.denoiser = load_diffusers(FluxTransformer2DModel, path, "transformer", what="transformer", **kw)
+        self.denoiser = load_diffusers(FluxTransformer2DModel, path, "transformer", what="transformer",
+                                      **kw, **quantization_kwargs(quantize))
         self.vae = self.text_encoder = self.tokenizer = self.t5 = self.t5_tokenizer = None
         if load_encoders:
             self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)

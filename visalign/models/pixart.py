@@ -17,6 +17,7 @@ from ..registry import register_preset
 from .backbone import Cond, register_family
 from .diffusion import DiffusionBackbone
 from .load import load_diffusers, load_transformers
+from .quantize import quantization_kwargs
 from .unet import LatentMixin
 
 # DPO's beta as SD's (ε errors on the same scale); PixArt's own fine-tuning lr for the transformer
@@ -44,12 +45,14 @@ class PixArtBackbone(LatentMixin, DiffusionBackbone):
     denoiser_subfolder = "transformer"
 
     def __init__(self, path: str, resolution: int | None = None, max_sequence_length: int = 300,
-                 revision: str | None = None, load_encoders: bool = True):
+                 revision: str | None = None, load_encoders: bool = True,
+                 quantize: str = "none"):
         from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
         from transformers import AutoTokenizer, T5EncoderModel
 
         kw = {"revision": revision} if revision else {}
-        transformer = load_diffusers(PixArtTransformer2DModel, path, "transformer", what="transformer", **kw)
+        transformer = load_diffusers(PixArtTransformer2DModel, path, "transformer", what="transformer",
+                                      **kw, **quantization_kwargs(quantize))
         self.vae = self.text_encoder = self.tokenizer = None
         if load_encoders:
             self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)

@@ -12,6 +12,7 @@ from ..model_folders import declared_parameterisation
 from .backbone import Cond, register_family
 from .diffusion import DiffusionBackbone
 from .load import load_diffusers, load_transformers
+from .quantize import quantization_kwargs
 from .unet import tokenize
 
 
@@ -33,12 +34,13 @@ class PixelBackbone(DiffusionBackbone):
         sched.register_to_config(prediction_type=prediction_type)
         save_pixel_folder(Path(out), unet.eval(), te.eval(), tok, sched)
 
-    def __init__(self, path: str, revision: str | None = None, load_encoders: bool = True):
+    def __init__(self, path: str, revision: str | None = None, load_encoders: bool = True,
+                 quantize: str = "none"):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         kw = {"revision": revision} if revision else {}
-        unet = load_diffusers(UNet2DConditionModel, path, "unet", what="UNet", **kw)
+        unet = load_diffusers(UNet2DConditionModel, path, "unet", what="UNet", **kw, **quantization_kwargs(quantize))
         self.text_encoder = self.tokenizer = None
         if load_encoders:
             self.text_encoder = load_transformers(CLIPTextModel, path, "text_encoder", what="text encoder",

@@ -26,6 +26,7 @@ from .backbone import Cond, register_family
 from .flow import FlowBackbone
 from .flux import pack, packed_grid_scheduler, packed_shifts, unpack
 from .load import load_diffusers, load_transformers
+from .quantize import quantization_kwargs
 
 # the pipeline's chat template and how many of its tokens precede the prompt (QwenImagePipeline's own)
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -47,12 +48,14 @@ class QwenImageBackbone(FlowBackbone):
 
     def __init__(self, path: str, resolution: int = 1024, logit_mean: float = 0.0, logit_std: float = 1.0,
                  max_sequence_length: int = 512, negative_prompt: str = " ", revision: str | None = None,
-                 load_encoders: bool = True):
+                 load_encoders: bool = True,
+                 quantize: str = "none"):
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         kw = {"revision": revision} if revision else {}
-        self.denoiser = load_diffusers(QwenImageTransformer2DModel, path, "transformer", what="transformer", **kw)
+        self.denoiser = load_diffusers(QwenImageTransformer2DModel, path, "transformer", what="transformer",
+                                      **kw, **quantization_kwargs(quantize))
         self.vae = self.text_encoder = self.tokenizer = None
         if load_encoders:
             self.vae = load_diffusers(AutoencoderKLQwenImage, path, "vae", what="VAE", **kw).eval()

@@ -24,6 +24,7 @@ from ..registry import register_preset
 from .backbone import Cond, register_family
 from .flow import FlowBackbone
 from .load import load_diffusers, load_transformers
+from .quantize import quantization_kwargs
 
 register_preset("sana", {"model": {"name": "sana", "path": "Efficient-Large-Model/Sana_1600M_1024px_diffusers"},
                          "objective": {"name": "diffusion_dpo", "beta": 100.0},
@@ -45,12 +46,14 @@ class SanaBackbone(FlowBackbone):
 
     def __init__(self, path: str, resolution: int | None = None, logit_mean: float = 0.0, logit_std: float = 1.0,
                  max_sequence_length: int = 300, instruction: bool = True, revision: str | None = None,
-                 load_encoders: bool = True):
+                 load_encoders: bool = True,
+                 quantize: str = "none"):
         from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
         from transformers import AutoModel, AutoTokenizer
 
         kw = {"revision": revision} if revision else {}
-        self.denoiser = load_diffusers(SanaTransformer2DModel, path, "transformer", what="transformer", **kw)
+        self.denoiser = load_diffusers(SanaTransformer2DModel, path, "transformer", what="transformer",
+                                      **kw, **quantization_kwargs(quantize))
         self.vae = self.text_encoder = self.tokenizer = None
         if load_encoders:
             self.vae = load_diffusers(AutoencoderDC, path, "vae", what="DC-AE", **kw).eval().requires_grad_(False)

@@ -11,6 +11,7 @@ from ..registry import register_preset
 from .backbone import Cond, register_family
 from .diffusion import DiffusionBackbone
 from .load import load_diffusers, load_transformers
+from .quantize import quantization_kwargs
 
 
 def tokenize(tokenizer, prompts: Sequence[str], device) -> Tensor:
@@ -63,13 +64,14 @@ class SDBackbone(LatentMixin, DiffusionBackbone):
         tiny_sd15(out, **kwargs)
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
-                 variant: str | None = None, load_encoders: bool = True):
+                 variant: str | None = None, load_encoders: bool = True,
+                 quantize: str = "none"):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
         kw = {k: v for k, v in {"revision": revision, "variant": variant}.items() if v}
         self.kw, self.path = kw, path
-        unet = load_diffusers(UNet2DConditionModel, path, "unet", what="UNet", **kw)
+        unet = load_diffusers(UNet2DConditionModel, path, "unet", what="UNet", **kw, **quantization_kwargs(quantize))
         self.vae = self.text_encoder = self.tokenizer = None
         if load_encoders:
             self.vae = load_diffusers(AutoencoderKL, path, "vae", what="VAE", **kw).eval().requires_grad_(False)
@@ -97,10 +99,11 @@ class SDXLBackbone(SDBackbone):
         tiny_sdxl(out, **kwargs)
 
     def __init__(self, path: str, resolution: int | None = None, revision: str | None = None,
-                 variant: str | None = None, load_encoders: bool = True):
+                 variant: str | None = None, load_encoders: bool = True,
+                 quantize: str = "none"):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-        super().__init__(path, resolution, revision, variant, load_encoders)
+        super().__init__(path, resolution, revision, variant, load_encoders, quantize)
         self.text_encoder_2 = self.tokenizer_2 = None
         if load_encoders:
             self.text_encoder_2 = load_transformers(CLIPTextModelWithProjection, path, "text_encoder_2",
