@@ -16,6 +16,7 @@ from .commands import (  # noqa: F401  (the parser's targets)
     cmd_finetune,
     cmd_list,
     cmd_make_dataset,
+    cmd_plan,
     cmd_report,
     cmd_reward_server,
     cmd_score_pairs,
@@ -230,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 objective.head=ipo")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("plan", help="will it fit? the run's memory by part and at 24/48/80 GB, before any weight "
+                                    "loads (an estimate)")
+    s.add_argument("model", help="model preset: shapes | sd15 | sdxl | sd3 | flux | qwenimage | ...")
+    s.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
+    s.add_argument("--cache-complete", action="store_true",
+                   help="the latent and text cache is complete: no text encoders or VAE in memory")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.quantize=int8")
+    s.set_defaults(fn=cmd_plan)
     s = sub.add_parser("doctor", help="versions, device, bf16, SDPA and xformers")
     s.set_defaults(fn=cmd_doctor)
 

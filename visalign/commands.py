@@ -182,3 +182,28 @@ def cmd_demo(args) -> None:
 
     run_demo(args.out, quick=args.quick, base=args.base,
              **({"guidance": args.guidance} if args.guidance is not None else {}))
+
+
+def cmd_plan(args) -> None:
+    """`plan PRESET [-c FILE] [key=value ...]`: the run's memory by part, before any weight loads."""
+    from .config import load_config
+    from .models.plan import SIZES_GB, RunShape, activation_models, advice, format_plan, plan_parts, published_config
+    from .registry import METHODS
+
+    cfg = load_config(args.model, args.config, args.overrides)
+    kw, obj, t = cfg.model.kwargs, cfg.objective.kwargs, cfg.train
+    kind = getattr(METHODS.get(cfg.objective.name), "data", "pairs")
+    group = int(obj.get("group_size", obj.get("samples_per_prompt", 8)))
+    shape = RunShape(
+        family=cfg.model.name, path=kw.get("path"), resolution=kw.get("resolution"), batch=t.batch_size,
+        images_per_sample=1 if kind == "prompts" else 2, lora_rank=cfg.lora.rank if cfg.lora.enabled else 0,
+        lora_targets=tuple(cfg.lora.targets) if getattr(cfg.lora, "targets", None) else RunShape.lora_targets,
+        quantize=kw.get("quantize", "none"), checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
+        compute="bf16" if t.mixed_precision in ("bf16", "fp16") else "fp32",
+        cache_complete=bool(getattr(args, "cache_complete", False)),
+        rollouts=group * int(obj.get("prompts_per_round", 0)) if kind == "prompts" else 0,
+        rollout_steps=int(obj.get("steps", 0)) if kind == "prompts" else 0)
+    config = published_config(shape.family, shape.path if shape.path and Path(shape.path).is_dir() else None)
+    free, ckpt = activation_models(config, shape.family, lora=bool(shape.lora_rank))
+    tips = {size: advice(shape, config, free, ckpt, size) for size in SIZES_GB}
+    print(format_plan(shape, config, plan_parts(shape, config, free, ckpt), tips))

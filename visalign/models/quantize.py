@@ -9,10 +9,10 @@ Which backend serves which mode (chosen by what each supports, tested on CPU in 
 | nf4 | bitsandbytes NF4 (``load_in_4bit``, double quantization, compute in bf16) | not served: choose int8 or fp8 |
 | fp8 | optimum-quanto float8 | optimum-quanto float8 (weights stored in fp8, computed in the compute dtype) |
 
-LoRA trains on top in the compute dtype; the reference is the same quantized weights with the adapters off,
-so only the adapters change. (diffusers marks QuantoConfig deprecated for its 1.0; torchao, its successor on CPU,
-needs an explicit AOBaseConfig and is the next backend to add.) A mode the device or the installed packages cannot serve fails before anything
-loads, with one line saying what to install or choose.
+LoRA trains on top in the compute dtype; the reference is the same quantized weights with the adapters
+off, so only the adapters change. A mode the device or the installed packages cannot serve fails before
+anything loads, with one line saying what to install or choose. (diffusers marks QuantoConfig deprecated
+for its 1.0; torchao, its successor on CPU, takes an explicit AOBaseConfig and is the next backend to add.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,279 @@
+"""Will it fit? A memory plan for a run, made without its weights (``visalign plan``).
+
+From the family's published denoiser configuration (its config.json: the local folder's, or the small copy
+shipped in models/published/) the planner builds the denoiser on the meta device, so parameter counts,
+LoRA sizes and dtypes are exact. Activations come from a measured scaling model:
+
+    A(T) = γ + α·T + β·T²   bytes per sample, T = image tokens (latent side² / patch²)
+
+fitted by least squares on forward passes of the *same architecture* at four small sizes (random weights,
+real width; a DiT at one block per depth key, its other blocks added by the measured per-block cost). What
+is measured is every tensor autograd saves for the backward (``saved_tensors_hooks``, parameters left out),
+so the fit holds on any device; γ is the text tokens' share, T² the attention scores a math-kernel
+attention keeps. Every number is
+an estimate until a GPU has measured the same run (scripts/gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PUBLISHED = Path(__file__).with_name("published")
+DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "nf4": 0.53}  # nf4: + its scales
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "dct_adamw": 2.0}  # states per trainable parameter
+CUDA_CONTEXT = 0.6 * 2**30  # the CUDA context and cuBLAS workspaces before any tensor
+FRAGMENTATION = 1.10  # the caching allocator's slack over live tensors
+SIZES_GB = (24, 48, 80)
+
+
+def published_config(family: str, path: str | None = None) -> dict:
+    """The denoiser's config.json: the local folder's own (unet/ or transformer/), with the shipped copy's
+    planner fields (``_vae_factor``, ``_text_tokens``, ...), or the shipped copy alone."""
+    shipped = PUBLISHED / f"{family}.json"
+    if not shipped.exists():
+        from ..errors import UserError
+
+        known = ", ".join(sorted(p.stem for p in PUBLISHED.glob("*.json")))
+        raise UserError(f"plan: no published configuration for model.name={family!r}; planned families: {known}")
+    config = json.loads(shipped.read_text())
+    for sub in ("unet", "transformer"):
+        local = Path(path or "") / sub / "config.json"
+        if path and local.exists():
+            config |= {k: v for k, v in json.loads(local.read_text()).items() if not k.startswith("_")}
+    return config
+
+
+def build_denoiser(config: dict, empty: bool = True, dtype: torch.dtype = torch.float32, **overrides):
+    """The denoiser class of ``config`` built from it (on the meta device when ``empty``)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, config["_class_name"])
+    arch = {k: v for k, v in config.items() if not k.startswith("_")} | overrides
+    if empty:
+        with init_empty_weights():
+            return cls.from_config(arch)
+    return cls.from_config(arch).to(dtype)
+
+
+def lora_parameters(model: torch.nn.Module, targets: tuple[str, ...], rank: int) -> int:
+    """LoRA's trainable count on ``model``: r·(in + out) for each Linear whose name ends in a target."""
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
+
+
+def saved_bytes(model: torch.nn.Module, inputs: dict) -> int:
+    """Bytes autograd keeps for the backward of one forward (each storage once, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return total
+
+
+def image_tokens(config: dict, resolution: int) -> int:
+    side = resolution // config["_vae_factor"]
+    return (side // config.get("patch_size", 1)) ** 2 if config["_class_name"] == "SD3Transformer2DModel" else side**2
+
+
+def fit(ts: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """(γ, α, β) of y = γ + α·T + β·T², least squares (T scaled to 1 for conditioning)."""
+    scale = max(ts)
+    a = torch.tensor([[1.0, t / scale, (t / scale) ** 2] for t in ts], dtype=torch.float64)
+    sol = torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0]
+    return float(sol[0]), float(sol[1]) / scale, float(sol[2]) / scale**2
+
+
+@dataclass
+class ActivationModel:
+    """Per-sample activation bytes at T image tokens: the base (one block per depth key) plus, per depth key,
+    the measured cost of each further block."""
+
+    base: tuple[float, float, float]
+    per_block: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+
+    @staticmethod
+    def _at(c: tuple[float, float, float], tokens: int) -> float:
+        return c[0] + c[1] * tokens + c[2] * tokens**2
+
+    def bytes(self, tokens: int, depth: dict[str, int]) -> float:
+        return self._at(self.base, tokens) + sum((depth[k] - 1) * self._at(c, tokens)
+                                                 for k, c in self.per_block.items())
+
+    def largest_block(self, tokens: int) -> float:
+        return max([self._at(c, tokens) for c in self.per_block.values()] or [0.0])
+
+
+def measure_activations(config: dict, resolutions: tuple[int, ...], dtype=torch.bfloat16, tokens: int | None = None,
+                        checkpointing: bool = False, lora: bool = True) -> ActivationModel:
+    """Fit the activation model on real-width forwards at ``resolutions`` (small sizes of the same family),
+    trained as the run trains it: a frozen base with LoRA adapters saves less than full fine-tuning (a frozen
+    Linear needs no copy of its input for a weight gradient)."""
+    from .plan_inputs import INPUTS
+
+    text = tokens or config["_text_tokens"]
+    keys = config.get("_depth_keys", [])
+
+    def coefficients(**depth) -> tuple[float, float, float]:
+        model = build_denoiser(config, empty=False, dtype=dtype, **depth).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        if lora:
+            from peft import LoraConfig
+
+            model.requires_grad_(False)
+            model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+            for p in model.parameters():  # adapters in fp32, as the loop keeps them: their inputs saved in fp32
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            model.requires_grad_(True)
+        ts, ys = [], []
+        for res in resolutions:
+            ts.append(image_tokens(config, res))
+            ys.append(saved_bytes(model, INPUTS[config["_class_name"]](config, res, 1, text, dtype)))
+        del model
+        return fit(ts, ys)
+
+    ones = {k: 1 for k in keys}
+    base = coefficients(**ones)
+    per_block = {}
+    for k in keys:
+        two = coefficients(**(ones | {k: 2}))
+        per_block[k] = tuple(b - a for a, b in zip(base, two))
+    return ActivationModel(base, per_block)
+
+
+@dataclass
+class RunShape:
+    """What of a run sets its memory (read from its config by ``visalign plan``)."""
+
+    family: str
+    path: str | None = None
+    resolution: int | None = None
+    batch: int = 1
+    images_per_sample: int = 2  # pairs: the winner and the loser; lists: the list; online: 1 per trajectory
+    lora_rank: int = 8  # 0: full fine-tuning
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    quantize: str = "none"
+    checkpointing: bool = False
+    optimizer: str = "adamw"
+    compute: str = "bf16"
+    cache_complete: bool = False
+    rollouts: int = 0  # online: trajectories kept per round
+    rollout_steps: int = 0
+
+
+def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: ActivationModel) -> dict[str, float]:
+    """Bytes by part: weights, trainable, gradients, optimizer, activations, rollouts, encoders, overhead."""
+    model = build_denoiser(config)
+    depth = {k: int(config[k]) for k in config.get("_depth_keys", [])}
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cb = DTYPE_BYTES[shape.compute]
+    wb = DTYPE_BYTES[shape.quantize] if shape.quantize != "none" else cb
+    trainable = lora_parameters(model, shape.lora_targets, shape.lora_rank) if shape.lora_rank else total
+    resolution = shape.resolution or int(config.get("sample_size", 128)) * config["_vae_factor"]
+    tokens = image_tokens(config, resolution)
+    per_sample = (ckpt.bytes(tokens, depth) if shape.checkpointing else free.bytes(tokens, depth)) * cb / 2
+    samples = shape.batch * shape.images_per_sample
+    latent = 4 * resolution**2 / config["_vae_factor"] ** 2 * config.get("in_channels", 4)
+    parts = {
+        "weights (denoiser)": linear * wb + (total - linear) * cb,
+        "reference copy": 0.0 if shape.lora_rank else total * cb,  # LoRA's reference is adapters off
+        "trainable (fp32)": trainable * 4.0,
+        "gradients": trainable * 4.0,
+        "optimizer states": trainable * OPTIMIZER_BYTES[shape.optimizer],
+        "activations": samples * per_sample + (ckpt.largest_block(tokens) * cb / 2 if shape.checkpointing else 0),
+        "rollouts kept": shape.rollouts * (shape.rollout_steps + 1) * latent,
+        "text encoders + VAE": 0.0 if shape.cache_complete else
+        (config.get("_encoder_params", 0) + config.get("_vae_params", 0)) * cb,
+    }
+    parts["allocator slack + CUDA context"] = sum(parts.values()) * (FRAGMENTATION - 1) + CUDA_CONTEXT
+    return parts
+
+
+OPTIONS = [  # cheapest first: what each costs beyond memory
+    ("data.cache=true (encode once, then train without the text encoders and VAE)", {"cache_complete": True}),
+    ("train.optimizer=adamw8bit", {"optimizer": "adamw8bit"}),
+    ("train.gradient_checkpointing=true (~30% slower steps)", {"checkpointing": True}),
+    ("model.quantize=int8", {"quantize": "int8"}),
+    ("model.quantize=nf4 (CUDA)", {"quantize": "nf4"}),
+    ("train.batch_size=1 with train.grad_accum", {"batch": 1}),
+]
+
+
+def advice(shape: RunShape, config: dict, free: ActivationModel, ckpt: ActivationModel, size_gb: int) -> list[str]:
+    """The options, cheapest first, that together bring the run under ``size_gb`` (empty: fits already, or
+    nothing here is enough)."""
+    import dataclasses
+
+    taken, current = [], shape
+    for text, change in OPTIONS:
+        if sum(plan_parts(current, config, free, ckpt).values()) <= size_gb * 2**30:
+            return taken
+        if all(getattr(current, k) == v for k, v in change.items()):
+            continue
+        current = dataclasses.replace(current, **change)
+        taken.append(text)
+    return taken if sum(plan_parts(current, config, free, ckpt).values()) <= size_gb * 2**30 else []
+
+
+MEASURED_SIDES = (8, 16, 24, 32)  # latent sides the activation model is fitted on
+
+
+def activation_models(config: dict, family: str, lora: bool = True) -> tuple[ActivationModel, ActivationModel]:
+    """(without, with gradient checkpointing): fitted once per architecture, then read from the cache."""
+    import hashlib
+
+    from ..data.cache import cache_root
+
+    arch = json.dumps({k: v for k, v in config.items() if k != "_source"}, sort_keys=True)
+    kind = "lora" if lora else "full"
+    path = cache_root() / "plan" / f"{family}-{kind}-{hashlib.sha256(arch.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return tuple(ActivationModel(tuple(m["base"]), {k: tuple(v) for k, v in m["per_block"].items()})
+                     for m in saved)
+    resolutions = tuple(s * config["_vae_factor"] for s in MEASURED_SIDES)
+    models = (measure_activations(config, resolutions, lora=lora),
+              measure_activations(config, resolutions, checkpointing=True, lora=lora))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([{"base": m.base, "per_block": m.per_block} for m in models]))
+    tmp.replace(path)
+    return models
+
+
+def format_plan(shape: RunShape, config: dict, parts: dict[str, float], tips: dict[int, list[str]]) -> str:
+    gib = 2**30
+    total = sum(parts.values())
+    res = shape.resolution or int(config.get("sample_size", 128)) * config["_vae_factor"]
+    lines = [f"memory plan (an estimate until a GPU measures it): {shape.family} at {res}px, batch {shape.batch} x "
+             f"{shape.images_per_sample} image(s), {'LoRA r' + str(shape.lora_rank) if shape.lora_rank else 'full'}"
+             f", quantize {shape.quantize}, checkpointing {'on' if shape.checkpointing else 'off'}, "
+             f"{shape.optimizer}, {shape.compute}", ""]
+    lines += [f"  {name:<34} {value / gib:8.2f} GiB" for name, value in parts.items()]
+    lines += [f"  {'total':<34} {total / gib:8.2f} GiB", ""]
+    for size in SIZES_GB:
+        if total <= size * gib:
+            lines.append(f"  {size} GB: fits")
+        elif tips.get(size):
+            lines.append(f"  {size} GB: does not fit; it would with " + ", ".join(tips[size]))
+        else:
+            lines.append(f"  {size} GB: does not fit, even with every option here")
+    return "\n".join(lines)
