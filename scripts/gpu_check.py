@@ -204,13 +204,40 @@ def _write(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+PLAN_FAMILIES = {"sdxl": "", "sd3": "", "flux": "", "qwenimage": "30"}  # depth where 1024² would not fit 80 GB
+
+
+def plan_against_measured(out: str) -> dict:
+    """`visalign plan`'s estimate against torch.cuda.max_memory_allocated for each real-size family."""
+    from realwidth_check import main as realwidth
+
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check --plan needs a CUDA GPU; on CPU run scripts/realwidth_check.py")
+    results = {"device": torch.cuda.get_device_name(0)}
+    for family, depth in PLAN_FAMILIES.items():
+        for quantize in ("none", "int8"):
+            key = f"plan/{family}/{quantize}"
+            try:
+                results[key] = realwidth(["--family", family, "--resolution", "1024", "--quantize", quantize,
+                                          "--device", "cuda", *(["--depth", depth] if depth else [])])
+            except Exception as e:  # one family's failure leaves the others' rows
+                results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            torch.cuda.empty_cache()
+            _write(results, out)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--size", default="real", choices=tuple(SDXL))
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--plan", action="store_true", help="only the planner against the measured peak: one LoRA-DPO "
+                    "step per real-size family at 1024², bf16 and int8, with checkpointing")
     args = ap.parse_args(argv)
+    if args.plan:
+        return plan_against_measured(args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (or --device cpu --size tiny for a check of the code path)")
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"

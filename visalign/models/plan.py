@@ -178,6 +178,11 @@ class RunShape:
     rollout_steps: int = 0
 
 
+def default_resolution(shape: RunShape, config: dict) -> int:
+    """The run's side in pixels: model.resolution, else the family's default (its config's sample size)."""
+    return shape.resolution or int(config.get("_resolution") or config.get("sample_size", 128) * config["_vae_factor"])
+
+
 def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: ActivationModel) -> dict[str, float]:
     """Bytes by part: weights, trainable, gradients, optimizer, activations, rollouts, encoders, overhead."""
     model = build_denoiser(config)
@@ -187,7 +192,7 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
     cb = DTYPE_BYTES[shape.compute]
     wb = DTYPE_BYTES[shape.quantize] if shape.quantize != "none" else cb
     trainable = lora_parameters(model, shape.lora_targets, shape.lora_rank) if shape.lora_rank else total
-    resolution = shape.resolution or int(config.get("sample_size", 128)) * config["_vae_factor"]
+    resolution = default_resolution(shape, config)
     tokens = image_tokens(config, resolution)
     per_sample = (ckpt.bytes(tokens, depth) if shape.checkpointing else free.bytes(tokens, depth)) * cb / 2
     samples = shape.batch * shape.images_per_sample
@@ -222,15 +227,24 @@ def advice(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activatio
     nothing here is enough)."""
     import dataclasses
 
-    taken, current = [], shape
-    for text, change in OPTIONS:
-        if sum(plan_parts(current, config, free, ckpt).values()) <= size_gb * 2**30:
-            return taken
-        if all(getattr(current, k) == v for k, v in change.items()):
-            continue
-        current = dataclasses.replace(current, **change)
-        taken.append(text)
-    return taken if sum(plan_parts(current, config, free, ckpt).values()) <= size_gb * 2**30 else []
+    def fits(options: list[tuple[str, dict]]) -> bool:
+        current = shape
+        for _, change in options:
+            current = dataclasses.replace(current, **change)
+        return sum(plan_parts(current, config, free, ckpt).values()) <= size_gb * 2**30
+
+    taken: list[tuple[str, dict]] = []
+    for option in OPTIONS:  # add the cheapest options until the run fits ...
+        if fits(taken):
+            break
+        if not all(getattr(shape, k) == v for k, v in option[1].items()):
+            taken.append(option)
+    if not fits(taken):
+        return []
+    for option in list(taken):  # ... then drop each that the others make unnecessary
+        if fits([o for o in taken if o is not option]):
+            taken.remove(option)
+    return [text for text, _ in taken]
 
 
 MEASURED_SIDES = (8, 16, 24, 32)  # latent sides the activation model is fitted on
@@ -262,7 +276,7 @@ def activation_models(config: dict, family: str, lora: bool = True) -> tuple[Act
 def format_plan(shape: RunShape, config: dict, parts: dict[str, float], tips: dict[int, list[str]]) -> str:
     gib = 2**30
     total = sum(parts.values())
-    res = shape.resolution or int(config.get("sample_size", 128)) * config["_vae_factor"]
+    res = default_resolution(shape, config)
     lines = [f"memory plan (an estimate until a GPU measures it): {shape.family} at {res}px, batch {shape.batch} x "
              f"{shape.images_per_sample} image(s), {'LoRA r' + str(shape.lora_rank) if shape.lora_rank else 'full'}"
              f", quantize {shape.quantize}, checkpointing {'on' if shape.checkpointing else 'off'}, "

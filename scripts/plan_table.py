@@ -1,0 +1,57 @@
+"""The "Will it fit?" table: `visalign plan`'s estimate for real-size families at 1024², LoRA-DPO and GRPO,
+quantized and not (docs/results.md, README). Every row is an estimate until a GPU measures it
+(scripts/gpu_check.py).
+
+    python scripts/plan_table.py [--families sdxl,sd3,flux,qwenimage] [--md OUT.md]
+
+The activation models are fitted once per family (minutes for a 12B model on CPU) and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from visalign.models.plan import SIZES_GB, RunShape, activation_models, plan_parts, published_config
+
+NAMES = {"sdxl": "SDXL", "sd3": "SD3-medium", "flux": "FLUX.1-dev", "qwenimage": "Qwen-Image"}
+METHODS = {"LoRA-DPO": {"batch": 1, "images_per_sample": 2},  # one pair per step
+           "GRPO": {"batch": 2, "images_per_sample": 1, "rollouts": 32, "rollout_steps": 10}}  # 4 prompts x 8
+SETTINGS = [("bf16", {}),
+            ("bf16 + checkpointing + cache", {"checkpointing": True, "cache_complete": True}),
+            ("int8 + checkpointing + cache", {"quantize": "int8", "checkpointing": True, "cache_complete": True}),
+            ("nf4 + checkpointing + cache", {"quantize": "nf4", "checkpointing": True, "cache_complete": True})]
+
+
+def rows(families: list[str]) -> list[list[str]]:
+    out = []
+    for family in families:
+        config = published_config(family)
+        free, ckpt = activation_models(config, family, lora=True)
+        for method, shape_kw in METHODS.items():
+            for label, setting in SETTINGS:
+                shape = dataclasses.replace(RunShape(family=family, resolution=1024, compute="bf16"), **shape_kw,
+                                            **setting)
+                total = sum(plan_parts(shape, config, free, ckpt).values()) / 2**30
+                fits = " / ".join("yes" if total <= s else "no" for s in SIZES_GB)
+                out.append([NAMES.get(family, family), method, label, f"{total:.1f}", fits])
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--families", default="sdxl,sd3,flux,qwenimage")
+    ap.add_argument("--md", default="")
+    args = ap.parse_args(argv)
+    table = ["| model | method | setting | estimate (GiB) | fits 24 / 48 / 80 GB |", "|---|---|---|---|---|"]
+    table += ["| " + " | ".join(r) + " |" for r in rows(args.families.split(","))]
+    text = "\n".join(table) + "\n\nAll rows are estimates (`visalign plan`), LoRA r8, 1024², AdamW, until a GPU " \
+                              "measures them.\n"
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
