@@ -203,7 +203,9 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
         "trainable (fp32)": trainable * 4.0,
         "gradients": trainable * 4.0,
         "optimizer states": trainable * OPTIMIZER_BYTES[shape.optimizer],
-        "activations": samples * per_sample + (ckpt.largest_block(tokens) * cb / 2 if shape.checkpointing else 0),
+        # with checkpointing, the backward recomputes one block at a time: its full activations, once
+        "activations": samples * per_sample + (samples * free.largest_block(tokens) * cb / 2
+                                               if shape.checkpointing else 0),
         "rollouts kept": shape.rollouts * (shape.rollout_steps + 1) * latent,
         "text encoders + VAE": 0.0 if shape.cache_complete else
         (config.get("_encoder_params", 0) + config.get("_vae_params", 0)) * cb,
