@@ -57,7 +57,12 @@ def build_denoiser(config: dict, empty: bool = True, dtype: torch.dtype = torch.
     if empty:
         with init_empty_weights():
             return cls.from_config(arch)
-    return cls.from_config(arch).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # random init straight in ``dtype``: a real-width model never whole in fp32
+    try:
+        return cls.from_config(arch).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def lora_parameters(model: torch.nn.Module, targets: tuple[str, ...], rank: int) -> int:
