@@ -18,8 +18,8 @@ from visalign.models.plan import SIZES_GB, RunShape, activation_models, plan_par
 NAMES = {"sdxl": "SDXL", "sd3": "SD3-medium", "flux": "FLUX.1-dev", "qwenimage": "Qwen-Image"}
 METHODS = {"LoRA-DPO": {"batch": 1, "images_per_sample": 2},  # one pair per step
            "GRPO": {"batch": 2, "images_per_sample": 1, "rollouts": 32, "rollout_steps": 10}}  # 4 prompts x 8
-SETTINGS = [("bf16", {}),
-            ("bf16 + checkpointing + cache", {"checkpointing": True, "cache_complete": True}),
+SETTINGS = [("as loaded (fp32 base)", {}),
+            ("checkpointing + cache", {"checkpointing": True, "cache_complete": True}),
             ("int8 + checkpointing + cache", {"quantize": "int8", "checkpointing": True, "cache_complete": True}),
             ("nf4 + checkpointing + cache", {"quantize": "nf4", "checkpointing": True, "cache_complete": True})]
 
@@ -46,8 +46,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     table = ["| model | method | setting | estimate (GiB) | fits 24 / 48 / 80 GB |", "|---|---|---|---|---|"]
     table += ["| " + " | ".join(r) + " |" for r in rows(args.families.split(","))]
-    text = "\n".join(table) + "\n\nAll rows are estimates (`visalign plan`), LoRA r8, 1024², AdamW, until a GPU " \
-                              "measures them.\n"
+    text = "\n".join(table) + ("\n\nAll rows are estimates (`visalign plan`): LoRA r8, 1024², AdamW, bf16 "
+                                "activations, the frozen base fp32 as loaded unless quantized; until a GPU "
+                                "measures them.\n")
     print(text)
     if args.md:
         Path(args.md).write_text(text)

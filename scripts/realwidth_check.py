@@ -120,7 +120,8 @@ def main(argv=None) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else watch.stop()
     free, ckpt = activation_models(published_config(args.family), args.family, lora=True)
     shape = RunShape(family=args.family, resolution=args.resolution, batch=1, images_per_sample=2, lora_rank=8,
-                     quantize=args.quantize, checkpointing=True, compute="bf16", cache_complete=True)
+                     quantize=args.quantize, checkpointing=True, compute="bf16", weights="bf16",
+                     cache_complete=True)
     parts = plan_parts(dataclasses.replace(shape), config, free, ckpt)
     planned = sum(v for k, v in parts.items() if not k.startswith("allocator"))
     held = model_bytes(model)  # the model as it lives (int8 data and scales once quantized)

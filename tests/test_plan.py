@@ -73,7 +73,7 @@ def test_the_plan_lies_within_20_percent_of_a_real_step_at_sizes_it_was_not_fitt
     free = measure_activations(config, tuple(s * f for s in (4, 8, 12, 16)))
     for side in (20, 24, 32):  # three sizes beyond the fit's
         shape = RunShape(family=family, resolution=side * f, batch=2, images_per_sample=1, lora_rank=4,
-                         compute="bf16", cache_complete=True)
+                         compute="bf16", weights="bf16", cache_complete=True)
         parts = plan_parts(shape, config, free, free)
         planned = sum(v for k, v in parts.items() if not k.startswith("allocator"))
         measured = _real_step_bytes(config, family, side * f, 4)

@@ -177,7 +177,8 @@ class RunShape:
     quantize: str = "none"
     checkpointing: bool = False
     optimizer: str = "adamw"
-    compute: str = "bf16"
+    compute: str = "bf16"  # the activations' dtype (train.mixed_precision)
+    weights: str = "fp32"  # the frozen base as the loop loads it (its folder's dtype, fp32) unless quantized
     cache_complete: bool = False
     rollouts: int = 0  # online: trajectories kept per round
     rollout_steps: int = 0
@@ -194,8 +195,8 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
     depth = {k: int(config[k]) for k in config.get("_depth_keys", [])}
     total = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    cb = DTYPE_BYTES[shape.compute]
-    wb = DTYPE_BYTES[shape.quantize] if shape.quantize != "none" else cb
+    cb, held = DTYPE_BYTES[shape.compute], DTYPE_BYTES[shape.weights]
+    wb = DTYPE_BYTES[shape.quantize] if shape.quantize != "none" else held  # quantized: the Linear weights
     trainable = lora_parameters(model, shape.lora_targets, shape.lora_rank) if shape.lora_rank else total
     resolution = default_resolution(shape, config)
     tokens = image_tokens(config, resolution)
@@ -203,8 +204,8 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
     samples = shape.batch * shape.images_per_sample
     latent = 4 * resolution**2 / config["_vae_factor"] ** 2 * config.get("in_channels", 4)
     parts = {
-        "weights (denoiser)": linear * wb + (total - linear) * cb,
-        "reference copy": 0.0 if shape.lora_rank else total * cb,  # LoRA's reference is adapters off
+        "weights (denoiser)": linear * wb + (total - linear) * held,
+        "reference copy": 0.0 if shape.lora_rank else total * held,  # LoRA's reference is adapters off
         "trainable (fp32)": trainable * 4.0,
         "gradients": trainable * 4.0,
         "optimizer states": trainable * OPTIMIZER_BYTES[shape.optimizer],
@@ -213,7 +214,7 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
                                                if shape.checkpointing else 0),
         "rollouts kept": shape.rollouts * (shape.rollout_steps + 1) * latent,
         "text encoders + VAE": 0.0 if shape.cache_complete else
-        (config.get("_encoder_params", 0) + config.get("_vae_params", 0)) * cb,
+        (config.get("_encoder_params", 0) + config.get("_vae_params", 0)) * held,
     }
     parts["allocator slack + CUDA context"] = sum(parts.values()) * (FRAGMENTATION - 1) + CUDA_CONTEXT
     return parts
@@ -286,8 +287,9 @@ def format_plan(shape: RunShape, config: dict, parts: dict[str, float], tips: di
     res = default_resolution(shape, config)
     lines = [f"memory plan (an estimate until a GPU measures it): {shape.family} at {res}px, batch {shape.batch} x "
              f"{shape.images_per_sample} image(s), {'LoRA r' + str(shape.lora_rank) if shape.lora_rank else 'full'}"
-             f", quantize {shape.quantize}, checkpointing {'on' if shape.checkpointing else 'off'}, "
-             f"{shape.optimizer}, {shape.compute}", ""]
+             f", weights {shape.quantize if shape.quantize != 'none' else shape.weights},"
+             f" checkpointing {'on' if shape.checkpointing else 'off'}, "
+             f"{shape.optimizer}, activations in {shape.compute}", ""]
     lines += [f"  {name:<34} {value / gib:8.2f} GiB" for name, value in parts.items()]
     lines += [f"  {'total':<34} {total / gib:8.2f} GiB", ""]
     for size in SIZES_GB:
