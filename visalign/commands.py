@@ -204,6 +204,8 @@ def cmd_plan(args) -> None:
         rollouts=group * int(obj.get("prompts_per_round", 0)) if kind == "prompts" else 0,
         rollout_steps=int(obj.get("steps", 0)) if kind == "prompts" else 0)
     config = published_config(shape.family, shape.path if shape.path and Path(shape.path).is_dir() else None)
-    free, ckpt = activation_models(config, shape.family, lora=bool(shape.lora_rank))
+    from .data.cache import cache_root
+
+    free, ckpt = activation_models(config, shape.family, lora=bool(shape.lora_rank), cache=cache_root() / "plan")
     tips = {size: advice(shape, config, free, ckpt, size) for size in SIZES_GB}
     print(format_plan(shape, config, plan_parts(shape, config, free, ckpt), tips))

@@ -258,15 +258,16 @@ def advice(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activatio
 MEASURED_SIDES = (8, 16, 24, 32)  # latent sides the activation model is fitted on
 
 
-def activation_models(config: dict, family: str, lora: bool = True) -> tuple[ActivationModel, ActivationModel]:
-    """(without, with gradient checkpointing): fitted once per architecture, then read from the cache."""
+def activation_models(config: dict, family: str, lora: bool = True,
+                      cache: Path | None = None) -> tuple[ActivationModel, ActivationModel]:
+    """(without, with gradient checkpointing): fitted once per architecture, then read from ``cache`` (the
+    caller's cache folder: ~/.cache/visalign/plan by default)."""
     import hashlib
-
-    from ..data.cache import cache_root
 
     arch = json.dumps({k: v for k, v in config.items() if k != "_source"}, sort_keys=True)
     kind = "lora" if lora else "full"
-    path = cache_root() / "plan" / f"{family}-{kind}-{hashlib.sha256(arch.encode()).hexdigest()[:16]}.json"
+    cache = cache or Path.home() / ".cache" / "visalign" / "plan"
+    path = cache / f"{family}-{kind}-{hashlib.sha256(arch.encode()).hexdigest()[:16]}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         return tuple(ActivationModel(tuple(m["base"]), {k: tuple(v) for k, v in m["per_block"].items()})
