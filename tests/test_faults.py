@@ -401,3 +401,32 @@ def test_a_resume_after_an_upgrade_accepts_new_settings_at_their_defaults(tmp_pa
     now["data"]["validation_fraction"] = 0.2  # the new setting changed: a different run
     with pytest.raises(CheckpointError, match="validation_fraction"):
         check_same_run(now, tmp_path, resuming=True)
+
+
+def test_a_fixed_image_file_changes_the_cache_key_of_the_rows_that_name_it(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import png
+
+    from visalign.data.pairs import _image_files_stamp, load_any
+
+    good = tmp_path / "good.png"
+    good.write_bytes(png(np.zeros((8, 8, 3), np.uint8)))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not yet an image")
+    pq.write_table(pa.Table.from_pylist([{"caption": "a", "jpg_0": str(good), "jpg_1": str(broken),
+                                          "label_0": 1.0}]), tmp_path / "p.parquet")
+    ds = load_any(str(tmp_path / "p.parquet"))
+    before = _image_files_stamp(ds, "pairs")
+    assert before and _image_files_stamp(ds, "pairs") == before  # stable while nothing changes
+    broken.write_bytes(png(np.ones((8, 8, 3), np.uint8)))  # the file fixed, the parquet untouched
+    assert _image_files_stamp(ds, "pairs") != before
+    embedded = load_any(str(write_pairs_here(tmp_path)))
+    assert _image_files_stamp(embedded, "pairs") == ""  # embedded bytes: the dataset's own fingerprint
+
+
+def write_pairs_here(tmp_path):
+    from helpers import write_pairs
+
+    return write_pairs(tmp_path / "embedded.parquet", n=2)

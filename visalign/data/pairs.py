@@ -71,6 +71,38 @@ def _files_cache(files: list[Path]) -> str:
     return str(cache_root() / "datasets" / h.hexdigest()[:20])
 
 
+def _image_paths(cell) -> list[str]:
+    if isinstance(cell, str):
+        return [cell]
+    if isinstance(cell, dict) and not cell.get("bytes") and cell.get("path"):
+        return [cell["path"]]
+    if isinstance(cell, list):
+        return [p for c in cell for p in _image_paths(c)]
+    return []
+
+
+def _image_files_stamp(ds, format: str) -> str:
+    """Where image cells name files, a digest of each file's size, mtime, ctime and inode: a cache built
+    while a file was corrupt (its row skipped) or different is not reused after the file is fixed. Empty
+    where the images are embedded (their bytes are in the dataset's own fingerprint)."""
+    import hashlib
+
+    columns = ["jpg_0", "jpg_1"] if format == "pairs" else ["images"]
+    columns = [c for c in columns if c in ds.column_names]
+    if not len(ds) or not columns or not any(_image_paths(ds[0][c]) for c in columns):
+        return ""
+    h = hashlib.sha256()
+    for c in columns:
+        for cell in ds.with_format(None)[c]:
+            for path in _image_paths(cell):
+                try:
+                    st = os.stat(path)
+                    h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
+                except OSError:
+                    h.update(f"{path}|missing\n".encode())
+    return "-files" + h.hexdigest()[:16]
+
+
 def check_columns(ds, needed, path: str) -> None:
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
@@ -154,7 +186,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         # options (e.g. on_error=skip, which drops corrupt rows) is never reused
         flips = f"hflip{seed}" if hflip else "noflip"
         self.fingerprint = (f"{getattr(ds, '_fingerprint', 'nofp')}-{format}-{resolution}-{drop_ties}-{max_rows}-"
-                            f"{split}-{on_error}-{flips}")
+                            f"{split}-{on_error}-{flips}{_image_files_stamp(ds, format)}")
         if self.ties_dropped:
             log.info("dropped %d tie rows (label_0 = 0.5) from %s", self.ties_dropped, path)
 
