@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from visalign.data.cache import cache_root
 from visalign.models.plan import SIZES_GB, RunShape, activation_models, plan_parts, published_config
 
 NAMES = {"sdxl": "SDXL", "sd3": "SD3-medium", "flux": "FLUX.1-dev", "qwenimage": "Qwen-Image"}
@@ -28,7 +29,7 @@ def rows(families: list[str]) -> list[list[str]]:
     out = []
     for family in families:
         config = published_config(family)
-        free, ckpt = activation_models(config, family, lora=True)
+        free, ckpt = activation_models(config, family, cache_root() / "plan")
         for method, shape_kw in METHODS.items():
             for label, setting in SETTINGS:
                 shape = dataclasses.replace(RunShape(family=family, resolution=1024, compute="bf16"), **shape_kw,

@@ -63,6 +63,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 def main(argv=None) -> dict:
     from peft import LoraConfig
 
+    from visalign.data.cache import cache_root
     from visalign.models.plan import RunShape, activation_models, build_denoiser, plan_parts, published_config
     from visalign.models.plan_inputs import INPUTS
 
@@ -118,7 +119,7 @@ def main(argv=None) -> dict:
     loss.backward()
     opt.step()
     peak = torch.cuda.max_memory_allocated() if cuda else watch.stop()
-    free, ckpt = activation_models(published_config(args.family), args.family, lora=True)
+    free, ckpt = activation_models(published_config(args.family), args.family, cache_root() / "plan")
     shape = RunShape(family=args.family, resolution=args.resolution, batch=1, images_per_sample=2, lora_rank=8,
                      quantize=args.quantize, checkpointing=True, compute="bf16", weights="bf16",
                      cache_complete=True)

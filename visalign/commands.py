@@ -206,6 +206,6 @@ def cmd_plan(args) -> None:
     config = published_config(shape.family, shape.path if shape.path and Path(shape.path).is_dir() else None)
     from .data.cache import cache_root
 
-    free, ckpt = activation_models(config, shape.family, lora=bool(shape.lora_rank), cache=cache_root() / "plan")
+    free, ckpt = activation_models(config, shape.family, cache_root() / "plan", lora=bool(shape.lora_rank))
     tips = {size: advice(shape, config, free, ckpt, size) for size in SIZES_GB}
     print(format_plan(shape, config, plan_parts(shape, config, free, ckpt), tips))

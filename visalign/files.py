@@ -56,15 +56,12 @@ def fsync_tree(root: Path) -> None:
     bytes that are on the disk, not in the page cache."""
     for dirpath, _, names in os.walk(root):
         for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(Path(dirpath) / name)
         fsync_dir(Path(dirpath))
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a folder (its entries) or a file (its bytes)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -134,6 +131,13 @@ def refuse_output_over_input(out: str | Path, inputs: dict[str, str | Path], out
         if o == i or i.is_relative_to(o) or o.is_relative_to(i):
             raise UserError(f"{out_flag} {out}: is, holds or lies inside the input {flag} {given}; choose an "
                             f"{out_flag} outside it (nothing was written)")
+
+
+def file_stamp(path: str | Path) -> str:
+    """What any edit of a file changes: its size, mtime, ctime (which no one can set back, so an in-place
+    edit that restores size and mtime still moves it) and inode (a file replaced by another)."""
+    st = os.stat(path)
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
 
 
 def check_writable_folder(folder: str | Path, flag: str) -> Path:

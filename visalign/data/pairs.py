@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError, spelled
+from ..files import file_stamp
 from ..types import PreferenceBatch
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,14 @@ def load_any(path: str, split: str = "train"):
 
 
 def _files_cache(files: list[Path]) -> str:
-    """The datasets cache folder for these local files, keyed by what an edit always changes: size, mtime and
-    ctime (which no one can set back; an in-place edit that keeps size and mtime still moves it) and inode
-    (a file replaced by another). ``datasets`` alone keys by path and mtime, so such an edit served old rows."""
+    """The datasets cache folder for these local files, keyed by each one's ``file_stamp``: ``datasets`` alone
+    keys by path and mtime, so an in-place edit that kept size and mtime served old rows."""
     import hashlib
 
     from .cache import cache_root
 
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
-    return str(cache_root() / "datasets" / h.hexdigest()[:20])
+    stamps = "\n".join(file_stamp(f.resolve()) for f in files)
+    return str(cache_root() / "datasets" / hashlib.sha256(stamps.encode()).hexdigest()[:20])
 
 
 def _image_paths(cell) -> list[str]:
@@ -82,9 +79,9 @@ def _image_paths(cell) -> list[str]:
 
 
 def _image_files_stamp(ds, format: str) -> str:
-    """Where image cells name files, a digest of each file's size, mtime, ctime and inode: a cache built
-    while a file was corrupt (its row skipped) or different is not reused after the file is fixed. Empty
-    where the images are embedded (their bytes are in the dataset's own fingerprint)."""
+    """Where image cells name files, a digest of each file's ``file_stamp``: a cache built while a file was
+    corrupt (its row skipped) or different is not reused after the file is fixed. Empty where the images
+    are embedded (their bytes are in the dataset's own fingerprint)."""
     import hashlib
 
     columns = ["jpg_0", "jpg_1"] if format == "pairs" else ["images"]
@@ -96,8 +93,7 @@ def _image_files_stamp(ds, format: str) -> str:
         for cell in ds.with_format(None)[c]:
             for path in _image_paths(cell):
                 try:
-                    st = os.stat(path)
-                    h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
+                    h.update(f"{file_stamp(path)}\n".encode())
                 except OSError:
                     h.update(f"{path}|missing\n".encode())
     return "-files" + h.hexdigest()[:16]

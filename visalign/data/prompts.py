@@ -92,9 +92,6 @@ def read_prompt_tags(source: str) -> list[str] | None:
     return None
 
 
-VALIDATION = "validation"  # train.gold_prompts' name for the split data.validation_fraction holds back
-
-
 def validation_split(prompts: list[str], tags: list[str] | None, fraction: float) -> tuple[list[int], list[int]]:
     """(training indices, validation indices) of a prompt list: within each task tag, the round(fraction·n)
     prompts whose SHA-1 is smallest are held back, but never a task's last training prompt.
@@ -115,12 +112,17 @@ def validation_split(prompts: list[str], tags: list[str] | None, fraction: float
     return [i for i in range(len(prompts)) if i not in held], sorted(held)
 
 
+def prompts_and_tags(source: str, with_tags: bool = True,
+                     key: str = "data.path") -> tuple[list[str], list[str] | None]:
+    """``source``'s prompts, and their tags where asked and the source has one per prompt."""
+    prompts = read_prompts(source, key=key)
+    tags = read_prompt_tags(source) if with_tags else None
+    return prompts, tags if tags is not None and len(tags) == len(prompts) else None
+
+
 def training_prompts(source: str, fraction: float, with_tags: bool) -> tuple[list[str], list[str] | None]:
     """``source``'s prompts (and tags, when asked and the source has them) less its validation split."""
-    prompts = read_prompts(source)
-    tags = read_prompt_tags(source) if (with_tags or fraction) else None
-    if tags is not None and len(tags) != len(prompts):
-        tags = None
+    prompts, tags = prompts_and_tags(source, with_tags or bool(fraction))
     if fraction:
         keep, _ = validation_split(prompts, tags, fraction)
         prompts, tags = [prompts[i] for i in keep], (None if tags is None else [tags[i] for i in keep])
@@ -129,8 +131,7 @@ def training_prompts(source: str, fraction: float, with_tags: bool) -> tuple[lis
 
 def validation_prompts(source: str, fraction: float) -> tuple[list[str], list[str] | None]:
     """The validation split of ``source``'s prompts, with their tags where the source has them."""
-    prompts, tags = read_prompts(source), read_prompt_tags(source)
-    tags = tags if tags is not None and len(tags) == len(prompts) else None
+    prompts, tags = prompts_and_tags(source)
     _, held = validation_split(prompts, tags, fraction)
     if not held:
         raise UserError(f"data.validation_fraction={fraction}: holds back no prompt of {source} (each task keeps "

@@ -16,11 +16,14 @@ an estimate until a GPU has measured the same run (scripts/gpu_check.py).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .lora import DEFAULT_TARGETS
 
 PUBLISHED = Path(__file__).with_name("published")
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "nf4": 0.53}  # nf4: + its scales
@@ -141,7 +144,7 @@ def measure_activations(config: dict, resolutions: tuple[int, ...], dtype=torch.
             from peft import LoraConfig
 
             model.requires_grad_(False)
-            model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+            model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(DEFAULT_TARGETS)))
             for p in model.parameters():  # adapters in fp32, as the loop keeps them: their inputs saved in fp32
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -173,7 +176,7 @@ class RunShape:
     batch: int = 1
     images_per_sample: int = 2  # pairs: the winner and the loser; lists: the list; online: 1 per trajectory
     lora_rank: int = 8  # 0: full fine-tuning
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     quantize: str = "none"
     checkpointing: bool = False
     optimizer: str = "adamw"
@@ -189,15 +192,22 @@ def default_resolution(shape: RunShape, config: dict) -> int:
     return shape.resolution or int(config.get("_resolution") or config.get("sample_size", 128) * config["_vae_factor"])
 
 
+@functools.lru_cache(maxsize=32)
+def _counts(config_json: str, targets: tuple[str, ...], rank: int) -> tuple[int, int, int]:
+    """(parameters, Linear weights, LoRA parameters) of the denoiser a config builds, on the meta device,
+    once per config: ``advice`` plans a run many times over."""
+    model = build_denoiser(json.loads(config_json))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return sum(p.numel() for p in model.parameters()), linear, lora_parameters(model, targets, rank)
+
+
 def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: ActivationModel) -> dict[str, float]:
     """Bytes by part: weights, trainable, gradients, optimizer, activations, rollouts, encoders, overhead."""
-    model = build_denoiser(config)
     depth = {k: int(config[k]) for k in config.get("_depth_keys", [])}
-    total = sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    total, linear, lora = _counts(json.dumps(config, sort_keys=True), tuple(shape.lora_targets), shape.lora_rank)
     cb, held = DTYPE_BYTES[shape.compute], DTYPE_BYTES[shape.weights]
     wb = DTYPE_BYTES[shape.quantize] if shape.quantize != "none" else held  # quantized: the Linear weights
-    trainable = lora_parameters(model, shape.lora_targets, shape.lora_rank) if shape.lora_rank else total
+    trainable = lora if shape.lora_rank else total
     resolution = default_resolution(shape, config)
     tokens = image_tokens(config, resolution)
     per_sample = (ckpt.bytes(tokens, depth) if shape.checkpointing else free.bytes(tokens, depth)) * cb / 2
@@ -258,15 +268,14 @@ def advice(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activatio
 MEASURED_SIDES = (8, 16, 24, 32)  # latent sides the activation model is fitted on
 
 
-def activation_models(config: dict, family: str, lora: bool = True,
-                      cache: Path | None = None) -> tuple[ActivationModel, ActivationModel]:
+def activation_models(config: dict, family: str, cache: Path,
+                      lora: bool = True) -> tuple[ActivationModel, ActivationModel]:
     """(without, with gradient checkpointing): fitted once per architecture, then read from ``cache`` (the
-    caller's cache folder: ~/.cache/visalign/plan by default)."""
+    caller's folder; the CLI's is the data cache's ``plan/``)."""
     import hashlib
 
     arch = json.dumps({k: v for k, v in config.items() if k != "_source"}, sort_keys=True)
     kind = "lora" if lora else "full"
-    cache = cache or Path.home() / ".cache" / "visalign" / "plan"
     path = cache / f"{family}-{kind}-{hashlib.sha256(arch.encode()).hexdigest()[:16]}.json"
     if path.exists():
         saved = json.loads(path.read_text())

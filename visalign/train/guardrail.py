@@ -40,7 +40,7 @@ class Guardrail:
     """Every ``gold_every`` steps: sample fixed prompts/seeds, score gold (and proxy), keep the best weights."""
 
     def __init__(self, cfg: RunConfig, out: Path):
-        from ..data.prompts import read_prompt_tags, read_prompts, validation_prompts
+        from ..data.prompts import prompts_and_tags, validation_prompts
         from ..rewards.base import build_reward
 
         t = cfg.train
@@ -50,8 +50,7 @@ class Guardrail:
         if t.gold_prompts == "validation":
             prompts, tags = validation_prompts(cfg.data.path, cfg.data.validation_fraction)
         else:
-            prompts, tags = read_prompts(t.gold_prompts, key="train.gold_prompts"), read_prompt_tags(t.gold_prompts)
-            tags = tags if tags is not None and len(tags) == len(prompts) else None
+            prompts, tags = prompts_and_tags(t.gold_prompts, key="train.gold_prompts")
         self.prompts = [prompts[i % len(prompts)] for i in range(t.gold_samples)]
         self.tags = None if tags is None else [tags[i % len(tags)] for i in range(t.gold_samples)]
         # a resumed run continues the choice: the log was trimmed to the checkpoint's step, and evaluations
