@@ -204,26 +204,40 @@ def _write(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-PLAN_FAMILIES = {"sdxl": "", "sd3": "", "flux": "", "qwenimage": "30"}  # depth where 1024² would not fit 80 GB
+# depth where 1024² would not fit 80 GB (Qwen-Image: 30 of its 60 layers; the plan is scaled to the same depth)
+PLAN_FAMILIES = {"sdxl": "", "sd3": "", "flux": "", "qwenimage": "30", "sana": "", "pixart": ""}
 
 
-def plan_against_measured(out: str) -> dict:
-    """`visalign plan`'s estimate against torch.cuda.max_memory_allocated for each real-size family."""
+def plan_runs() -> list[tuple[str, str, str, str]]:
+    """(method, family, depth, quantize) in the order they run: every LoRA-DPO row, then every GRPO update,
+    so that a budget cut leaves the most-asked rows."""
+    return [(method, family, depth, quantize) for method in ("dpo", "grpo")
+            for family, depth in PLAN_FAMILIES.items() for quantize in ("none", "int8")]
+
+
+def plan_against_measured(out: str, budget_s: float = 450.0) -> dict:
+    """`visalign plan`'s estimate against torch.cuda.max_memory_allocated for each real-size family, LoRA-DPO and
+    one GRPO update, bf16 and int8; rows past ``budget_s`` are recorded as skipped (the lent GPU's 8 minutes).
+    The activation models come from the plan cache (VISALIGN_CACHE/plan): fit them here first with
+    scripts/plan_table.py and carry the folder, or the fits run on the GPU machine's CPUs."""
     from realwidth_check import main as realwidth
 
     if not torch.cuda.is_available():
         sys.exit("gpu_check --plan needs a CUDA GPU; on CPU run scripts/realwidth_check.py")
     results = {"device": torch.cuda.get_device_name(0)}
-    for family, depth in PLAN_FAMILIES.items():
-        for quantize in ("none", "int8"):
-            key = f"plan/{family}/{quantize}"
-            try:
-                results[key] = realwidth(["--family", family, "--resolution", "1024", "--quantize", quantize,
-                                          "--device", "cuda", *(["--depth", depth] if depth else [])])
-            except Exception as e:  # one family's failure leaves the others' rows
-                results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            torch.cuda.empty_cache()
-            _write(results, out)
+    start = time.perf_counter()
+    for method, family, depth, quantize in plan_runs():
+        key = f"plan/{method}/{family}/{quantize}"
+        if time.perf_counter() - start > budget_s:
+            results[key] = {"skipped": f"past the {budget_s:.0f} s budget"}
+            continue
+        try:
+            results[key] = realwidth(["--family", family, "--resolution", "1024", "--quantize", quantize,
+                                      "--device", "cuda", "--method", method, *(["--depth", depth] if depth else [])])
+        except Exception as e:  # one family's failure leaves the others' rows
+            results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        torch.cuda.empty_cache()
+        _write(results, out)
     return results
 
 
@@ -234,10 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--plan", action="store_true", help="only the planner against the measured peak: one LoRA-DPO "
-                    "step per real-size family at 1024², bf16 and int8, with checkpointing")
+                    "step and one GRPO update per real-size family at 1024², bf16 and int8, with checkpointing")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="--plan: skip the rows left after this long")
     args = ap.parse_args(argv)
     if args.plan:
-        return plan_against_measured(args.out)
+        return plan_against_measured(args.out, args.budget_s)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (or --device cpu --size tiny for a check of the code path)")
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"

@@ -35,6 +35,12 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     "nft-faithful-lr3e-3": ("1 + 4: faithful, lr 3e-3", "configs/shapes/nft.yaml", [FAITHFUL, "train.lr=3e-3"]),
     "odpo-unreq0.1": ("1 + 9: constraints + 0.1 per unrequested object (an ensemble)",
                       "configs/shapes/online_dpo.yaml", ["objective.reward={constraints: 1.0, unrequested: 0.1}"]),
+    "online-10steps-2x": ("7: the shipped recipe, twice the rollouts per round (64 prompts) sampled at 10 steps "
+                          "(Flow-GRPO's shorter rollouts) in the same minutes", "configs/shapes/online.yaml",
+                          ["objective.steps=10", "objective.prompts_per_round=64"]),
+    "grpo-unreq0.1-window": ("8 + 9: GRPO, noisy window (η on its 6 trained steps, the ODE elsewhere), "
+                             "constraints + 0.1 per unrequested object", "configs/shapes/grpo.yaml",
+                             ["objective.reward={constraints: 1.0, unrequested: 0.1}", "objective.noise=window"]),
 }
 
 

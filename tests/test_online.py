@@ -71,7 +71,7 @@ def test_ratio_is_one_before_the_first_update_and_kl_zero_at_init(tiny_dir, meth
                                         "reward": "test_redness"}), guidance=2.0)
     items = m.make_round(bb, ["a photo of a red circle", "a photo of two squares"], torch.Generator().manual_seed(0))
     n = m.round_size(items)
-    assert n == 12 and items["adv"].shape == (12,) and items["traj"].shape[1] == 5
+    assert n == 12 and items["adv"].shape == (12,) and items["traj"].shape[1] == 3  # the window's 2 steps kept
     batch = m.take(items, torch.arange(n))  # the whole round, in the sampler's order: the same forward
     steps = m.trained_steps(batch.extras["logp"])
     assert steps.tolist() == [0, 1]

@@ -30,7 +30,14 @@ def test_scale_script_trains_within_budget_and_reports_the_paired_change(tmp_pat
 
 def test_online_bench_measures_rollouts_and_updates(tiny_dir, capsys):
     mod = load_script("bench_online")
-    rows = mod.main(["--base", str(tiny_dir("pixel")), "--methods", "grpo,online_dpo", "--threads", "1"])
-    assert [r["method"] for r in rows] == ["grpo", "online_dpo"]
-    assert all(r["per_rollout_s"] > 0 and r["per_update_s"] > 0 and 0 < r["sampling_share"] < 1 for r in rows)
-    assert "| grpo | 64 |" in capsys.readouterr().out
+    rows = mod.main(["--base", str(tiny_dir("pixel")), "--methods", "grpo,online_dpo", "--threads", "1",
+                     "--rollout-methods", "grpo", "--rollout-settings", "fp32,10 sampler steps"])
+    assert [r["method"] for r in rows] == ["grpo", "online_dpo", "grpo", "grpo"]
+    assert all(r["per_rollout_s"] > 0 and r["per_update_s"] > 0 and 0 < r["sampling_share"] < 1 for r in rows[:2])
+    fp32, short = rows[2:]
+    # rollouts per minute against the limit of the round's forwards alone: the sampler adds little to them
+    assert short["setting"] == "10 sampler steps" and short["rollouts"] == fp32["rollouts"] == 64
+    assert all(0.2 < r["per_min"] / r["limit_per_min"] < 1.5 for r in (fp32, short))
+    assert short["limit_per_min"] > 1.5 * fp32["limit_per_min"]  # half the forwards per rollout
+    out = capsys.readouterr().out
+    assert "| grpo | 64 |" in out and "| grpo | 64 | 10 sampler steps |" in out

@@ -79,6 +79,22 @@ def gaussian_step(mean: Tensor, std: Tensor, generator: torch.Generator | None) 
     return x, gaussian_logprob_mean(x, mean, std)
 
 
+def step_etas(eta: float | Sequence[float], steps: int) -> list[float]:
+    """The sampler's η per step: a scalar for every step, or one per step (a noisy window: η > 0 on the steps
+    a policy gradient trains, 0, the ODE, elsewhere; MixGRPO, Flow-GRPO-Fast)."""
+    if isinstance(eta, (int, float)):
+        return [float(eta)] * steps
+    etas = [float(e) for e in eta]
+    if len(etas) != steps:
+        raise ValueError(f"eta: {len(etas)} values for {steps} sampler steps")
+    return etas
+
+
+def no_density(x: Tensor) -> Tensor:
+    """The log-density column of a deterministic step inside a stochastic trajectory: NaN, none exists."""
+    return torch.full((x.shape[0],), float("nan"), device=x.device)
+
+
 def sample_output(backbone, x: Tensor, traj: list[Tensor], logps: list[Tensor], timesteps: Tensor,
                   trajectory: bool) -> SampleOutput:
     return SampleOutput(images=backbone.decode(x), latents=x, trajectory=traj if trajectory else None,
@@ -107,6 +123,9 @@ class BackboneBase(ReferenceMixin):
     per-image error, full-model saving; the reference comes from ``ReferenceMixin``."""
 
     sample_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: sample under autocast (2x on AMX CPUs)
+    # train.rollout_precision: online rounds sample, and ratio methods recompute their log-densities, under
+    # this autocast (one precision and code path for π_old and π_θ, so the ratio is 1 before an update)
+    rollout_dtype: torch.dtype | None = None
     # what a family declares beside its code: the model_index.json class naming it, its tiny test folders
     # (models/tiny.py) and the model kwargs they load with
     pipeline_class: str = ""
@@ -159,6 +178,22 @@ class BackboneBase(ReferenceMixin):
         if self.sample_dtype is None:  # no autocast object at all: not every device type has one
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.sample_dtype)
+
+    @contextlib.contextmanager
+    def rollout_sampling(self):
+        """Sampling in the block under the rollouts' precision (``rollout_dtype``): an online round's sampler."""
+        saved = self.sample_dtype
+        self.sample_dtype = self.rollout_dtype if self.rollout_dtype is not None else saved
+        try:
+            yield
+        finally:
+            self.sample_dtype = saved
+
+    def rollout_autocast(self):
+        """The autocast the rollouts sampled under, for the forwards that recompute their log-densities."""
+        if self.rollout_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.rollout_dtype)
 
     def unwrapped(self) -> torch.nn.Module:
         m = self.denoiser

@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backbone import BackboneBase, Cond, Noised, SampleOutput, gaussian_logprob_mean, gaussian_step, sample_output
+from .backbone import (
+    BackboneBase,
+    Cond,
+    Noised,
+    SampleOutput,
+    gaussian_logprob_mean,
+    gaussian_step,
+    no_density,
+    sample_output,
+    step_etas,
+)
 from .kdiff import k_split, k_target, velocity_error
 
 
@@ -142,14 +152,18 @@ class DiffusionBackbone(BackboneBase):
         cond = self.encode_prompts(list(prompts), image_meta)
         uncond = self.unconditional(n, guidance, image_meta)
         traj, logps = [x], []
-        for t in sched.timesteps:
+        etas = step_etas(eta, len(sched.timesteps))
+        stochastic = trajectory and max(etas) > 0  # a density per step; NaN on a deterministic one
+        for t, eta_t in zip(sched.timesteps, etas):
             pred = self.guided(x, t, cond, uncond, guidance)
-            if trajectory and eta > 0:
-                mean, std = self.ddim_mean_std(pred, x, t.expand(n), self._prev_t(t, steps).expand(n), eta)
+            if stochastic and eta_t > 0:
+                mean, std = self.ddim_mean_std(pred, x, t.expand(n), self._prev_t(t, steps).expand(n), eta_t)
                 x, logp = gaussian_step(mean, std, generator)
                 logps.append(logp)
             else:
-                x = sched.step(self.as_scheduler_output(pred, x, t), t, x, eta=eta, generator=generator).prev_sample
+                x = sched.step(self.as_scheduler_output(pred, x, t), t, x, eta=eta_t, generator=generator).prev_sample
+                if stochastic:
+                    logps.append(no_density(x))
             if trajectory:
                 traj.append(x)
         return sample_output(self, x, traj, logps, sched.timesteps, trajectory)

@@ -16,8 +16,10 @@ from .backbone import (
     SampleOutput,
     gaussian_logprob_mean,
     gaussian_step,
+    no_density,
     register_family,
     sample_output,
+    step_etas,
 )
 from .load import load_diffusers, load_transformers
 from .quantize import quantization_kwargs
@@ -158,13 +160,18 @@ class FlowBackbone(LatentMixin, BackboneBase):
         uncond = self.unconditional(n, guidance)
         traj, logps = [x], []
         sigma_max = float(sched.sigmas[1])
+        etas = step_etas(eta, len(sched.timesteps))
+        stochastic = trajectory and max(etas) > 0  # a density per step; NaN on a deterministic one
         for i, t in enumerate(sched.timesteps):
             v = self.guided(x, t, cond, uncond, guidance)
-            if trajectory and eta > 0:
+            if stochastic and etas[i] > 0:
                 s, sp = sched.sigmas[i].expand(n), sched.sigmas[i + 1].expand(n)
-                mean, std = self.sde_mean_std(v, x, s, sp, eta, sigma_max)
+                mean, std = self.sde_mean_std(v, x, s, sp, etas[i], sigma_max)
                 x, logp = gaussian_step(mean, std, generator)
                 logps.append(logp)
+            elif stochastic:  # the ODE's Euler step, by hand: the scheduler's step counter skips SDE steps
+                x = x + (sched.sigmas[i + 1] - sched.sigmas[i]).to(x) * v.to(x.dtype)
+                logps.append(no_density(x))
             else:
                 x = sched.step(v, t, x).prev_sample
             if trajectory:

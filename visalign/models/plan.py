@@ -4,14 +4,17 @@ From the family's published denoiser configuration (its config.json: the local f
 shipped in models/published/) the planner builds the denoiser on the meta device, so parameter counts,
 LoRA sizes and dtypes are exact. Activations come from a measured scaling model:
 
-    A(T) = γ + α·T + β·T²   bytes per sample, T = image tokens (latent side² / patch²)
+    A(T, n) = n·S(T) + F(T),  S, F = γ + α·T + β·T²   bytes, T = image tokens (latent side² / patch²), n samples
 
-fitted by least squares on forward passes of the *same architecture* at four small sizes (random weights,
-real width; a DiT at one block per depth key, its other blocks added by the measured per-block cost). What
-is measured is every tensor autograd saves for the backward (``saved_tensors_hooks``, parameters left out),
-so the fit holds on any device; γ is the text tokens' share, T² the attention scores a math-kernel
-attention keeps. Every number is
-an estimate until a GPU has measured the same run (scripts/gpu_check.py).
+fitted by least squares on training steps of the *same architecture* at four small sizes and batches of 2
+and 3 (F: what does not grow with the batch; random weights, real width; a DiT at one block per depth
+key, its other blocks added by the measured per-block cost). What
+is measured is the step's peak of live tensors above the weights (PyTorch's memory-profiler timeline of
+every allocation and free, forward and backward, less the trainable gradients the plan counts apart): the
+saved activations and, under gradient checkpointing, the blocks' inputs, one block's recomputation and the
+backward's transients, which autograd's saved tensors alone do not show. γ is the text tokens' share, T²
+the attention scores a math-kernel attention keeps. Every number is an estimate until a GPU has measured
+the same run (scripts/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -74,28 +77,55 @@ def lora_parameters(model: torch.nn.Module, targets: tuple[str, ...], rank: int)
                if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 
 
-def saved_bytes(model: torch.nn.Module, inputs: dict) -> int:
-    """Bytes autograd keeps for the backward of one forward (each storage once, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
-    total = 0
+def peak_tensor_bytes(fn) -> int:
+    """The peak of live tensor bytes ``fn`` adds above those alive before it (PyTorch's memory-profiler
+    timeline of every allocation and free, the backward's included): on CPU the analogue of
+    torch.cuda.max_memory_allocated, which the resident set is not (the heap keeps freed pages). The
+    planner's own check (tests/test_plan.py, scripts/realwidth_check.py)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    def pack(t: torch.Tensor):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        fn()
+    times, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
+    totals = [sum(s) for s in sizes]
+    before = next((tot for t, tot in zip(times, totals) if t == -1), 0)  # tensors alive before fn (weights)
+    return max(totals, default=0) - before
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs)
-    return total
+
+def step_peak_bytes(model: torch.nn.Module, inputs: dict) -> int:
+    """Peak live bytes one training forward + backward adds, less the trainable parameters' gradients (the
+    plan counts those as a part of their own): saved activations, checkpointed blocks' inputs and their
+    recomputation, the backward's transients. Measured, not modelled: autograd's saved tensors alone miss the
+    last three (FLUX.1 under checkpointing: half its peak, docs/results.md)."""
+    def step():
+        out = model(**inputs)
+        (out[0] if isinstance(out, tuple) else out.sample).float().pow(2).mean().backward()
+
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    peak = peak_tensor_bytes(step)
+    model.zero_grad(set_to_none=True)
+    return peak - grads
+
+
+def with_lora(model: torch.nn.Module, rank: int = 4, targets: tuple[str, ...] = DEFAULT_TARGETS) -> torch.nn.Module:
+    """``model`` frozen with peft LoRA adapters on ``targets``, kept in fp32 as the loop keeps them (their inputs
+    are then saved in fp32); peft's injection works on any module, PeftAdapterMixin or not (PixArt)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), model)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
 
 
 def image_tokens(config: dict, resolution: int) -> int:
     side = resolution // config["_vae_factor"]
-    return (side // config.get("patch_size", 1)) ** 2 if config["_class_name"] == "SD3Transformer2DModel" else side**2
+    # a model that patchifies the latent itself (SD3, PixArt) sees (side / p)²; FLUX and Qwen-Image arrive
+    # packed (their _vae_factor counts the 2x2 packing), UNets and Sana (p = 1) see every latent pixel
+    return (side // config.get("patch_size", 1)) ** 2 if config.get("_patchifies") else side**2
 
 
 def fit(ts: list[float], ys: list[float]) -> tuple[float, float, float]:
@@ -106,64 +136,83 @@ def fit(ts: list[float], ys: list[float]) -> tuple[float, float, float]:
     return float(sol[0]), float(sol[1]) / scale, float(sol[2]) / scale**2
 
 
+Coefficients = tuple[float, float, float]
+
+
 @dataclass
 class ActivationModel:
-    """Per-sample activation bytes at T image tokens: the base (one block per depth key) plus, per depth key,
-    the measured cost of each further block."""
+    """Activation bytes at T image tokens for n samples: n x a per-sample curve plus a curve that does not grow
+    with the batch (one block's recomputation buffers, the loss's scalars), each the base (one block per
+    depth key) plus, per depth key, the measured cost of each further block."""
 
-    base: tuple[float, float, float]
-    per_block: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    base: Coefficients
+    per_block: dict[str, Coefficients] = field(default_factory=dict)
+    fixed: Coefficients = (0.0, 0.0, 0.0)
+    fixed_per_block: dict[str, Coefficients] = field(default_factory=dict)
 
     @staticmethod
-    def _at(c: tuple[float, float, float], tokens: int) -> float:
+    def _at(c: Coefficients, tokens: int) -> float:
         return c[0] + c[1] * tokens + c[2] * tokens**2
 
-    def bytes(self, tokens: int, depth: dict[str, int]) -> float:
-        return self._at(self.base, tokens) + sum((depth[k] - 1) * self._at(c, tokens)
-                                                 for k, c in self.per_block.items())
+    def _curve(self, base: Coefficients, per_block: dict, tokens: int, depth: dict[str, int]) -> float:
+        return self._at(base, tokens) + sum((depth[k] - 1) * self._at(c, tokens) for k, c in per_block.items())
 
-    def largest_block(self, tokens: int) -> float:
-        return max([self._at(c, tokens) for c in self.per_block.values()] or [0.0])
+    def bytes(self, tokens: int, depth: dict[str, int], samples: int = 1) -> float:
+        return (samples * self._curve(self.base, self.per_block, tokens, depth)
+                + self._curve(self.fixed, self.fixed_per_block, tokens, depth))
+
+    def to_json(self) -> dict:
+        return {"base": self.base, "per_block": self.per_block, "fixed": self.fixed,
+                "fixed_per_block": self.fixed_per_block}
+
+    @classmethod
+    def from_json(cls, m: dict) -> ActivationModel:
+        blocks = lambda d: {k: tuple(v) for k, v in d.items()}  # noqa: E731
+        return cls(tuple(m["base"]), blocks(m["per_block"]), tuple(m.get("fixed", (0.0, 0.0, 0.0))),
+                   blocks(m.get("fixed_per_block", {})))
 
 
 def measure_activations(config: dict, resolutions: tuple[int, ...], dtype=torch.bfloat16, tokens: int | None = None,
                         checkpointing: bool = False, lora: bool = True) -> ActivationModel:
-    """Fit the activation model on real-width forwards at ``resolutions`` (small sizes of the same family),
-    trained as the run trains it: a frozen base with LoRA adapters saves less than full fine-tuning (a frozen
-    Linear needs no copy of its input for a weight gradient)."""
+    """Fit the activation model on the measured peak of real-width training steps (``step_peak_bytes``) at
+    ``resolutions`` (small sizes of the same family), trained as the run trains it: a frozen base with LoRA
+    adapters holds less than full fine-tuning (a frozen Linear needs no copy of its input for a weight
+    gradient)."""
     from .plan_inputs import INPUTS
 
     text = tokens or config["_text_tokens"]
     keys = config.get("_depth_keys", [])
 
-    def coefficients(**depth) -> tuple[float, float, float]:
+    def coefficients(**depth) -> tuple[Coefficients, Coefficients]:
+        """(per sample, fixed): the step's peaks at batches 2 and 3 split into n·S(T) + F(T) (not batch 1:
+        CPU kernels take other paths for a single sample, a step in its peak)."""
         model = build_denoiser(config, empty=False, dtype=dtype, **depth).train()
         if checkpointing:
             model.enable_gradient_checkpointing()
         if lora:
-            from peft import LoraConfig
-
-            model.requires_grad_(False)
-            model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(DEFAULT_TARGETS)))
-            for p in model.parameters():  # adapters in fp32, as the loop keeps them: their inputs saved in fp32
-                if p.requires_grad:
-                    p.data = p.data.float()
+            with_lora(model)
         else:
             model.requires_grad_(True)
-        ts, ys = [], []
+        ts, per_sample, fixed = [], [], []
         for res in resolutions:
+            two, three = (step_peak_bytes(model, INPUTS[config["_class_name"]](config, res, n, text, dtype))
+                          for n in (2, 3))
             ts.append(image_tokens(config, res))
-            ys.append(saved_bytes(model, INPUTS[config["_class_name"]](config, res, 1, text, dtype)))
+            per_sample.append(three - two)
+            fixed.append(two - 2 * (three - two))
         del model
-        return fit(ts, ys)
+        return fit(ts, per_sample), fit(ts, fixed)
+
+    def difference(a: Coefficients, b: Coefficients) -> Coefficients:
+        return tuple(y - x for x, y in zip(a, b))
 
     ones = {k: 1 for k in keys}
-    base = coefficients(**ones)
-    per_block = {}
+    base, fixed = coefficients(**ones)
+    per_block, fixed_per_block = {}, {}
     for k in keys:
-        two = coefficients(**(ones | {k: 2}))
-        per_block[k] = tuple(b - a for a, b in zip(base, two))
-    return ActivationModel(base, per_block)
+        two, two_fixed = coefficients(**(ones | {k: 2}))
+        per_block[k], fixed_per_block[k] = difference(base, two), difference(fixed, two_fixed)
+    return ActivationModel(base, per_block, fixed, fixed_per_block)
 
 
 @dataclass
@@ -210,8 +259,8 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
     trainable = lora if shape.lora_rank else total
     resolution = default_resolution(shape, config)
     tokens = image_tokens(config, resolution)
-    per_sample = (ckpt.bytes(tokens, depth) if shape.checkpointing else free.bytes(tokens, depth)) * cb / 2
     samples = shape.batch * shape.images_per_sample
+    activations = (ckpt if shape.checkpointing else free).bytes(tokens, depth, samples) * cb / 2
     latent = 4 * resolution**2 / config["_vae_factor"] ** 2 * config.get("in_channels", 4)
     parts = {
         "weights (denoiser)": linear * wb + (total - linear) * held,
@@ -219,9 +268,8 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
         "trainable (fp32)": trainable * 4.0,
         "gradients": trainable * 4.0,
         "optimizer states": trainable * OPTIMIZER_BYTES[shape.optimizer],
-        # with checkpointing, the backward recomputes one block at a time: its full activations, once
-        "activations": samples * per_sample + (samples * free.largest_block(tokens) * cb / 2
-                                               if shape.checkpointing else 0),
+        # the measured step peak: with checkpointing it holds the block inputs and one block's recomputation
+        "activations": activations,
         "rollouts kept": shape.rollouts * (shape.rollout_steps + 1) * latent,
         "text encoders + VAE": 0.0 if shape.cache_complete else
         (config.get("_encoder_params", 0) + config.get("_vae_params", 0)) * held,
@@ -275,18 +323,17 @@ def activation_models(config: dict, family: str, cache: Path,
     import hashlib
 
     arch = json.dumps({k: v for k, v in config.items() if k != "_source"}, sort_keys=True)
-    kind = "lora" if lora else "full"
+    kind = ("lora" if lora else "full") + "-peak"  # fitted on measured step peaks (earlier caches: saved tensors)
     path = cache / f"{family}-{kind}-{hashlib.sha256(arch.encode()).hexdigest()[:16]}.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        return tuple(ActivationModel(tuple(m["base"]), {k: tuple(v) for k, v in m["per_block"].items()})
-                     for m in saved)
+        return tuple(ActivationModel.from_json(m) for m in saved)
     resolutions = tuple(s * config["_vae_factor"] for s in MEASURED_SIDES)
     models = (measure_activations(config, resolutions, lora=lora),
               measure_activations(config, resolutions, checkpointing=True, lora=lora))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([{"base": m.base, "per_block": m.per_block} for m in models]))
+    tmp.write_text(json.dumps([m.to_json() for m in models]))
     tmp.replace(path)
     return models
 

@@ -48,5 +48,15 @@ def qwenimage_inputs(config: dict, resolution: int, batch: int, tokens: int, dty
             "timestep": torch.full((batch,), 0.5), "img_shapes": [[(1, side, side)]] * batch}
 
 
+def captioned_dit_inputs(config: dict, resolution: int, batch: int, tokens: int, dtype) -> dict:
+    """Sana and PixArt: a latent image and the caption's hidden states (Gemma-2's, T5's) with their mask."""
+    side = resolution // config["_vae_factor"]
+    return {"hidden_states": torch.randn(batch, config["in_channels"], side, side, dtype=dtype),
+            "encoder_hidden_states": torch.randn(batch, tokens, config["caption_channels"], dtype=dtype),
+            "encoder_attention_mask": torch.ones(batch, tokens, dtype=dtype),
+            "timestep": torch.full((batch,), 500)}
+
+
 INPUTS = {"UNet2DConditionModel": unet_inputs, "SD3Transformer2DModel": sd3_inputs,
-          "FluxTransformer2DModel": flux_inputs, "QwenImageTransformer2DModel": qwenimage_inputs}
+          "FluxTransformer2DModel": flux_inputs, "QwenImageTransformer2DModel": qwenimage_inputs,
+          "SanaTransformer2DModel": captioned_dit_inputs, "PixArtTransformer2DModel": captioned_dit_inputs}

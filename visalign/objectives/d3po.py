@@ -80,21 +80,26 @@ class D3PO(OnlineMethod):
         usable = torch.nonzero(torch.isfinite(batch.extras["logp"]).all(0).all(0)).flatten()
         n_steps = max(1, round(self.timestep_fraction * len(usable)))
         steps = usable[torch.randperm(len(usable))[:n_steps]].sort().values
-        cond = text_conditioning(backbone, batch.prompts).repeat_interleave(2)
-        uncond = backbone.unconditional(2 * b, self.guidance)
+        with backbone.rollout_autocast():  # the text encoders too run as the sampler ran them
+            cond = text_conditioning(backbone, batch.prompts).repeat_interleave(2)
+            uncond = backbone.unconditional(2 * b, self.guidance)
+        # the sampler's log-probs stand for the reference's only when computed in this step's precision: the
+        # rollouts' own autocast (train.rollout_precision) or, without one, no autocast around the step either
+        same_precision = backbone.rollout_dtype is not None or not torch.is_autocast_enabled(traj.device.type)
+        reuse_ref = bool(batch.extras["reuse_ref"]) and same_precision
         losses, rho = [], []
         for s in steps.tolist():
             x_t = traj[:, :, s].flatten(0, 1)
             x_prev = traj[:, :, s + 1].flatten(0, 1)
             t = timesteps[s].to(x_t.device)
             kw = dict(steps=self.steps, eta=self.eta, uncond=uncond, guidance=self.guidance)
-            logp = backbone.step_logprob(x_t, x_prev, t, cond, **kw).view(b, 2)
-            # the sampler's log-probs stand for the reference's only when computed in this step's precision
-            if bool(batch.extras["reuse_ref"]) and not torch.is_autocast_enabled(x_t.device.type):
-                ref = batch.extras["logp"][:, :, s].to(logp)
-            else:
-                with torch.no_grad(), backbone.reference():
-                    ref = backbone.step_logprob(x_t, x_prev, t, cond, **kw).view(b, 2)
+            with backbone.rollout_autocast():
+                logp = backbone.step_logprob(x_t, x_prev, t, cond, **kw).view(b, 2)
+                if reuse_ref:
+                    ref = batch.extras["logp"][:, :, s].to(logp)
+                else:
+                    with torch.no_grad(), backbone.reference():
+                        ref = backbone.step_logprob(x_t, x_prev, t, cond, **kw).view(b, 2)
             losses.append(d3po_loss(logp[:, 0], ref[:, 0], logp[:, 1], ref[:, 1], self.beta, self.clip_eps))
             rho.append((logp - ref).detach())
         loss = torch.stack(losses).mean()

@@ -23,11 +23,11 @@ class DisCO(GroupRollouts, OnlineMethod):
     def __init__(self, group_size: int = 16, prompts_per_round: int = 8, round_steps: int = 8, steps: int = 20,
                  eta: float = 1.0, window: int = 6, guidance: float | None = None, score: str = "ratio",
                  delta: float = 1e-4, beta: float = 1e3, shared_noise: bool = False,
-                 reward: str | dict | list = "constraints"):
+                 reward: str | dict | list = "constraints", noise: str = "all", window_slide: int = 0):
         if score not in ("ratio", "log"):
             raise ValueError(f"disco.score={score!r}: expected ratio or log")
         self.configure_rollouts(group_size, prompts_per_round, round_steps, steps, eta, window, guidance,
-                                shared_noise, reward)
+                                shared_noise, reward, noise, window_slide)
         self.score, self.delta, self.beta = score, delta, beta
         self.adv_scale = "group"  # only the sign of Â is used: positives and negatives of each group
 

@@ -90,7 +90,7 @@ class RoundSource:
             gen = torch.Generator().manual_seed(round_seed(self.seed, r, self.rank))
             if self.method.reset_reference and r > 0:
                 self.backbone.freeze_reference_copy()
-            with torch.no_grad(), self.backbone.sampling_mode():
+            with torch.no_grad(), self.backbone.sampling_mode(), self.backbone.rollout_sampling():
                 self.items = self.method.make_round(self.backbone, self.prompts, gen, r)
             self.round_idx = r
             log.info("online round %d: %d items", r, self.method.round_size(self.items))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from ..config import RunConfig
-from ..models.load import build_backbone
+from ..models.load import bf16_is_emulated, build_backbone
 from ..registry import DATA_SOURCES
 from .build import BatchStream
 
@@ -93,6 +95,11 @@ class RoundsSource:
         from ..objectives.online import RoundSource
 
         t = cfg.train
+        # the rounds' sampler, and the ratio methods' recomputed log-densities, in the rollouts' precision
+        backbone.rollout_dtype = torch.bfloat16 if t.rollout_precision == "bf16" else None
+        if backbone.rollout_dtype is not None and bf16_is_emulated(acc.device):
+            log.warning("train.rollout_precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): "
+                        "rollouts run many times slower than fp32 here; bf16 pays on GPUs and AMX CPUs")
         rounds = RoundSource(method, backbone, prompts, t.batch_size, t.grad_accum, t.seed, acc.process_index,
                              acc.num_processes)
         return rounds, rounds
