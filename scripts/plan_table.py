@@ -2,7 +2,7 @@
 quantized and not (docs/results.md, README). Every row is an estimate until a GPU measures it
 (scripts/gpu_check.py).
 
-    python scripts/plan_table.py [--families sdxl,sd3,flux,qwenimage] [--md OUT.md]
+    python scripts/plan_table.py [--families sdxl,sd3,flux,qwenimage,sana,pixart] [--md OUT.md]
 
 The activation models are fitted once per family (minutes for a 12B model on CPU) and cached.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 from visalign.data.cache import cache_root
 from visalign.models.plan import SIZES_GB, RunShape, activation_models, plan_parts, published_config
 
-NAMES = {"sdxl": "SDXL", "sd3": "SD3-medium", "flux": "FLUX.1-dev", "qwenimage": "Qwen-Image"}
+NAMES = {"sdxl": "SDXL", "sd3": "SD3-medium", "flux": "FLUX.1-dev", "qwenimage": "Qwen-Image", "sana": "Sana-1.6B",
+         "pixart": "PixArt-Σ"}
 METHODS = {"LoRA-DPO": {"batch": 1, "images_per_sample": 2},  # one pair per step
            "GRPO": {"batch": 2, "images_per_sample": 1, "rollouts": 32, "rollout_steps": 10}}  # 4 prompts x 8
 SETTINGS = [("as loaded (fp32 base)", {}),
@@ -42,7 +43,7 @@ def rows(families: list[str]) -> list[list[str]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--families", default="sdxl,sd3,flux,qwenimage")
+    ap.add_argument("--families", default="sdxl,sd3,flux,qwenimage,sana,pixart")
     ap.add_argument("--md", default="")
     args = ap.parse_args(argv)
     table = ["| model | method | setting | estimate (GiB) | fits 24 / 48 / 80 GB |", "|---|---|---|---|---|"]

@@ -31,3 +31,33 @@ def test_gpu_check_runs_its_code_path_on_cpu_at_tiny_size(tmp_path):
 def test_gpu_check_without_a_gpu_says_what_to_do():
     with pytest.raises(SystemExit, match="needs a CUDA GPU.*--device cpu --size tiny"):
         _module().main([])
+
+
+def test_plan_runs_cover_every_family_method_and_mode_dpo_first():
+    runs = _module().plan_runs()
+    families = {"sdxl", "sd3", "flux", "qwenimage", "sana", "pixart"}
+    assert {(m, f, q) for m, f, _, q in runs} == {(m, f, q) for m in ("dpo", "grpo") for f in families
+                                                   for q in ("none", "int8")}
+    assert [m for m, *_ in runs] == ["dpo"] * 12 + ["grpo"] * 12  # a budget cut leaves the DPO rows
+
+
+@pytest.mark.parametrize("method", ["dpo_step", "grpo_step"])
+def test_realwidth_steps_train_only_the_adapter(method, tiny_dir):
+    """realwidth_check's LoRA-DPO step and GRPO update, on a tiny FLUX: gradients reach the adapter only."""
+    from peft import LoraConfig
+
+    from visalign.models.plan import build_denoiser, published_config
+    from visalign.models.plan_inputs import INPUTS
+
+    config = published_config("flux", str(tiny_dir("flux")))
+    model = build_denoiser(config, empty=False, dtype=torch.float32).train().requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    inputs = INPUTS[config["_class_name"]](config, 64, 2, 8, torch.float32)
+    if method == "dpo_step":  # a zero adapter makes policy = reference: perturb it so the pair differs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    getattr(load_script("realwidth_check"), method)(model, inputs)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora" in n for n in grads)
+    assert any(g.abs().sum() > 0 for g in grads.values())
