@@ -110,6 +110,7 @@ def main(argv=None) -> dict:
         peak_tensor_bytes,
         plan_parts,
         published_config,
+        tensor_bytes,
     )
     from visalign.models.plan_inputs import INPUTS
 
@@ -163,7 +164,7 @@ def main(argv=None) -> dict:
         step_fn()
         peak = torch.cuda.max_memory_allocated()
     else:  # the profiler's live-tensor peak is the measure; the resident set's is recorded beside it
-        tensors_added = peak_tensor_bytes(step_fn)
+        tensors_added = peak_tensor_bytes(step_fn, alive=tensor_bytes(model, inputs))  # weights: in ``held``
         peak = watch.stop()
     free, ckpt = activation_models(published_config(args.family), args.family, cache_root() / "plan")
     per_method = {"dpo": {"batch": 1, "images_per_sample": 2},

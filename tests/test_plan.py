@@ -17,6 +17,7 @@ from visalign.models.plan import (
     peak_tensor_bytes,
     plan_parts,
     published_config,
+    tensor_bytes,
     with_lora,
 )
 from visalign.models.plan_inputs import INPUTS
@@ -59,7 +60,7 @@ def _real_step_bytes(config, resolution, lora_rank, checkpointing, batch):
         (out[0] if isinstance(out, tuple) else out.sample).float().pow(2).mean().backward()
         opt.step()
 
-    added = peak_tensor_bytes(step)
+    added = peak_tensor_bytes(step, alive=tensor_bytes(model, inputs))
     return sum(p.numel() * p.element_size() for p in model.parameters()) + added
 
 
@@ -71,6 +72,21 @@ def test_the_step_peak_sees_allocations_and_frees():
         return torch.zeros(500_000)  # 2 MB: the peak stays 8
 
     assert 8_000_000 <= peak_tensor_bytes(allocate) < 8_001_000  # a scalar or two of bookkeeping
+
+
+def test_tensors_made_before_the_step_are_not_counted_as_its_own():
+    """The profiler enters a weight at its first use; a frozen Linear's step adds only its output and the
+    input's gradient, never the weight (the measured-peak fit once counted each
+    block's weights as activations: FLUX, 680 MB a double block). The sum's gradient is a broadcast scalar."""
+    layer = torch.nn.Linear(512, 2048).requires_grad_(False)  # 4 MiB of weight
+    x = torch.randn(4, 512, requires_grad=True)
+
+    def step():
+        layer(x).sum().backward()
+
+    expected = 4 * 2048 * 4 + 4 * 512 * 4  # the output, x's gradient
+    added = peak_tensor_bytes(step, alive=tensor_bytes(layer, {"x": x}))
+    assert expected <= added < expected + 1_000
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,20 +79,51 @@ def lora_parameters(model: torch.nn.Module, targets: tuple[str, ...], rank: int)
                if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 
 
-def peak_tensor_bytes(fn) -> int:
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
+def tensor_bytes(*things) -> int:
+    """Bytes of the tensors in modules (parameters, buffers; a quantized weight's data and scales) and in dicts
+    or tensors, each storage once."""
+    seen, total = set(), 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        for part in [getattr(t, n) for n in ("_data", "_scale") if hasattr(t, n)] or [t]:
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+
+    def walk(thing) -> None:
+        if isinstance(thing, torch.nn.Module):
+            thing = thing.state_dict(keep_vars=True)
+        if isinstance(thing, dict):  # inputs nest (SDXL's added_cond_kwargs)
+            for v in thing.values():
+                walk(v)
+        elif torch.is_tensor(thing):
+            add(thing)
+
+    for thing in things:
+        walk(thing)
+    return total
+
+
+def peak_tensor_bytes(fn, alive: int = 0) -> int:
     """The peak of live tensor bytes ``fn`` adds above those alive before it (PyTorch's memory-profiler
     timeline of every allocation and free, the backward's included): on CPU the analogue of
     torch.cuda.max_memory_allocated, which the resident set is not (the heap keeps freed pages). The
-    planner's own check (tests/test_plan.py, scripts/realwidth_check.py)."""
+    timeline enters a tensor made before ``fn`` at its first use, not at its start, so ``alive`` (the bytes of
+    the weights and inputs ``fn`` uses, ``tensor_bytes``) is taken off: the peak, in the backward, comes after
+    every one has been used. The planner's own check (tests/test_plan.py, scripts/realwidth_check.py)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
         fn()
     times, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
-    totals = [sum(s) for s in sizes]
-    before = next((tot for t, tot in zip(times, totals) if t == -1), 0)  # tensors alive before fn (weights)
-    return max(totals, default=0) - before
+    return max((sum(s) for s in sizes), default=0) - alive
 
 
 def step_peak_bytes(model: torch.nn.Module, inputs: dict) -> int:
@@ -103,7 +136,7 @@ def step_peak_bytes(model: torch.nn.Module, inputs: dict) -> int:
         (out[0] if isinstance(out, tuple) else out.sample).float().pow(2).mean().backward()
 
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    peak = peak_tensor_bytes(step)
+    peak = peak_tensor_bytes(step, alive=tensor_bytes(model, inputs))
     model.zero_grad(set_to_none=True)
     return peak - grads
 
@@ -149,6 +182,7 @@ class ActivationModel:
     per_block: dict[str, Coefficients] = field(default_factory=dict)
     fixed: Coefficients = (0.0, 0.0, 0.0)
     fixed_per_block: dict[str, Coefficients] = field(default_factory=dict)
+    measured_bytes: float = 2.0  # bytes per element of the dtype the steps ran in (bf16; fp32 where it is emulated)
 
     @staticmethod
     def _at(c: Coefficients, tokens: int) -> float:
@@ -163,13 +197,13 @@ class ActivationModel:
 
     def to_json(self) -> dict:
         return {"base": self.base, "per_block": self.per_block, "fixed": self.fixed,
-                "fixed_per_block": self.fixed_per_block}
+                "fixed_per_block": self.fixed_per_block, "measured_bytes": self.measured_bytes}
 
     @classmethod
     def from_json(cls, m: dict) -> ActivationModel:
         blocks = lambda d: {k: tuple(v) for k, v in d.items()}  # noqa: E731
         return cls(tuple(m["base"]), blocks(m["per_block"]), tuple(m.get("fixed", (0.0, 0.0, 0.0))),
-                   blocks(m.get("fixed_per_block", {})))
+                   blocks(m.get("fixed_per_block", {})), float(m.get("measured_bytes", 2.0)))
 
 
 def measure_activations(config: dict, resolutions: tuple[int, ...], dtype=torch.bfloat16, tokens: int | None = None,
@@ -212,7 +246,7 @@ def measure_activations(config: dict, resolutions: tuple[int, ...], dtype=torch.
     for k in keys:
         two, two_fixed = coefficients(**(ones | {k: 2}))
         per_block[k], fixed_per_block[k] = difference(base, two), difference(fixed, two_fixed)
-    return ActivationModel(base, per_block, fixed, fixed_per_block)
+    return ActivationModel(base, per_block, fixed, fixed_per_block, torch.empty(0, dtype=dtype).element_size())
 
 
 @dataclass
@@ -260,7 +294,8 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
     resolution = default_resolution(shape, config)
     tokens = image_tokens(config, resolution)
     samples = shape.batch * shape.images_per_sample
-    activations = (ckpt if shape.checkpointing else free).bytes(tokens, depth, samples) * cb / 2
+    fitted = ckpt if shape.checkpointing else free
+    activations = fitted.bytes(tokens, depth, samples) * cb / fitted.measured_bytes
     latent = 4 * resolution**2 / config["_vae_factor"] ** 2 * config.get("in_channels", 4)
     parts = {
         "weights (denoiser)": linear * wb + (total - linear) * held,
@@ -321,18 +356,33 @@ def activation_models(config: dict, family: str, cache: Path,
     """(without, with gradient checkpointing): fitted once per architecture, then read from ``cache`` (the
     caller's folder; the CLI's is the data cache's ``plan/``)."""
     import hashlib
+    import os
 
+    from .load import bf16_is_emulated
+
+    # the steps run in bf16, as the run trains; where a CPU emulates bf16 (no AVX512-BF16 or AMX: 20x slower
+    # there) in fp32, and the plan scales the activations by the dtypes' bytes (docs/results.md measures how close)
+    dtype = torch.float32 if bf16_is_emulated("cpu") else torch.bfloat16
     arch = json.dumps({k: v for k, v in config.items() if k != "_source"}, sort_keys=True)
-    kind = ("lora" if lora else "full") + "-peak"  # fitted on measured step peaks (earlier caches: saved tensors)
+    # fitted on measured step peaks (earlier caches: saved tensors), keyed by the steps' dtype
+    kind = ("lora" if lora else "full") + "-peak" + ("-fp32" if dtype == torch.float32 else "")
     path = cache / f"{family}-{kind}-{hashlib.sha256(arch.encode()).hexdigest()[:16]}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         return tuple(ActivationModel.from_json(m) for m in saved)
     resolutions = tuple(s * config["_vae_factor"] for s in MEASURED_SIDES)
-    models = (measure_activations(config, resolutions, lora=lora),
-              measure_activations(config, resolutions, checkpointing=True, lora=lora))
+    steps = 2 * 2 * len(resolutions) * (1 + len(config.get("_depth_keys", [])))
+    # the first plan of an architecture trains real-width steps (a 12B family: about 10 minutes on 2 CPU cores)
+    print(f"plan: fitting {family}'s activation model on this machine ({steps} profiled {dtype_name(dtype)} training"
+          f" steps at "
+          f"latent sides {', '.join(map(str, MEASURED_SIDES))}; once per architecture, cached in {path.parent})",
+          file=sys.stderr, flush=True)
+    start = time.monotonic()
+    models = (measure_activations(config, resolutions, dtype, lora=lora),
+              measure_activations(config, resolutions, dtype, checkpointing=True, lora=lora))
+    print(f"plan: fitted in {(time.monotonic() - start) / 60:.1f} min", file=sys.stderr, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two first plans at once each write their own, then rename
     tmp.write_text(json.dumps([m.to_json() for m in models]))
     tmp.replace(path)
     return models
