@@ -38,6 +38,8 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     "online-10steps-2x": ("7: the shipped recipe, twice the rollouts per round (64 prompts) sampled at 10 steps "
                           "(Flow-GRPO's shorter rollouts) in the same minutes", "configs/shapes/online.yaml",
                           ["objective.steps=10", "objective.prompts_per_round=64"]),
+    "online-count2": ("2 + 9: the shipped recipe, counting prompts drawn twice as often (task-balanced rounds)",
+                      "configs/shapes/online.yaml", ["data.task_weights={counting: 2.0}"]),
     "grpo-unreq0.1-window": ("8 + 9: GRPO, noisy window (η on its 6 trained steps, the ODE elsewhere), "
                              "constraints + 0.1 per unrequested object", "configs/shapes/grpo.yaml",
                              ["objective.reward={constraints: 1.0, unrequested: 0.1}", "objective.noise=window"]),

@@ -3,6 +3,7 @@ quantized and not (docs/results.md, README). Every row is an estimate until a GP
 (scripts/gpu_check.py).
 
     python scripts/plan_table.py [--families sdxl,sd3,flux,qwenimage,sana,pixart] [--md OUT.md]
+                                 [--fit-dtype bf16|fp32]
 
 The activation models are fitted once per family (minutes for a 12B model on CPU) and cached.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+
+import torch
 
 from visalign.data.cache import cache_root
 from visalign.models.plan import SIZES_GB, RunShape, activation_models, plan_parts, published_config
@@ -26,11 +29,11 @@ SETTINGS = [("as loaded (fp32 base)", {}),
             ("nf4 + checkpointing + cache", {"quantize": "nf4", "checkpointing": True, "cache_complete": True})]
 
 
-def rows(families: list[str]) -> list[list[str]]:
+def rows(families: list[str], fit_dtype: torch.dtype | None = None) -> list[list[str]]:
     out = []
     for family in families:
         config = published_config(family)
-        free, ckpt = activation_models(config, family, cache_root() / "plan")
+        free, ckpt = activation_models(config, family, cache_root() / "plan", dtype=fit_dtype)
         for method, shape_kw in METHODS.items():
             for label, setting in SETTINGS:
                 shape = dataclasses.replace(RunShape(family=family, resolution=1024, compute="bf16"), **shape_kw,
@@ -45,9 +48,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default="sdxl,sd3,flux,qwenimage,sana,pixart")
     ap.add_argument("--md", default="")
+    ap.add_argument("--fit-dtype", default="", choices=("", "bf16", "fp32"),
+                    help="the activation fit's steps (default: bf16 unless this CPU emulates it); fp32 and bf16 "
+                         "side by side show how close an fp32 fit scaled to bf16 comes")
     args = ap.parse_args(argv)
+    fit_dtype = {"": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.fit_dtype]
     table = ["| model | method | setting | estimate (GiB) | fits 24 / 48 / 80 GB |", "|---|---|---|---|---|"]
-    table += ["| " + " | ".join(r) + " |" for r in rows(args.families.split(","))]
+    table += ["| " + " | ".join(r) + " |" for r in rows(args.families.split(","), fit_dtype)]
     text = "\n".join(table) + ("\n\nAll rows are estimates (`visalign plan`): LoRA r8, 1024², AdamW, bf16 "
                                 "activations, the frozen base fp32 as loaded unless quantized; until a GPU "
                                 "measures them.\n")

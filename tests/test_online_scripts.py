@@ -84,3 +84,25 @@ def test_scaling_curve_scores_each_checkpoint_on_each_seed_set_and_pools_them(tm
     assert json.dumps(scaling.main([str(run), *again, "4321", "99"])) == json.dumps(points)
     assert scaling.main([str(run), *again, "4321", "7"]) == []
     assert not list(tmp_path.rglob("*seed7*"))
+
+
+def test_online_signal_reads_each_kept_pair_by_verdict_and_object_count():
+    """Hand-built groups: one kept pair says right-over-wrong with fewer objects, one says more objects with
+    both wrong, one group's margin is below the threshold and yields no pair."""
+    signal = load_script("online_signal")
+
+    def row(i, tag, reward, correct, objects):
+        return {"prompt_index": i, "tag": tag, "reward": reward, "correct": correct, "objects": objects}
+
+    rows = [row(0, "counting", 1.0, True, 3), row(0, "counting", 0.4, False, 4), row(0, "counting", 0.5, False, 2),
+            row(1, "counting", 0.5, False, 4), row(1, "counting", 0.2, False, 2),
+            row(2, "counting", 0.5, False, 4), row(2, "counting", 0.45, False, 2),
+            row(3, "two_object", 1.0, True, 3), row(3, "two_object", 1.0, True, 2)]
+    s = signal.signal(rows, min_margin=0.15)
+    c = s["counting"]
+    assert (c["prompts"], c["pairs"]) == (3, 2) and c["yield"] == pytest.approx(2 / 3)
+    assert c["right_over_wrong"] == pytest.approx(0.5) and c["wrong_over_right"] == 0.0
+    assert c["more_objects"] == pytest.approx(0.5) and c["fewer_objects"] == pytest.approx(0.5)
+    assert c["base_accuracy"] == pytest.approx(1 / 7)
+    assert s["two_object"]["pairs"] == 0 and s["position"]["prompts"] == 0
+    assert "| counting | 0.143 | 0.67 (2/3) | 0.50 | 0.00 | 0.50 | 0.50 |" in signal.table(s)

@@ -183,6 +183,18 @@ class ActivationModel:
     fixed: Coefficients = (0.0, 0.0, 0.0)
     fixed_per_block: dict[str, Coefficients] = field(default_factory=dict)
     measured_bytes: float = 2.0  # bytes per element of the dtype the steps ran in (bf16; fp32 where it is emulated)
+    # an fp32 fit's measured bf16/fp32 ratio of one step's activations (0: none measured). Not 0.5: the loss,
+    # norms and softmax keep fp32 tensors in a bf16 step (tiny FLUX: 0.76-0.83, docs/results.md)
+    half_ratio: float = 0.0
+
+    def scale_to(self, compute_bytes: float) -> float:
+        """The factor from the fit's dtype to a run's ``compute_bytes`` per element: the measured ratio for an
+        fp32 fit planning a half-precision run, else the dtypes' bytes."""
+        if compute_bytes == self.measured_bytes:
+            return 1.0
+        if self.half_ratio and self.measured_bytes == 4.0 and compute_bytes == 2.0:
+            return self.half_ratio
+        return compute_bytes / self.measured_bytes
 
     @staticmethod
     def _at(c: Coefficients, tokens: int) -> float:
@@ -197,40 +209,49 @@ class ActivationModel:
 
     def to_json(self) -> dict:
         return {"base": self.base, "per_block": self.per_block, "fixed": self.fixed,
-                "fixed_per_block": self.fixed_per_block, "measured_bytes": self.measured_bytes}
+                "fixed_per_block": self.fixed_per_block, "measured_bytes": self.measured_bytes,
+                "half_ratio": self.half_ratio}
 
     @classmethod
     def from_json(cls, m: dict) -> ActivationModel:
         blocks = lambda d: {k: tuple(v) for k, v in d.items()}  # noqa: E731
         return cls(tuple(m["base"]), blocks(m["per_block"]), tuple(m.get("fixed", (0.0, 0.0, 0.0))),
-                   blocks(m.get("fixed_per_block", {})), float(m.get("measured_bytes", 2.0)))
+                   blocks(m.get("fixed_per_block", {})), float(m.get("measured_bytes", 2.0)),
+                   float(m.get("half_ratio", 0.0)))
 
 
 def measure_activations(config: dict, resolutions: tuple[int, ...], dtype=torch.bfloat16, tokens: int | None = None,
-                        checkpointing: bool = False, lora: bool = True) -> ActivationModel:
+                        checkpointing: bool = False, lora: bool = True, half_check: bool = True) -> ActivationModel:
     """Fit the activation model on the measured peak of real-width training steps (``step_peak_bytes``) at
     ``resolutions`` (small sizes of the same family), trained as the run trains it: a frozen base with LoRA
     adapters holds less than full fine-tuning (a frozen Linear needs no copy of its input for a weight
-    gradient)."""
+    gradient). An fp32 fit also measures one bf16 step against one fp32 step (``half_check``): the ratio
+    a bf16 run's plan uses (``ActivationModel.half_ratio``)."""
     from .plan_inputs import INPUTS
 
     text = tokens or config["_text_tokens"]
     keys = config.get("_depth_keys", [])
 
-    def coefficients(**depth) -> tuple[Coefficients, Coefficients]:
-        """(per sample, fixed): the step's peaks at batches 2 and 3 split into n·S(T) + F(T) (not batch 1:
-        CPU kernels take other paths for a single sample, a step in its peak)."""
-        model = build_denoiser(config, empty=False, dtype=dtype, **depth).train()
+    def trained(step_dtype: torch.dtype, **depth) -> torch.nn.Module:
+        model = build_denoiser(config, empty=False, dtype=step_dtype, **depth).train()
         if checkpointing:
             model.enable_gradient_checkpointing()
         if lora:
             with_lora(model)
         else:
             model.requires_grad_(True)
+        return model
+
+    def peak(model: torch.nn.Module, res: int, n: int, step_dtype: torch.dtype) -> int:
+        return step_peak_bytes(model, INPUTS[config["_class_name"]](config, res, n, text, step_dtype))
+
+    def coefficients(**depth) -> tuple[Coefficients, Coefficients]:
+        """(per sample, fixed): the step's peaks at batches 2 and 3 split into n·S(T) + F(T) (not batch 1:
+        CPU kernels take other paths for a single sample, a step in its peak)."""
+        model = trained(dtype, **depth)
         ts, per_sample, fixed = [], [], []
         for res in resolutions:
-            two, three = (step_peak_bytes(model, INPUTS[config["_class_name"]](config, res, n, text, dtype))
-                          for n in (2, 3))
+            two, three = (peak(model, res, n, dtype) for n in (2, 3))
             ts.append(image_tokens(config, res))
             per_sample.append(three - two)
             fixed.append(two - 2 * (three - two))
@@ -246,7 +267,13 @@ def measure_activations(config: dict, resolutions: tuple[int, ...], dtype=torch.
     for k in keys:
         two, two_fixed = coefficients(**(ones | {k: 2}))
         per_block[k], fixed_per_block[k] = difference(base, two), difference(fixed, two_fixed)
-    return ActivationModel(base, per_block, fixed, fixed_per_block, torch.empty(0, dtype=dtype).element_size())
+    half_ratio = 0.0
+    if dtype == torch.float32 and half_check:  # one bf16 step beside one fp32 step, at the largest fitted size
+        res = max(resolutions)
+        half_ratio = peak(trained(torch.bfloat16, **ones), res, 3, torch.bfloat16) / peak(
+            trained(torch.float32, **ones), res, 3, torch.float32)
+    return ActivationModel(base, per_block, fixed, fixed_per_block, torch.empty(0, dtype=dtype).element_size(),
+                           half_ratio)
 
 
 @dataclass
@@ -295,7 +322,7 @@ def plan_parts(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activ
     tokens = image_tokens(config, resolution)
     samples = shape.batch * shape.images_per_sample
     fitted = ckpt if shape.checkpointing else free
-    activations = fitted.bytes(tokens, depth, samples) * cb / fitted.measured_bytes
+    activations = fitted.bytes(tokens, depth, samples) * fitted.scale_to(cb)
     latent = 4 * resolution**2 / config["_vae_factor"] ** 2 * config.get("in_channels", 4)
     parts = {
         "weights (denoiser)": linear * wb + (total - linear) * held,
@@ -351,18 +378,20 @@ def advice(shape: RunShape, config: dict, free: ActivationModel, ckpt: Activatio
 MEASURED_SIDES = (8, 16, 24, 32)  # latent sides the activation model is fitted on
 
 
-def activation_models(config: dict, family: str, cache: Path,
-                      lora: bool = True) -> tuple[ActivationModel, ActivationModel]:
+def activation_models(config: dict, family: str, cache: Path, lora: bool = True,
+                      dtype: torch.dtype | None = None) -> tuple[ActivationModel, ActivationModel]:
     """(without, with gradient checkpointing): fitted once per architecture, then read from ``cache`` (the
-    caller's folder; the CLI's is the data cache's ``plan/``)."""
+    caller's folder; the CLI's is the data cache's ``plan/``). ``dtype``: the fit's steps' (default: bf16,
+    fp32 where the CPU emulates bf16)."""
     import hashlib
     import os
 
     from .load import bf16_is_emulated
 
     # the steps run in bf16, as the run trains; where a CPU emulates bf16 (no AVX512-BF16 or AMX: 20x slower
-    # there) in fp32, and the plan scales the activations by the dtypes' bytes (docs/results.md measures how close)
-    dtype = torch.float32 if bf16_is_emulated("cpu") else torch.bfloat16
+    # there) in fp32, and a bf16 plan scales them by one measured bf16/fp32 step ratio (not the bytes' 0.5)
+    if dtype is None:
+        dtype = torch.float32 if bf16_is_emulated("cpu") else torch.bfloat16
     arch = json.dumps({k: v for k, v in config.items() if k != "_source"}, sort_keys=True)
     # fitted on measured step peaks (earlier caches: saved tensors), keyed by the steps' dtype
     kind = ("lora" if lora else "full") + "-peak" + ("-fp32" if dtype == torch.float32 else "")
@@ -372,6 +401,7 @@ def activation_models(config: dict, family: str, cache: Path,
         return tuple(ActivationModel.from_json(m) for m in saved)
     resolutions = tuple(s * config["_vae_factor"] for s in MEASURED_SIDES)
     steps = 2 * 2 * len(resolutions) * (1 + len(config.get("_depth_keys", [])))
+    steps += 4 if dtype == torch.float32 else 0  # the bf16/fp32 ratio's two steps, with and without checkpointing
     # the first plan of an architecture trains real-width steps (a 12B family: about 10 minutes on 2 CPU cores)
     print(f"plan: fitting {family}'s activation model on this machine ({steps} profiled {dtype_name(dtype)} training"
           f" steps at "
