@@ -3,7 +3,8 @@ weights, bf16, gradient checkpointing) at a reduced latent size, bf16 and int8 (
 process's peak resident memory during the step against `visalign plan`'s estimate of the same step.
 
     python scripts/realwidth_check.py --family sdxl --resolution 256 [--quantize int8] [--depth 8,16]
-                                      [--method dpo|grpo]
+                                      [--method dpo|grpo] [--out FILE]
+    python scripts/realwidth_check.py --table FILE      (the docs' table of FILE's lines)
 
 ``--method grpo`` runs one GRPO update instead: the clipped surrogate of two stored rollouts' SDE-step
 log-densities at one sampler step (one forward of 2 images with grad), with the round's 32 rollouts x 11
@@ -99,6 +100,18 @@ def grpo_step(model, inputs: dict) -> None:
     del kept
 
 
+def table(path: str) -> str:
+    """The results table of a file of ``--out`` lines (docs/results.md)."""
+    lines = ["| model | method | size | quantize | model GiB | step added GiB | measured GiB | plan GiB | "
+             "plan / measured |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in map(json.loads, open(path).read().splitlines()):
+        size = "full depth" if r["depth"] == "full" else f"{r['depth']} depth"
+        lines.append(f"| {r['family']} ({size}, {r['parameters'] / 1e9:.2f}B) | {r['method']} | "
+                     f"{r['resolution']}² | {r['quantize']} | {r['model_gib']:.2f} | {r['step_added_gib']:.2f} | "
+                     f"{r['measured_peak_gib']:.2f} | {r['planned_gib']:.2f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     from peft import LoraConfig
 
@@ -122,7 +135,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--method", default="dpo", choices=("dpo", "grpo"))
     ap.add_argument("--out", default="")
+    ap.add_argument("--table", default="", help="print the table of this file of --out lines, and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return {}
     cuda = args.device == "cuda"
     torch.set_num_threads(os.cpu_count() or 2)
     config = published_config(args.family)
