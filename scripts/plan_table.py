@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from visalign.data.cache import cache_root
-from visalign.models.plan import SIZES_GB, RunShape, activation_models, plan_parts, published_config
+from visalign.models.plan import SIZES_GB, RunShape, plan_parts, published_config
+from visalign.models.plan_fit import activation_models
 
 NAMES = {"sdxl": "SDXL", "sd3": "SD3-medium", "flux": "FLUX.1-dev", "qwenimage": "Qwen-Image", "sana": "Sana-1.6B",
          "pixart": "PixArt-Σ"}

@@ -54,19 +54,6 @@ class PeakRss:
         return max(self.peak, rss())
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's tensors, each storage once (a quantized weight: its int8 data and its scales)."""
-    seen, total = set(), 0
-    for v in model.state_dict(keep_vars=True).values():
-        parts = [getattr(v, name) for name in ("_data", "_scale") if hasattr(v, name)] or [v]
-        for t in parts:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
-    return total
-
-
 ROLLOUTS = 32  # a GRPO round's trajectories kept while it trains (4 prompts x 8)
 
 
@@ -116,15 +103,8 @@ def main(argv=None) -> dict:
     from peft import LoraConfig
 
     from visalign.data.cache import cache_root
-    from visalign.models.plan import (
-        RunShape,
-        activation_models,
-        build_denoiser,
-        peak_tensor_bytes,
-        plan_parts,
-        published_config,
-        tensor_bytes,
-    )
+    from visalign.models.plan import RunShape, build_denoiser, plan_parts, published_config
+    from visalign.models.plan_fit import activation_models, peak_tensor_bytes, tensor_bytes
     from visalign.models.plan_inputs import INPUTS
 
     ap = argparse.ArgumentParser()
@@ -191,7 +171,7 @@ def main(argv=None) -> dict:
                      **per_method[args.method])
     parts = plan_parts(dataclasses.replace(shape), config, free, ckpt)
     planned = sum(v for k, v in parts.items() if not k.startswith("allocator"))
-    held = model_bytes(model)  # the model as it lives (int8 data and scales once quantized)
+    held = tensor_bytes(model)  # the model as it lives (int8 data and scales once quantized)
     # what the step added: activations, gradients, optimizer states, recomputation
     step = peak - built if cuda else tensors_added
     result = {"family": args.family, "method": args.method, "depth": args.depth or "full",

@@ -9,19 +9,8 @@ import pytest
 import torch
 
 from visalign.cli import main
-from visalign.models.plan import (
-    RunShape,
-    build_denoiser,
-    fit,
-    image_tokens,
-    lora_parameters,
-    measure_activations,
-    peak_tensor_bytes,
-    plan_parts,
-    published_config,
-    tensor_bytes,
-    with_lora,
-)
+from visalign.models.plan import RunShape, build_denoiser, image_tokens, lora_parameters, plan_parts, published_config
+from visalign.models.plan_fit import fit, measure_activations, peak_tensor_bytes, tensor_bytes, with_lora
 from visalign.models.plan_inputs import INPUTS
 
 FAMILIES = [("sd", "sd15"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux"), ("sana", "sana"),
@@ -124,11 +113,11 @@ def test_where_bf16_is_emulated_the_fit_runs_in_fp32_and_the_plan_scales_it_to_t
     Halving them (the dtypes' bytes) was not: 0.61 of the real step here, as the loss, norms and softmax keep
     fp32 tensors in a bf16 step."""
     import visalign.models.load as load
-    from visalign.models.plan import activation_models
+    from visalign.models.plan_fit import activation_models
 
     config = published_config("flux", str(tiny_dir("flux")))
     monkeypatch.setattr(load, "bf16_is_emulated", lambda device: True)
-    monkeypatch.setattr("visalign.models.plan.MEASURED_SIDES", (16, 20, 24, 28))
+    monkeypatch.setattr("visalign.models.plan_fit.MEASURED_SIDES", (16, 20, 24, 28))
     free, ckpt = activation_models(config, "flux", tmp_path)
     assert free.measured_bytes == ckpt.measured_bytes == 4.0
     assert 0.5 < free.half_ratio < 1.0 and 0.5 < ckpt.half_ratio < 1.0

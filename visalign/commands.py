@@ -187,7 +187,8 @@ def cmd_demo(args) -> None:
 def cmd_plan(args) -> None:
     """`plan PRESET [-c FILE] [key=value ...]`: the run's memory by part, before any weight loads."""
     from .config import load_config
-    from .models.plan import SIZES_GB, RunShape, activation_models, advice, format_plan, plan_parts, published_config
+    from .models.plan import SIZES_GB, RunShape, advice, format_plan, plan_parts, published_config
+    from .models.plan_fit import activation_models
     from .registry import METHODS
 
     cfg = load_config(args.model, args.config, args.overrides)
