@@ -40,6 +40,12 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
                           ["objective.steps=10", "objective.prompts_per_round=64"]),
     "online-count2": ("2 + 9: the shipped recipe, counting prompts drawn twice as often (task-balanced rounds)",
                       "configs/shapes/online.yaml", ["data.task_weights={counting: 2.0}"]),
+    "online-full": ("4: the shipped recipe, full fine-tuning instead of LoRA r8 (lr 5e-5, a tenth of the base's "
+                    "pretraining lr)", "configs/shapes/online.yaml", ["lora.enabled=false", "train.lr=5e-5"]),
+    "online-r32": ("4: the shipped recipe, LoRA r32 instead of r8", "configs/shapes/online.yaml",
+                   ["lora.rank=32", "lora.alpha=32.0"]),
+    "online-fixedref": ("3: the shipped recipe, the reference held at the base (DPO's β·KL anchor) instead of "
+                        "reset each round", "configs/shapes/online.yaml", ["objective.reset_reference=false"]),
     "grpo-unreq0.1-window": ("8 + 9: GRPO, noisy window (η on its 6 trained steps, the ODE elsewhere), "
                              "constraints + 0.1 per unrequested object", "configs/shapes/grpo.yaml",
                              ["objective.reward={constraints: 1.0, unrequested: 0.1}", "objective.noise=window"]),

@@ -33,6 +33,12 @@ def evaluate(base_path: str, lora: str | None, per_task: int, seed: int, file: P
     return rows
 
 
+def tuned_model(run: Path, base_path: str) -> tuple[str, str | None]:
+    """The trained model as (model folder, LoRA or None): a LoRA run writes RUN/lora over the base, a full
+    fine-tune (lora.enabled=false) writes the whole model folder RUN/model."""
+    return (str(run / "model"), None) if (run / "model").is_dir() else (base_path, str(run / "lora"))
+
+
 def miscounts(rows: list[dict]) -> dict:
     """Counting prompts' failures by kind: too many objects (the exclude clause: 'expected X<N+1') or too few."""
     over = under = 0
@@ -70,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     # the base's verdicts depend only on (base, seed, per_task): runs side by side share one file
     shared = out.parent / f"base-{Path(args.base).name}-seed{args.seed}-n{args.per_task}.jsonl"
     base = evaluate(args.base, None, args.per_task, args.seed, shared)
-    tuned = evaluate(args.base, str(run / "lora"), args.per_task, args.seed, out / "tuned.jsonl")
+    model, lora = tuned_model(run, args.base)
+    tuned = evaluate(model, lora, args.per_task, args.seed, out / "tuned.jsonl")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     from visalign.eval.stats import paired_by_task
 
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = args.train_per_task
         train_base = evaluate(args.base, None, n, args.seed, out.parent / f"base-{Path(args.base).name}-train"
                               f"-seed{args.seed}-n{n}.jsonl", split="train")
-        train_tuned = evaluate(args.base, str(run / "lora"), n, args.seed, out / "tuned-train.jsonl", split="train")
+        train_tuned = evaluate(model, lora, n, args.seed, out / "tuned-train.jsonl", split="train")
         extra["train_prompts"] = paired_by_task(train_base, train_tuned) | {"per_task": n}
     result = paired_by_task(base, tuned) | extra | {
         "train_seconds": summary["seconds"], "steps": summary["steps"], "trajectories_trained": summary["pairs_seen"],

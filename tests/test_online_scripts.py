@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from helpers import load_script
@@ -38,6 +39,22 @@ def test_online_run_is_paired_against_a_shared_base_and_tabulated(tmp_path):
     o = result["overall"]
     assert f"{o['delta']:+.3f} ± {o['se']:.3f}" in rows[1]
     assert "seed 4321, 2 paired samples per task" in table
+
+
+def test_a_full_fine_tune_is_scored_from_its_model_folder(tmp_path):
+    """lora.enabled=false writes RUN/model, not RUN/lora: the tuned verdicts are the trained model's own."""
+    shapes = load_script("online_shapes")
+    result = shapes.main(["--out", str(tmp_path / "full"), "-c", "configs/shapes/grpo.yaml", "--per-task", "1",
+                          *TINY_GRPO, "lora.enabled=false", "train.lr=0.05"])  # big steps: verdicts move
+    run = tmp_path / "full" / "run"
+    assert (run / "model" / "unet").is_dir() and not (run / "lora").exists()
+    assert shapes.tuned_model(run, "assets/shapes-base") == (str(run / "model"), None)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (run / "model" / weights).read_bytes() != (Path("assets/shapes-base") / weights).read_bytes()
+    direct = shapes.evaluate(str(run / "model"), None, 1, 4321, tmp_path / "direct.jsonl")
+    tuned = _jsonl(tmp_path / "full" / "tuned.jsonl")
+    assert [r["correct"] for r in tuned] == [r["correct"] for r in direct]
+    assert result["trajectories_trained"] > 0
 
 
 def test_online_table_refuses_runs_scored_differently(tmp_path):
