@@ -126,7 +126,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_dir, pairs, tmp_path
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
-    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+    summary, whole = (json.loads((d / "summary.json").read_text()) for d in (run, tmp_path / "ref"))
+    assert summary["steps"] == 8
+    # the totals are the run's, through the checkpoint it resumed from, as if it had never been killed
+    assert summary["pairs_seen"] == whole["pairs_seen"] == 8 * 2
+    resumed_at = 8 - summary["pairs_seen_this_process"] // 2
+    assert resumed_at >= 4 and (run / "checkpoints" / f"step-{resumed_at:07d}").is_dir()
+    state = json.loads((run / "checkpoints" / f"step-{resumed_at:07d}" / "visalign_state.json").read_text())
+    assert state["progress"]["pairs_seen"] == resumed_at * 2
+    assert summary["seconds"] == pytest.approx(state["progress"]["seconds"] + summary["seconds_this_process"],
+                                               abs=0.5)
 
 
 def test_two_cpu_processes_with_accelerate_launch(tiny_dir, pairs, tmp_path):

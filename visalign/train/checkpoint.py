@@ -15,10 +15,12 @@ from ..files import check_manifest, fsync_dir, fsync_tree, write_manifest
 
 def save_checkpoint(acc, out: Path, step: int, nonfinite: tuple[int, int], ema=None, method_state: dict | None = None,
                     reference: dict | None = None, text_lora: dict | None = None,
-                    write_lora: Callable[[Path], object] | None = None, previous: Path | None = None) -> Path:
+                    write_lora: Callable[[Path], object] | None = None, previous: Path | None = None,
+                    progress: dict | None = None) -> Path:
     """``accelerate.save_state`` (weights as safetensors, optimizer, scheduler, RNG) + the step cursor, the
     method's own state (JSON), when the reference has moved its weights (reference.safetensors), and a
-    text-encoder LoRA's weights (text_lora.safetensors: accelerate holds only the denoiser).
+    text-encoder LoRA's weights (text_lora.safetensors: accelerate holds only the denoiser), and ``progress``
+    (the run's training seconds and pairs seen up to this step, so a resumed run's totals stay whole).
 
     ``write_lora`` (LoRA runs) also writes the adapter as a diffusers LoRA folder (step-N/lora), so any
     checkpoint can be sampled or evaluated like a finished run's ``lora`` (``--lora .../step-N/lora``).
@@ -36,7 +38,7 @@ def save_checkpoint(acc, out: Path, step: int, nonfinite: tuple[int, int], ema=N
     try:
         acc.save_state(str(tmp))
         if acc.is_main_process:
-            _write_extras(tmp, step, nonfinite, ema, method_state, reference, text_lora, write_lora)
+            _write_extras(tmp, step, nonfinite, ema, method_state, reference, text_lora, write_lora, progress)
             write_manifest(tmp)
             fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
@@ -52,7 +54,7 @@ def save_checkpoint(acc, out: Path, step: int, nonfinite: tuple[int, int], ema=N
 
 
 def _write_extras(tmp: Path, step: int, nonfinite: tuple[int, int], ema, method_state, reference, text_lora,
-                  write_lora) -> None:
+                  write_lora, progress: dict | None = None) -> None:
     """Everything accelerate does not hold, as safetensors and JSON (never pickles)."""
     from safetensors.torch import save_file
 
@@ -67,6 +69,7 @@ def _write_extras(tmp: Path, step: int, nonfinite: tuple[int, int], ema, method_
         write_lora(tmp / "lora")
     state = {"step": step, "nonfinite": nonfinite[0], "nonfinite_skipped": nonfinite[1]}
     state |= {"method": method_state} if method_state else {}
+    state |= {"progress": progress} if progress else {}
     (tmp / "visalign_state.json").write_text(json.dumps(state))
 
 
@@ -128,6 +131,13 @@ def find_resume(resume: str, out: Path) -> Path | None:
         raise CheckpointError(f"train.resume={resume!r}: the checkpoint is incomplete ({problem}); pass an "
                               "earlier checkpoints/step-N folder or train.resume=latest")
     return p
+
+
+def checkpoint_progress(ckpt: Path) -> dict:
+    """The run's training seconds and pairs seen up to a checkpoint (zeros for one written before they were
+    kept, or read back after load_checkpoint has validated the file)."""
+    progress = json.loads((ckpt / "visalign_state.json").read_text()).get("progress", {})
+    return {"seconds": float(progress.get("seconds", 0.0)), "pairs_seen": int(progress.get("pairs_seen", 0))}
 
 
 def load_checkpoint(acc, ckpt: Path, ema=None, method=None, backbone=None) -> tuple[int, tuple[int, int]]:

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from .build import (
     check_data_format,
     prepare_trainable,
 )
-from .checkpoint import check_same_run, find_resume, load_checkpoint, save_checkpoint
+from .checkpoint import check_same_run, checkpoint_progress, find_resume, load_checkpoint, save_checkpoint
 from .outputs import save_outputs, save_validation_grid
 from .sources import data_source
 
@@ -59,6 +59,15 @@ class Run:
     last_good: Path | None = None
     skipped: int = 0  # non-finite steps skipped (train.on_nonfinite=skip), over the whole run
     save_due: bool = False  # a checkpoint is due, waiting for the data source's next boundary
+    # the run's totals: what the resumed checkpoint's steps took (progress before this process) plus this
+    # process's own, so a resumed run's summary reports the compute of an uninterrupted run
+    before: dict = field(default_factory=lambda: {"seconds": 0.0, "pairs_seen": 0})
+    started: float = 0.0
+    pairs_seen: int = 0
+
+    def progress(self) -> dict:
+        return {"seconds": self.before["seconds"] + time.time() - self.started,
+                "pairs_seen": self.before["pairs_seen"] + self.pairs_seen}
 
 
 def train(cfg: RunConfig) -> dict:
@@ -83,22 +92,22 @@ def _train(cfg: RunConfig, method, acc, out: Path) -> dict:
     run.last_good = resume_dir
     bar = tqdm(total=t.steps, initial=step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
     try:  # the bar is closed before any error is printed: the error stays the last line
-        step, pairs_seen, seconds = _steps(run, step, nonfinite, bar)
+        step = _steps(run, step, nonfinite, bar)
     finally:
         bar.close()
     acc.wait_for_everyone()
-    return _finish(run, step, pairs_seen, seconds)
+    return _finish(run, step)
 
 
-def _steps(run: Run, step: int, nonfinite: int, bar) -> tuple[int, int, float]:
+def _steps(run: Run, step: int, nonfinite: int, bar) -> int:
     """Optimizer steps until train.steps: accumulate, update (or skip), log, evaluate and save."""
     t = run.cfg.train
-    t0, pairs_seen = time.time(), 0
+    run.started, run.pairs_seen = time.time(), 0
     while step < t.steps:
         if step in run.resets:  # Curry-DPO: each stage starts from a reference equal to the policy
             run.backbone.freeze_reference_copy()
         window, seen = _accumulate(run, step)
-        pairs_seen += seen
+        run.pairs_seen += seen
         finite, grad_norm = _update(run, window)
         nonfinite = 0 if finite else nonfinite + 1
         if not finite:
@@ -108,11 +117,11 @@ def _steps(run: Run, step: int, nonfinite: int, bar) -> tuple[int, int, float]:
         bar.update(1)
         logs = {k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "finite"}
         logs |= {"grad_norm": float(grad_norm), "lr": run.lr_sched.get_last_lr()[0],
-                 "pairs_per_s": pairs_seen / max(time.time() - t0, 1e-9)}
+                 "pairs_per_s": run.pairs_seen / max(time.time() - run.started, 1e-9)}
         logs |= {"nonfinite_skipped": run.skipped} if t.on_nonfinite == "skip" else {}
         _log(run, step, logs, bar)
         _evaluate_and_save(run, step, nonfinite)
-    return step, pairs_seen, time.time() - t0
+    return step
 
 
 def _on_skipped(run: Run, step: int, window: list[dict], in_a_row: int, bar) -> None:
@@ -212,6 +221,7 @@ def _resume(run: Run, resume_dir: Path | None) -> tuple[int, tuple[int, int]]:
     step, nonfinite = 0, (0, 0)
     if resume_dir is not None:
         step, nonfinite = load_checkpoint(acc, resume_dir, run.ema, run.method, run.backbone)
+        run.before = checkpoint_progress(resume_dir)
         log.info("resumed from %s at step %d", resume_dir, step)
     if acc.is_main_process:  # logs continue from the resumed step: no torn line, no row logged twice
         for log_file in ("metrics.jsonl", "gold.jsonl"):
@@ -296,7 +306,7 @@ def _evaluate_and_save(run: Run, step: int, nonfinite: int) -> None:
                                         run.method.state_dict(), run.backbone.reference_weights() if moved else None,
                                         text_lora_weights(run.backbone),
                                         partial(save_lora, run.backbone) if run.cfg.lora.enabled else None,
-                                        previous=run.last_good)
+                                        previous=run.last_good, progress=run.progress())
 
 
 def require_finite_weights(run: Run, step: int) -> None:
@@ -308,10 +318,12 @@ def require_finite_weights(run: Run, step: int) -> None:
                              f"Last good checkpoint: {run.last_good or 'none'}; resume it with a lower train.lr")
 
 
-def _finish(run: Run, step: int, pairs_seen: int, seconds: float) -> dict:
+def _finish(run: Run, step: int) -> dict:
     acc = run.acc
-    summary = {"steps": step, "world_size": acc.num_processes, "rank": acc.process_index, "pairs_seen": pairs_seen,
-               "seconds": seconds, "ties_dropped": run.dataset.ties_dropped,
+    # seconds and pairs_seen are the run's (a resumed run's include its checkpoint's); this process's beside them
+    summary = {"steps": step, "world_size": acc.num_processes, "rank": acc.process_index, **run.progress(),
+               "seconds_this_process": time.time() - run.started, "pairs_seen_this_process": run.pairs_seen,
+               "ties_dropped": run.dataset.ties_dropped,
                "corrupt_skipped": run.dataset.corrupt_skipped, "nonfinite_skipped": run.skipped}
     if run.ema is not None:
         run.ema.copy_to(run.params)
