@@ -42,6 +42,8 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
                       "configs/shapes/online.yaml", ["data.task_weights={counting: 2.0}"]),
     "online-full": ("4: the shipped recipe, full fine-tuning instead of LoRA r8 (lr 5e-5, a tenth of the base's "
                     "pretraining lr)", "configs/shapes/online.yaml", ["lora.enabled=false", "train.lr=5e-5"]),
+    "online-full-lr2e-5": ("4: the shipped recipe, full fine-tuning at lr 2e-5", "configs/shapes/online.yaml",
+                           ["lora.enabled=false", "train.lr=2e-5"]),
     "online-r32": ("4: the shipped recipe, LoRA r32 instead of r8", "configs/shapes/online.yaml",
                    ["lora.rank=32", "lora.alpha=32.0"]),
     "online-fixedref": ("3: the shipped recipe, the reference held at the base (DPO's β·KL anchor) instead of "
@@ -50,6 +52,11 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
                              "constraints + 0.1 per unrequested object", "configs/shapes/grpo.yaml",
                              ["objective.reward={constraints: 1.0, unrequested: 0.1}", "objective.noise=window"]),
 }
+
+# runs killed and resumed before the trainer kept a run's seconds across a resume (their summary's seconds are
+# the resumed process's alone): what their wall cell covers
+PARTIAL_WALL = {"online-10steps-2x": "steps 105-200 only: killed at 128, resumed from 104",
+                "online-count2": "steps 153-200 only: killed at 168, resumed from 152"}
 
 
 def run(out: Path, name: str, threads: int, seed: int, train_per_task: int) -> None:
@@ -78,6 +85,11 @@ def _cell(v: dict) -> str:
     return f"{v['change']:+.3f} ± {v['se']:.3f}"
 
 
+def _wall(r: dict) -> str:
+    wall = f"{r['train_seconds'] / 60:.1f} min"
+    return f"{wall} ({PARTIAL_WALL[r['name']]})" if r["name"] in PARTIAL_WALL else wall
+
+
 def table(rows: list[dict]) -> str:
     head = ["recipe", "lever", "train wall", *TASKS, "overall (z)", "counting over / under (base → tuned)",
             "training prompts: overall"]
@@ -87,7 +99,7 @@ def table(rows: list[dict]) -> str:
         z = o["delta"] / o["se"] if o["se"] else float("nan")
         train = r.get("train_prompts", {}).get("overall")
         md.append("| " + " | ".join([
-            r["name"], r["lever"], f"{r['train_seconds'] / 60:.1f} min",
+            r["name"], r["lever"], _wall(r),
             *(_cell(r["tasks"][t]) for t in TASKS), f"{o['delta']:+.3f} ± {o['se']:.3f} ({z:+.1f})",
             f"{m['base']['over']} / {m['base']['under']} → {m['tuned']['over']} / {m['tuned']['under']}",
             f"{train['delta']:+.3f} ± {train['se']:.3f}" if train else "—"]) + " |")

@@ -123,3 +123,30 @@ def test_online_signal_reads_each_kept_pair_by_verdict_and_object_count():
     assert c["base_accuracy"] == pytest.approx(1 / 7)
     assert s["two_object"]["pairs"] == 0 and s["position"]["prompts"] == 0
     assert "| counting | 0.143 | 0.67 (2/3) | 0.50 | 0.00 | 0.50 | 0.50 |" in signal.table(s)
+
+
+def test_ablation_table_reads_each_recipe_folder_and_counts_miscounts(tmp_path):
+    """One row per scored recipe folder: its lever, wall (with the partial-wall note of a resumed run), the
+    paired cells and counting's over/under counts read from the verdicts."""
+    abl = load_script("online_ablation")
+    over = {"tag": "counting", "correct": False, "reasons": ["expected circle<3, found 3"]}
+    under = {"tag": "counting", "correct": False, "reasons": ["expected circle>=2, found 1"]}
+    right = {"tag": "counting", "correct": True, "reasons": []}
+    lines = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)  # noqa: E731
+    (tmp_path / "base-shapes-base-seed7-n3.jsonl").write_text(lines((over, under, right)))
+    cell = {"change": 0.1, "se": 0.05}
+    for name in ("online-r32", "online-10steps-2x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tuned.jsonl").write_text(lines((over, over, right)))
+        (tmp_path / name / "result.json").write_text(json.dumps({
+            "eval_seed": 7, "per_task": 3, "train_seconds": 600.0, "tasks": {t: cell for t in abl.TASKS},
+            "overall": {"delta": 0.03, "se": 0.01}}))
+    (tmp_path / "unscored").mkdir()  # no result.json: no row
+    text = abl.main(["--out", str(tmp_path), "--table-only"])
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| online")]
+    assert [r[0] for r in rows] == ["| online-10steps-2x", "| online-r32"]
+    assert rows[1][1] == abl.RECIPES["online-r32"][0] and rows[1][2] == "10.0 min"
+    assert rows[0][2] == f"10.0 min ({abl.PARTIAL_WALL['online-10steps-2x']})"
+    assert rows[1][3:9] == ["+0.100 ± 0.050"] * 6
+    assert rows[1][9] == "+0.030 ± 0.010 (+3.0)" and rows[1][10] == "1 / 1 → 2 / 0"
+    assert "(seed, samples per task): [(7, 3)]" in text
