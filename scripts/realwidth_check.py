@@ -28,6 +28,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -91,7 +92,7 @@ def table(path: str) -> str:
     """The results table of a file of ``--out`` lines (docs/results.md)."""
     lines = ["| model | method | size | quantize | model GiB | step added GiB | measured GiB | plan GiB | "
              "plan / measured |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in map(json.loads, open(path).read().splitlines()):
+    for r in map(json.loads, Path(path).read_text().splitlines()):
         size = "full depth" if r["depth"] == "full" else f"{r['depth']} depth"
         lines.append(f"| {r['family']} ({size}, {r['parameters'] / 1e9:.2f}B) | {r['method']} | "
                      f"{r['resolution']}² | {r['quantize']} | {r['model_gib']:.2f} | {r['step_added_gib']:.2f} | "

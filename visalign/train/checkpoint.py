@@ -91,6 +91,13 @@ def checkpoint_step(ckpt: Path) -> int:
                               "earlier checkpoints/step-N folder") from None
 
 
+def checkpoint_progress(ckpt: Path) -> dict:
+    """The run's training seconds and pairs seen up to a checkpoint (zeros for one written before checkpoints
+    kept them). Read after load_checkpoint, which has already refused an unreadable visalign_state.json."""
+    progress = json.loads((ckpt / "visalign_state.json").read_text()).get("progress", {})
+    return {"seconds": float(progress.get("seconds", 0.0)), "pairs_seen": int(progress.get("pairs_seen", 0))}
+
+
 def find_resume(resume: str, out: Path) -> Path | None:
     """Which checkpoint to resume from.
 
@@ -131,13 +138,6 @@ def find_resume(resume: str, out: Path) -> Path | None:
         raise CheckpointError(f"train.resume={resume!r}: the checkpoint is incomplete ({problem}); pass an "
                               "earlier checkpoints/step-N folder or train.resume=latest")
     return p
-
-
-def checkpoint_progress(ckpt: Path) -> dict:
-    """The run's training seconds and pairs seen up to a checkpoint (zeros for one written before they were
-    kept, or read back after load_checkpoint has validated the file)."""
-    progress = json.loads((ckpt / "visalign_state.json").read_text()).get("progress", {})
-    return {"seconds": float(progress.get("seconds", 0.0)), "pairs_seen": int(progress.get("pairs_seen", 0))}
 
 
 def load_checkpoint(acc, ckpt: Path, ema=None, method=None, backbone=None) -> tuple[int, tuple[int, int]]:
